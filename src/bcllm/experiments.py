@@ -1,0 +1,291 @@
+"""Experiments: per-layer sensitivity scans, budgeted layer selection and grid sweeps.
+
+A *point* is a dict of compression settings: the `bcllm` options that the compression
+helpers of cli.py define (block_size, layers, targets, fit, structure, ...). The sweep
+knows nothing about any one structure: each point's student is built by cli.make_student
+and measured by evaluate() against teacher outputs computed once per run.
+
+A results directory holds
+  manifest.json  model, prompts and evaluation settings (a directory never mixes models)
+  results.jsonl  one record per finished point, appended at once, never rewritten
+  budget.jsonl   one record per budgeted selection (prediction, measurement, naive baseline)
+Scan, budget and sweep share results.jsonl: a point measured by any of them is not measured again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import itertools
+import json
+import time
+from pathlib import Path
+
+from .results import append_jsonl, command_line, read_jsonl, versions, write_json
+from .surgery import parse_layers
+
+RESULTS = "results.jsonl"
+BUDGETS = "budget.jsonl"
+MANIFEST = "manifest.json"
+
+
+# ---------------------------------------------------------------- grid
+
+def point_options(*helpers) -> dict[str, argparse.Action]:
+    """{option dest: argparse action} of the options that `helpers` (add_*_args) define."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for helper in helpers:
+        helper(parser)
+    return {a.dest: a for a in parser._actions}
+
+
+def convert(options: dict, key: str, value):
+    """One grid value, checked and converted the way its command-line option would be."""
+    key = key.replace("-", "_")
+    if key not in options:
+        raise ValueError(f"unknown grid key {key!r}; allowed: {', '.join(sorted(options))}")
+    action = options[key]
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"grid key {key!r}: each value must be a number or a string, got {value!r}")
+    if action.nargs == 0:  # a flag such as --no-bias: true or false
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+        raise ValueError(f"grid key {key!r} is a flag: values must be true or false, got {value!r}")
+    if isinstance(value, bool):
+        raise ValueError(f"grid key {key!r}: got {value!r}, expected a value like {action.default!r}")
+    kind = action.type or str
+    try:
+        out = kind(str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"grid key {key!r}: cannot read {value!r} as {getattr(kind, '__name__', kind)}") from None
+    if action.choices is not None and out not in action.choices:
+        raise ValueError(f"grid key {key!r}: {out!r} is not one of {', '.join(map(str, action.choices))}")
+    return out
+
+
+def read_grid_file(path, options: dict) -> dict[str, list]:
+    """Axes {key: [values]} of a TOML grid file: `key = [v1, v2]` is an axis, `key = v` a fixed value."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"grid file {str(path)!r} does not exist") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"grid file {str(path)!r} is not valid TOML: {e}") from None
+    axes = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ValueError(f"grid file {str(path)!r}: [{key}] tables are not allowed; write "
+                             f"`key = value` or `key = [value, ...]` at top level")
+        values = value if isinstance(value, list) else [value]
+        if not values:
+            raise ValueError(f"grid file {str(path)!r}: {key!r} is an empty list")
+        axes[key.replace("-", "_")] = [convert(options, key, v) for v in values]
+    return axes
+
+
+def grid_axes(options: dict, grid_file=None, grid_flags=()) -> dict[str, list]:
+    """Axes from a TOML file, then `--grid KEY V [V ...]` flags (a flag replaces the file's axis)."""
+    axes = read_grid_file(grid_file, options) if grid_file else {}
+    for flag in grid_flags or ():
+        key, *values = flag
+        if not values:
+            raise ValueError(f"--grid {key}: give at least one value, e.g. --grid block_size 8 16 32")
+        axes[key.replace("-", "_")] = [convert(options, key, v) for v in values]
+    return axes
+
+
+def expand_grid(base: dict, axes: dict[str, list]) -> list[dict]:
+    """Cartesian product of the axes over a base point, in axis order (first axis slowest)."""
+    keys = list(axes)
+    return [{**base, **dict(zip(keys, combo))} for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def layers_spec(spec, num_layers: int) -> str:
+    """Canonical layer string: 'all', '12', '10-19', '0-3,8' (so '10-19' and '10,11,...' are one point)."""
+    indices = parse_layers(spec, num_layers)
+    if indices is None or indices == list(range(num_layers)):
+        return "all"
+    runs, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None]):
+        if cur != prev + 1:
+            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = cur
+    return ",".join(runs)
+
+
+def num_patched_layers(spec: str, num_layers: int) -> int:
+    indices = parse_layers(spec, num_layers)
+    return num_layers if indices is None else len(indices)
+
+
+def canonical(point: dict, num_layers: int) -> dict:
+    point = dict(sorted(point.items()))
+    if "layers" in point:
+        point["layers"] = layers_spec(point["layers"], num_layers)
+    return point
+
+
+def point_key(point: dict, defaults: dict) -> str:
+    """Identity of a point: its settings that differ from the defaults (so an option added to
+    bcllm later, with its default, does not orphan the results already on disk)."""
+    return json.dumps({k: v for k, v in sorted(point.items()) if k not in defaults or v != defaults[k]},
+                      sort_keys=True)
+
+
+# ---------------------------------------------------------------- results directory
+
+def file_digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def open_results_dir(out, identity: dict) -> Path:
+    """Create `out` with a manifest, or check that the manifest there describes the same run.
+
+    identity: what makes results comparable (model, prompts, evaluation settings). A directory
+    made for another model or prompt set is refused, so results are never mixed."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory for the results")
+    if not out.parent.is_dir():
+        raise ValueError(f"cannot create {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    out.mkdir(exist_ok=True)
+    manifest = out / MANIFEST
+    if manifest.exists():
+        try:
+            old = json.loads(manifest.read_text())["identity"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{manifest} is not a bcllm manifest; use another --out directory") from None
+        for key in sorted(set(old) | set(identity)):
+            if old.get(key) != identity.get(key):
+                raise ValueError(f"{str(out)!r} holds results for {key}={old.get(key)!r}, but this run has "
+                                 f"{key}={identity.get(key)!r}; use another --out directory")
+    elif any(out.iterdir()):
+        raise ValueError(f"{str(out)!r} is not empty and has no {MANIFEST}: not a bcllm results "
+                         f"directory; use an empty or new --out directory")
+    else:
+        write_json(manifest, {"identity": identity, "versions": versions(), "command": command_line(),
+                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return out
+
+
+def finished(results_path) -> dict[str, dict]:
+    """{point key: record} of the points already measured."""
+    return {r["key"]: r for r in read_jsonl(results_path) if "key" in r}
+
+
+def run_points(points: list[dict], measure, results_path, defaults: dict, desc: str = "points") -> list[dict]:
+    """Measure each point not yet in results_path, appending its record at once; return the
+    records of all `points` (finished ones read back, not recomputed)."""
+    from tqdm import tqdm
+
+    done = finished(results_path)
+    keys = list(dict.fromkeys(point_key(p, defaults) for p in points))  # drop duplicate points
+    by_key = {point_key(p, defaults): p for p in points}
+    todo = [k for k in keys if k not in done]
+    print(f"{desc}: {len(keys)} points, {len(keys) - len(todo)} already in {results_path}, {len(todo)} to run")
+    for key in tqdm(todo, desc=desc, unit="point", dynamic_ncols=True):
+        start = time.perf_counter()
+        record = measure(by_key[key])
+        record = {"key": key, "point": by_key[key], **record, "time_s": round(time.perf_counter() - start, 2),
+                  "command": command_line()}
+        append_jsonl(results_path, record)
+        done[key] = record
+    return [done[k] for k in keys]
+
+
+# ---------------------------------------------------------------- scan and budget
+
+def scan_points(base: dict, num_layers: int, module_suffixes=None) -> list[dict]:
+    """One point per decoder layer (or per layer and module suffix) with everything else from base."""
+    if module_suffixes:
+        return [{**base, "layers": str(i), "targets": s} for i in range(num_layers) for s in module_suffixes]
+    return [{**base, "layers": str(i)} for i in range(num_layers)]
+
+
+BUDGET_KINDS = {"params": "parameter reduction to reach (fraction of the model's parameters)",
+                "agreement": "token_agreement floor", "kl": "kl_mean ceiling"}
+
+
+def parse_budget(spec: str) -> tuple[str, float]:
+    kind, sep, value = spec.partition("=")
+    kind = kind.strip()
+    if not sep or kind not in BUDGET_KINDS:
+        raise ValueError(f"budget {spec!r}: write KIND=VALUE with KIND one of "
+                         + "; ".join(f"{k} ({v})" for k, v in BUDGET_KINDS.items()) + ", e.g. params=0.3")
+    try:
+        target = float(value)
+    except ValueError:
+        raise ValueError(f"budget {spec!r}: {value!r} is not a number") from None
+    if kind in ("params", "agreement") and not 0 < target <= 1:
+        raise ValueError(f"budget {spec!r}: {kind} must be in (0, 1]")
+    if kind == "kl" and not target > 0:
+        raise ValueError(f"budget {spec!r}: kl must be > 0")
+    return kind, target
+
+
+def predict(rows: list[dict]) -> dict:
+    """First-order prediction for patching several layers at once: their damages add."""
+    return {"kl_mean": sum(r["kl_mean"] for r in rows),
+            "token_agreement": max(0.0, 1 - sum(1 - r["token_agreement"] for r in rows)),
+            "saved_params": sum(r["saved_params"] for r in rows)}
+
+
+def select_budget(table: list[dict], kind: str, target: float, model_params: int) -> list[dict]:
+    """Greedy choice from a sensitivity table.
+
+    table rows: {"layer", "kl_mean", "token_agreement", "saved_params"} (one per scanned layer).
+    Layers are taken in order of least damage per parameter saved (kl_mean, or the agreement
+    drop for an agreement floor): until the parameter reduction reaches `target` (params), or
+    while the predicted token_agreement stays >= target (agreement) / kl_mean <= target (kl)."""
+    def damage(r):
+        return (1 - r["token_agreement"]) if kind == "agreement" else r["kl_mean"]
+
+    order = sorted(table, key=lambda r: (damage(r) / max(r["saved_params"], 1), r["layer"]))
+    chosen = []
+    for row in order:
+        if kind == "params":
+            if predict(chosen)["saved_params"] >= target * model_params:
+                break
+            chosen.append(row)
+        else:
+            trial = predict(chosen + [row])
+            if (kind == "agreement" and trial["token_agreement"] < target) or (kind == "kl" and trial["kl_mean"] > target):
+                break
+            chosen.append(row)
+    if kind == "params" and predict(chosen)["saved_params"] < target * model_params:
+        reach = predict(table)["saved_params"] / model_params
+        raise ValueError(f"budget params={target} is out of reach: patching every scanned layer removes "
+                         f"only {reach:.3f} of the model's parameters")
+    if not chosen:
+        best = order[0] if order else None
+        raise ValueError(f"budget {kind}={target} admits no layer: the least sensitive one alone gives "
+                         + (f"token_agreement {best['token_agreement']:.3f}, kl_mean {best['kl_mean']:.3f}"
+                            if best else "nothing (empty scan)"))
+    return sorted(chosen, key=lambda r: r["layer"])
+
+
+def contiguous_windows(k: int, num_layers: int) -> dict[str, str]:
+    """The naive alternatives to a selection of k layers: the first, middle and last k layers."""
+    mid = (num_layers - k) // 2
+    windows = {"first": (0, k - 1), "middle": (mid, mid + k - 1), "last": (num_layers - k, num_layers - 1)}
+    return {name: layers_spec(f"{a}-{b}", num_layers) for name, (a, b) in windows.items()}
+
+
+# ---------------------------------------------------------------- Pareto front
+
+def pareto_front(records: list[dict], x: str, y: str, maximize_y: bool) -> list[dict]:
+    """Records not dominated in (larger x, better y), sorted by x."""
+    front = []
+    best = None
+    for r in sorted(records, key=lambda r: (-r[x], -r[y] if maximize_y else r[y])):
+        value = r[y] if maximize_y else -r[y]
+        if best is None or value > best:
+            front.append(r)
+            best = value
+    return sorted(front, key=lambda r: r[x])
