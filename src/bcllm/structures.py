@@ -1,0 +1,578 @@
+"""Other structured replacements for nn.Linear, compared with block-circulant at equal parameter count.
+
+A structure is a config (which layers, what size; the protocol of surgery.CirculantConfig:
+`targets`, `layers`, `build`, `check`, `describe`) and a module with `from_linear` (plain fit
+to W), `fit_(weight, stats, ridge)` (activation-aware fit), `to_dense()`, `num_params` and
+`flops` (per token). `compress_(model, LowRankConfig(...))` works like the circulant config.
+
+Every activation-aware fit minimises the objective of calibrate.InputStats, ridge included:
+
+    f(W_hat) = tr(W_hat A W_hat^T) - 2 <W_hat, K>,   A = xx + lam I,  K = W xt^T,
+    lam = ridge * mean(diag xx)       (the ridge adds lam ||W_hat||_F^2 to the data term)
+
+so its unconstrained optimum is W* = K A^-1 and, with A = L L^T, f = ||W_hat L - K L^-T||_F^2 + const.
+
+Budgets: `budget_block_size=B` sizes each module to the parameter count of a block-circulant
+of block size B on the same shape (rounded down to what the structure can express).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import circulant
+from .calibrate import InputStats
+from .modules import BlockCirculantLinear, check_block_size, linear_weight
+from .surgery import CirculantConfig
+
+STRUCTURES = ("circulant", "lowrank", "blockdiag", "hybrid")
+
+
+# ---------------------------------------------------------------- objective shared by all fits
+
+def ridged_gram(stats: InputStats, ridge: float) -> torch.Tensor:
+    """A = xx + lam I, lam = ridge * mean(diag xx), float64."""
+    xx = stats.xx.to(torch.float64)
+    lam = ridge * xx.diagonal().mean()
+    return xx + lam * torch.eye(xx.shape[0], dtype=xx.dtype, device=xx.device)
+
+
+def cross(weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+    """K = W xt^T (out, in), float64: the data term is <W_hat, K>."""
+    return weight.detach().to(stats.xt.device, torch.float64) @ stats.xt.to(torch.float64).T
+
+
+def fit_objective(w_hat: torch.Tensor, weight: torch.Tensor, stats: InputStats, ridge: float = 0.0) -> float:
+    """tr(W_hat A W_hat^T) - 2 <W_hat, K>: the quantity every fit_ minimises (up to a constant)."""
+    a, k = ridged_gram(stats, ridge), cross(weight, stats)
+    w_hat = w_hat.detach().to(a.device, torch.float64)
+    return float(((w_hat @ a) * w_hat).sum() - 2 * (w_hat * k).sum())
+
+
+def _cholesky(a: torch.Tensor) -> torch.Tensor:
+    chol, info = torch.linalg.cholesky_ex(a)
+    if info.any():
+        raise ValueError("calibration Gram matrix is singular (fewer tokens than inputs?); use ridge > 0")
+    return chol
+
+
+def _copy_bias(layer: nn.Module, linear: nn.Module) -> None:
+    bias = getattr(linear, "bias", None)
+    if bias is not None:
+        layer.bias.copy_(bias)
+
+
+def _dense_shape(linear: nn.Module) -> tuple[int, int]:
+    out_features, in_features = linear_weight(linear).shape
+    return out_features, in_features
+
+
+# ---------------------------------------------------------------- low rank
+
+def check_rank(rank, out_features: int, in_features: int) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {rank!r}")
+    if not 1 <= rank <= min(out_features, in_features):
+        raise ValueError(f"rank must be in 1..{min(out_features, in_features)} for a "
+                         f"{out_features}x{in_features} layer, got {rank}")
+    return rank
+
+
+class LowRankLinear(nn.Module):
+    """W_hat = up @ down (rank r): y = up(down(x)) + bias, r * (in + out) weights."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        check_rank(rank, out_features, in_features)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        kw = dict(device=device, dtype=dtype or torch.float32)
+        self.down = nn.Parameter(torch.empty(rank, in_features, **kw).uniform_(-1, 1) / in_features ** 0.5)
+        self.up = nn.Parameter(torch.empty(out_features, rank, **kw).uniform_(-1, 1) / rank ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    def _set_svd(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
+        """W_hat = u[:, :r] diag(s[:r]) vh[:r]; sqrt(s) on each side keeps the factors balanced for training."""
+        r = self.rank
+        root = s[:r].sqrt()
+        self.up.copy_(u[:, :r] * root)
+        self.down.copy_(root[:, None] * vh[:r])
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, rank: int) -> "LowRankLinear":
+        """Truncated SVD of the dense weight: the Frobenius optimum (Eckart-Young)."""
+        weight = linear_weight(linear)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, rank, bias=getattr(linear, "bias", None) is not None,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer._set_svd(*torch.linalg.svd(weight.detach().double(), full_matrices=False))
+            _copy_bias(layer, linear)
+        return layer
+
+    @torch.no_grad()
+    def fit_(self, weight: torch.Tensor, stats: InputStats, ridge: float = 1e-4) -> "LowRankLinear":
+        """Activation-aware (whitened) SVD: Eckart-Young truncation of K L^-T, then times L^-1.
+
+        f = ||W_hat L - M||_F^2 + const with M = K L^-T, so the best rank-r W_hat L is M's
+        truncated SVD U_r S_r V_r^T, and W_hat = U_r S_r (V_r^T L^-1).
+        """
+        chol = _cholesky(ridged_gram(stats, ridge))
+        m = torch.linalg.solve_triangular(chol, cross(weight, stats).T, upper=False).T   # K L^-T
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        vh = torch.linalg.solve_triangular(chol.T, vh[:self.rank].T, upper=True).T   # V_r^T L^-1
+        self._set_svd(u, s, vh)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.down), self.up, self.bias)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.up @ self.down
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds x 2 per token (bias excluded, as for the dense 2 * in * out)."""
+        return 2 * self.rank * (self.in_features + self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
+
+
+# ---------------------------------------------------------------- block diagonal
+
+def check_num_blocks(num_blocks, out_features: int, in_features: int) -> int:
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
+        raise TypeError(f"num_blocks must be an int, got {num_blocks!r}")
+    if not 1 <= num_blocks <= min(out_features, in_features):
+        raise ValueError(f"num_blocks must be in 1..{min(out_features, in_features)} for a "
+                         f"{out_features}x{in_features} layer, got {num_blocks}")
+    return num_blocks
+
+
+class BlockDiagonalLinear(nn.Module):
+    """k diagonal blocks: output group i depends only on input group i.
+
+    Blocks are ceil(out/k) x ceil(in/k), stored as blocks[k, out_block, in_block]; when k does
+    not divide a dimension it is zero-padded like the circulant (padding stored, never data).
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_blocks: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        check_num_blocks(num_blocks, out_features, in_features)
+        self.in_features, self.out_features, self.num_blocks = in_features, out_features, num_blocks
+        self.out_block, self.in_block = math.ceil(out_features / num_blocks), math.ceil(in_features / num_blocks)
+        kw = dict(device=device, dtype=dtype or torch.float32)
+        self.blocks = nn.Parameter(torch.empty(num_blocks, self.out_block, self.in_block, **kw)
+                                   .uniform_(-1, 1) / self.in_block ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    def _diagonal_blocks(self, matrix: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """The k diagonal (rows x cols) blocks of `matrix`, zero-padded to k*rows x k*cols."""
+        k = self.num_blocks
+        padded = nn.functional.pad(matrix, (0, k * cols - matrix.shape[1], 0, k * rows - matrix.shape[0]))
+        grid = padded.reshape(k, rows, k, cols)
+        return grid[torch.arange(k), :, torch.arange(k), :]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, num_blocks: int) -> "BlockDiagonalLinear":
+        """Keep W's diagonal blocks: the Frobenius optimum (least squares with identity input)."""
+        weight = linear_weight(linear)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, num_blocks, bias=getattr(linear, "bias", None) is not None,
+                    device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.blocks.copy_(layer._diagonal_blocks(weight.detach(), layer.out_block, layer.in_block))
+            _copy_bias(layer, linear)
+        return layer
+
+    @torch.no_grad()
+    def fit_(self, weight: torch.Tensor, stats: InputStats, ridge: float = 1e-4) -> "BlockDiagonalLinear":
+        """Per-block ridge least squares: f splits over blocks, D_i = K_ii A_ii^-1."""
+        a, k = ridged_gram(stats, ridge), cross(weight, stats)
+        pad = self.num_blocks * self.in_block - self.in_features
+        # Identity on padded inputs keeps each block's Gram invertible; K is zero there, so D is too.
+        a = torch.block_diag(a, torch.eye(pad, dtype=a.dtype, device=a.device))
+        a_blocks = self._diagonal_blocks(a, self.in_block, self.in_block)
+        k_blocks = self._diagonal_blocks(k, self.out_block, self.in_block)
+        chol = _cholesky(a_blocks)
+        self.blocks.copy_(torch.cholesky_solve(k_blocks.transpose(1, 2), chol).transpose(1, 2))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = nn.functional.pad(x.reshape(-1, self.in_features), (0, self.num_blocks * self.in_block - self.in_features))
+        y = torch.bmm(x.reshape(-1, self.num_blocks, self.in_block).transpose(0, 1),
+                      self.blocks.transpose(1, 2).to(x.dtype))                   # (k, N, out_block)
+        y = y.transpose(0, 1).reshape(x.shape[0], -1)[:, :self.out_features]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def to_dense(self) -> torch.Tensor:
+        return torch.block_diag(*self.blocks)[:self.out_features, :self.in_features]
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.blocks.numel()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"num_blocks={self.num_blocks}, bias={self.bias is not None}")
+
+
+# ---------------------------------------------------------------- circulant + low rank
+
+class CirculantPlusLowRankLinear(nn.Module):
+    """W_hat = C + U V: a block-circulant part plus a low-rank part, one shared bias."""
+
+    def __init__(self, in_features: int, out_features: int, block_size: int, rank: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.circulant = BlockCirculantLinear(in_features, out_features, block_size, bias=False,
+                                              device=device, dtype=dtype)
+        self.lowrank = LowRankLinear(in_features, out_features, rank, bias=False, device=device, dtype=dtype)
+        kw = dict(device=device, dtype=dtype or torch.float32)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+
+    @property
+    def block_size(self) -> int:
+        return self.circulant.block_size
+
+    @property
+    def rank(self) -> int:
+        return self.lowrank.rank
+
+    def _alternate(self, target, fit_circulant, fit_lowrank, objective, rounds: int) -> "CirculantPlusLowRankLinear":
+        """Alternating exact minimisation over the two parts; fit_history = the objective after each step.
+
+        Starts from the better of the two parts fitted alone (the other one zero), so the result
+        is never worse than either structure on its own, and each step can only lower the objective.
+        """
+        fit_circulant(target)
+        fit_lowrank(target)
+        f_circulant, f_lowrank = objective(self.circulant.to_dense()), objective(self.lowrank.to_dense())
+        if f_circulant <= f_lowrank:
+            self.lowrank.up.zero_()
+            steps = [lambda: fit_lowrank(target - self.circulant.to_dense()),
+                     lambda: fit_circulant(target - self.lowrank.to_dense())]
+        else:
+            self.circulant.c.zero_()
+            steps = [lambda: fit_circulant(target - self.lowrank.to_dense()),
+                     lambda: fit_lowrank(target - self.circulant.to_dense())]
+        self.fit_history = [min(f_circulant, f_lowrank)]
+        for _ in range(rounds):
+            for step in steps:
+                step()
+                self.fit_history.append(objective(self.to_dense()))
+        return self
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, block_size: int, rank: int, rounds: int = 4) -> "CirculantPlusLowRankLinear":
+        """Alternating Frobenius fit: circulant projection of W - UV, truncated SVD of W - C."""
+        weight = linear_weight(linear)
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, block_size, rank, bias=getattr(linear, "bias", None) is not None,
+                    device=weight.device, dtype=weight.dtype)
+        w = weight.detach().double()
+        with torch.no_grad():
+            layer._alternate(
+                w,
+                lambda t: layer.circulant.c.copy_(circulant.project_frobenius(t, block_size)),
+                lambda t: layer.lowrank._set_svd(*torch.linalg.svd(t, full_matrices=False)),
+                lambda w_hat: float(((w - w_hat.double()) ** 2).sum()),
+                rounds)
+            _copy_bias(layer, linear)
+        return layer
+
+    @torch.no_grad()
+    def fit_(self, weight: torch.Tensor, stats: InputStats, ridge: float = 1e-4,
+             rounds: int = 4) -> "CirculantPlusLowRankLinear":
+        """Alternating activation-aware fit; fit_history = the objective (fit_objective) after each step.
+
+        With A = xx + lam I and W* = K A^-1, the objective equals that of stats (A, A) and target
+        W*, and fixing one part leaves the same problem for the other with target W* - other.
+        """
+        a = ridged_gram(stats, ridge)
+        w_star = torch.linalg.solve(a, cross(weight, stats).T).T
+        whitened = InputStats(xx=a, xt=a, n=stats.n)
+        return self._alternate(
+            w_star,
+            # A is already ridged; the circulant fit's own tiny ridge only keeps padded blocks solvable.
+            lambda t: self.circulant.fit_(t, whitened, ridge=1e-10),
+            lambda t: self.lowrank.fit_(t, whitened, ridge=0.0),
+            lambda w_hat: fit_objective(w_hat, w_star, whitened),
+            rounds)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.circulant(x) + self.lowrank(x)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def to_dense(self) -> torch.Tensor:
+        return self.circulant.to_dense() + self.lowrank.to_dense()
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def flops(self) -> int:
+        return circulant_flops(self.out_features, self.in_features, self.block_size) + self.lowrank.flops
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block_size={self.block_size}, rank={self.rank}, bias={self.bias is not None}")
+
+
+def circulant_flops(out_features: int, in_features: int, block_size: int) -> int:
+    """Analytic FLOPs per token of a block-circulant product: q rffts, F*p*q complex
+    multiply-adds (8 real FLOPs each), p irffts (2.5 b log2 b per real FFT of length b)."""
+    p, q = circulant.grid_shape(out_features, in_features, block_size)
+    fft = 2.5 * block_size * math.log2(block_size) if block_size > 1 else 0.0
+    return int(fft * (p + q) + 8 * (block_size // 2 + 1) * p * q)
+
+
+# ---------------------------------------------------------------- budgets
+
+def circulant_params(out_features: int, in_features: int, block_size: int) -> int:
+    """Weights of a block-circulant of block size b on this shape (padding included, as stored)."""
+    p, q = circulant.grid_shape(out_features, in_features, block_size)
+    return p * q * block_size
+
+
+def blockdiag_params(out_features: int, in_features: int, num_blocks: int) -> int:
+    return num_blocks * math.ceil(out_features / num_blocks) * math.ceil(in_features / num_blocks)
+
+
+def rank_for_budget(out_features: int, in_features: int, budget: int) -> int:
+    """Largest rank whose r * (in + out) weights fit in `budget` (0 if none does)."""
+    return budget // (out_features + in_features)
+
+
+def num_blocks_for_budget(out_features: int, in_features: int, budget: int) -> int:
+    """Fewest diagonal blocks (so the largest blocks) whose weights fit in `budget` (0 if none do)."""
+    for k in range(1, min(out_features, in_features) + 1):
+        if blockdiag_params(out_features, in_features, k) <= budget:
+            return k
+    return 0
+
+
+def _budget(out_features: int, in_features: int, budget_block_size: int) -> int:
+    check_block_size(budget_block_size, out_features, in_features)
+    return circulant_params(out_features, in_features, budget_block_size)
+
+
+def _too_small(name, out_features, in_features, budget_block_size, what):
+    return ValueError(f"{name}: the budget of circulant block size {budget_block_size} "
+                      f"({circulant_params(out_features, in_features, budget_block_size):,} weights for "
+                      f"{out_features}x{in_features}) is too small for {what}; use a smaller budget block size")
+
+
+def _one_of(structure: str, **sizes) -> None:
+    given = [k for k, v in sizes.items() if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"{structure}: give exactly one of {' or '.join(sizes)}, got "
+                         f"{', '.join(given) if given else 'neither'}")
+
+
+def _with_name(name: str, check) -> None:
+    try:
+        check()
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        raise type(e)(msg if msg.startswith(name) else f"{name}: {msg}") from None
+
+
+@dataclass
+class LowRankConfig:
+    """Low-rank W_hat = U V for the selected layers (built by truncated SVD; `--fit aware` whitens).
+
+    rank: the same rank everywhere; or budget_block_size B: per module the largest rank whose
+    weights fit in the parameter count of a block-circulant of block size B on that shape.
+    targets / layers: as in CirculantConfig.
+    """
+
+    rank: int | None = None
+    budget_block_size: int | None = None
+    targets: Sequence[str] | str = ("mlp",)
+    layers: Iterable[int] | str | None = None
+
+    def __post_init__(self):
+        _one_of("LowRankConfig", rank=self.rank, budget_block_size=self.budget_block_size)
+
+    def rank_for(self, name: str, linear: nn.Module) -> int:
+        if self.rank is not None:
+            return self.rank
+        out_features, in_features = _dense_shape(linear)
+        return rank_for_budget(out_features, in_features,
+                               _budget(out_features, in_features, self.budget_block_size))
+
+    def check(self, name: str, linear: nn.Module) -> None:
+        out_features, in_features = _dense_shape(linear)
+
+        def run():
+            rank = self.rank_for(name, linear)
+            if rank == 0:
+                raise _too_small(name, out_features, in_features, self.budget_block_size,
+                                 f"rank 1 ({out_features + in_features:,} weights)")
+            check_rank(rank, out_features, in_features)
+        _with_name(name, run)
+
+    def build(self, name: str, linear: nn.Module) -> nn.Module:
+        return LowRankLinear.from_linear(linear, self.rank_for(name, linear))
+
+    def describe(self) -> dict:
+        return {"structure": "lowrank", "rank": self.rank, "budget_block_size": self.budget_block_size}
+
+
+@dataclass
+class BlockDiagonalConfig:
+    """Block-diagonal W_hat with num_blocks diagonal blocks (built from W's diagonal blocks).
+
+    num_blocks: the same number of blocks everywhere (each ceil(out/k) x ceil(in/k)); or
+    budget_block_size B: per module the fewest blocks that fit in the parameter count of a
+    block-circulant of block size B (num_blocks = B when B divides both dimensions).
+    """
+
+    num_blocks: int | None = None
+    budget_block_size: int | None = None
+    targets: Sequence[str] | str = ("mlp",)
+    layers: Iterable[int] | str | None = None
+
+    def __post_init__(self):
+        _one_of("BlockDiagonalConfig", num_blocks=self.num_blocks, budget_block_size=self.budget_block_size)
+
+    def num_blocks_for(self, name: str, linear: nn.Module) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        out_features, in_features = _dense_shape(linear)
+        return num_blocks_for_budget(out_features, in_features,
+                                     _budget(out_features, in_features, self.budget_block_size))
+
+    def check(self, name: str, linear: nn.Module) -> None:
+        out_features, in_features = _dense_shape(linear)
+
+        def run():
+            k = self.num_blocks_for(name, linear)
+            if k == 0 and self.budget_block_size is not None:
+                raise _too_small(name, out_features, in_features, self.budget_block_size, "any block-diagonal")
+            check_num_blocks(k, out_features, in_features)
+        _with_name(name, run)
+
+    def build(self, name: str, linear: nn.Module) -> nn.Module:
+        return BlockDiagonalLinear.from_linear(linear, self.num_blocks_for(name, linear))
+
+    def describe(self) -> dict:
+        return {"structure": "blockdiag", "num_blocks": self.num_blocks, "budget_block_size": self.budget_block_size}
+
+
+@dataclass
+class HybridConfig:
+    """Block-circulant plus low-rank, fitted alternately.
+
+    block_size and rank: explicit sizes; or budget_block_size B: per module a circulant part of
+    block size `block_size` (default 2B, half the budget) and the largest rank that fits in the
+    rest of the parameter count of a block-circulant of block size B.
+    """
+
+    block_size: int | None = None
+    rank: int | None = None
+    budget_block_size: int | None = None
+    targets: Sequence[str] | str = ("mlp",)
+    layers: Iterable[int] | str | None = None
+
+    def __post_init__(self):
+        if self.budget_block_size is None:
+            if self.block_size is None or self.rank is None:
+                raise ValueError("HybridConfig: give block_size and rank, or budget_block_size")
+        else:
+            if self.rank is not None:
+                raise ValueError("HybridConfig: give rank or budget_block_size, not both "
+                                 "(the budget sets the rank)")
+            if self.block_size is None:
+                self.block_size = 2 * self.budget_block_size
+
+    def rank_for(self, name: str, linear: nn.Module) -> int:
+        if self.rank is not None:
+            return self.rank
+        out_features, in_features = _dense_shape(linear)
+        budget = _budget(out_features, in_features, self.budget_block_size)
+        check_block_size(self.block_size, out_features, in_features)
+        rest = budget - circulant_params(out_features, in_features, self.block_size)
+        return rank_for_budget(out_features, in_features, max(rest, 0))
+
+    def check(self, name: str, linear: nn.Module) -> None:
+        out_features, in_features = _dense_shape(linear)
+
+        def run():
+            check_block_size(self.block_size, out_features, in_features)
+            rank = self.rank_for(name, linear)
+            if rank == 0:
+                raise _too_small(name, out_features, in_features, self.budget_block_size,
+                                 f"a circulant of block size {self.block_size} plus rank 1")
+            check_rank(rank, out_features, in_features)
+        _with_name(name, run)
+
+    def build(self, name: str, linear: nn.Module) -> nn.Module:
+        return CirculantPlusLowRankLinear.from_linear(linear, self.block_size, self.rank_for(name, linear))
+
+    def describe(self) -> dict:
+        return {"structure": "hybrid", "block_size": self.block_size, "rank": self.rank,
+                "budget_block_size": self.budget_block_size}
+
+
+def config_for(structure: str, block_size: int = 16, rank: int | None = None, param_budget: int | None = None,
+               targets=("mlp",), layers=None):
+    """The config the CLI's --structure / --block-size / --rank / --param-budget describe.
+
+    --param-budget B gives every structure the parameter count of a block-circulant of block
+    size B (for circulant: block size B). Without it, --block-size is the circulant block size
+    and the budget of the other structures, unless --rank sets the rank (lowrank: the rank;
+    hybrid: circulant part of --block-size plus that rank).
+    """
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; allowed: {', '.join(STRUCTURES)}")
+    if rank is not None and structure not in ("lowrank", "hybrid"):
+        raise ValueError(f"--rank applies to lowrank and hybrid, not {structure}")
+    if rank is not None and param_budget is not None:
+        raise ValueError("give --rank or --param-budget, not both (the budget sets the rank)")
+    budget = param_budget if param_budget is not None else block_size
+    where = dict(targets=targets, layers=layers)
+    if structure == "circulant":
+        return CirculantConfig(block_size=budget, **where)
+    if structure == "lowrank":
+        return LowRankConfig(rank=rank, **where) if rank is not None else LowRankConfig(budget_block_size=budget, **where)
+    if structure == "blockdiag":
+        return BlockDiagonalConfig(budget_block_size=budget, **where)
+    if rank is not None:
+        return HybridConfig(block_size=block_size, rank=rank, **where)
+    return HybridConfig(budget_block_size=budget, **where)
+
+
+def budget_report(model: nn.Module, modules: Sequence[str], budget_block_size: int) -> dict:
+    """Parameters of the replaced `modules` (as compressed now) beside a block-circulant of block
+    size `budget_block_size` on the same shapes (biases counted on both sides)."""
+    actual = budget = 0
+    for name in modules:
+        m = model.get_submodule(name)
+        bias = m.bias.numel() if getattr(m, "bias", None) is not None else 0
+        actual += sum(p.numel() for p in m.parameters())
+        budget += circulant_params(m.out_features, m.in_features, budget_block_size) + bias
+    return {"budget_block_size": budget_block_size, "budget_params": budget, "actual_params": actual,
+            "fraction_of_budget": actual / max(budget, 1)}
