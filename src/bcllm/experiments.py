@@ -15,7 +15,6 @@ Scan, budget and sweep share results.jsonl: a point measured by any of them is n
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import itertools
 import json
@@ -289,3 +288,130 @@ def pareto_front(records: list[dict], x: str, y: str, maximize_y: bool) -> list[
             front.append(r)
             best = value
     return sorted(front, key=lambda r: r[x])
+
+
+# ---------------------------------------------------------------- commands (cli.py parses, these run)
+
+class Session:
+    """What a scan or sweep shares across its points: the model, prompts, teacher outputs and
+    results directory, all prepared once."""
+
+    def __init__(self, args, options: dict):
+        import torch
+
+        from .evaluate import TeacherCache, model_file_identity
+        from .models import load_model
+        from .prompts import load_prompts
+        from .surgery import decoder_layers, num_params
+
+        self.args, self.options = args, options
+        self.defaults = {k: a.default for k, a in options.items()}
+        prompts_file = getattr(args, "prompts", None)
+        self.prompts = load_prompts(prompts_file)
+        torch.manual_seed(args.seed)
+        self.model, self.tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        self.num_layers = len(decoder_layers(self.model)[1])
+        self.model_params = num_params(self.model)
+        max_new_tokens = getattr(args, "max_new_tokens", 32)
+        chat = bool(getattr(args, "chat", False))
+        identity = {"model": args.model, "dtype": args.dtype, "model_params": self.model_params,
+                    "num_layers": self.num_layers, "prompts": str(prompts_file or "bundled prompts_100.txt"),
+                    "prompts_sha256": hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16],
+                    "num_prompts": len(self.prompts), "max_new_tokens": max_new_tokens, "chat": chat}
+        self.out = open_results_dir(args.out, identity)
+        self.results = self.out / RESULTS
+        # The teacher runs once for all points (and is cached on disk across runs).
+        self.teacher = TeacherCache.build(self.model, self.tokenizer, self.prompts, max_new_tokens=max_new_tokens,
+                                          chat=chat, model_id=model_file_identity(args.model))
+
+    def base_point(self) -> dict:
+        return canonical({k: getattr(self.args, k) for k in self.options}, self.num_layers)
+
+    def measure(self, point: dict) -> dict:
+        """Build the student for one point (cli.make_student) and evaluate it against the teacher."""
+        import torch
+
+        from .cli import make_student
+        from .evaluate import evaluate
+
+        torch.manual_seed(self.args.seed)
+        student, summary = make_student(argparse.Namespace(**{**vars(self.args), **point}), self.model,
+                                        self.tokenizer)
+        result = evaluate(student, self.tokenizer, self.prompts, teacher=self.teacher, progress=False)
+        return {"metrics": result["metrics"], "ci": result["ci"], "compression": summary,
+                "param_reduction": (summary["model_params_before"] - summary["model_params_after"])
+                / summary["model_params_before"],
+                "num_layers": num_patched_layers(point.get("layers", "all"), self.num_layers)}
+
+    def run(self, points: list[dict], name: str) -> list[dict]:
+        points = [canonical(p, self.num_layers) for p in points]
+        records = run_points(points, self.measure, self.results, self.defaults, desc=name)
+        return records
+
+
+def sweep_command(args, options: dict) -> None:
+    axes = grid_axes(options, getattr(args, "grid_file", None), getattr(args, "grid", None))  # fail before loading
+    if not axes:
+        raise ValueError("the sweep has no axes: give --grid KEY VALUE [VALUE ...] or --grid-file FILE.toml")
+    session = Session(args, options)
+    points = expand_grid(session.base_point(), axes)
+    records = session.run(points, "sweep")
+    write_json(session.out / "sweep.json", {"keys": [r["key"] for r in records], "axes": axes,
+                                            "command": command_line()})
+    print_records(records, sorted(axes))
+    print(f"results: {session.results}; report: bcllm report {session.out}")
+
+
+def scan_command(args, options: dict) -> None:
+    budgets = [parse_budget(b) for b in getattr(args, "budget", None) or []]  # fail before loading
+    session = Session(args, options)
+    base = session.base_point()
+    suffixes = None
+    if args.per == "module":
+        from .surgery import select_modules
+
+        names = select_modules(session.model, args.targets, None)
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    records = session.run(scan_points(base, session.num_layers, suffixes), "scan")
+    write_json(session.out / "scan.json", {"keys": [r["key"] for r in records], "per": args.per,
+                                           "command": command_line()})
+    print_records(records, ["layers"] + (["targets"] if suffixes else []))
+    if budgets and suffixes:
+        raise ValueError("--budget selects whole layers: use it with --per layer")
+    table = [{"layer": int(r["point"]["layers"]), "kl_mean": r["metrics"]["kl_mean"],
+              "token_agreement": r["metrics"]["token_agreement"],
+              "saved_params": r["compression"]["model_params_before"] - r["compression"]["model_params_after"]}
+             for r in records]
+    for kind, target in budgets:
+        budget_select(session, base, table, kind, target)
+
+
+def budget_select(session: Session, base: dict, table: list[dict], kind: str, target: float) -> dict:
+    """Choose layers for a budget from the scan table, measure the choice and the naive windows."""
+    chosen = select_budget(table, kind, target, session.model_params)
+    spec = layers_spec([r["layer"] for r in chosen], session.num_layers)
+    windows = contiguous_windows(len(chosen), session.num_layers)
+    points = [{**base, "layers": spec}] + [{**base, "layers": w} for w in windows.values()]
+    by_layers = {r["point"]["layers"]: r for r in session.run(points, f"budget {kind}={target}")}
+    measured, naive = by_layers[spec], [by_layers[w] for w in windows.values()]
+    summary = lambda r: {"layers": r["point"]["layers"], "param_reduction": r["param_reduction"],
+                         "token_agreement": r["metrics"]["token_agreement"], "kl_mean": r["metrics"]["kl_mean"]}
+    record = {"budget": f"{kind}={target}", "base": point_key(base, session.defaults), "layers": spec,
+              "num_layers": len(chosen), "predicted": predict(chosen), "measured": summary(measured),
+              "naive": {name: summary(r) for name, r in zip(windows, naive)}, "command": command_line()}
+    append_jsonl(session.out / BUDGETS, record)
+    p, m = record["predicted"], record["measured"]
+    print(f"budget {kind}={target}: {len(chosen)} layers {spec}; predicted token_agreement "
+          f"{p['token_agreement']:.3f} kl_mean {p['kl_mean']:.3f}; measured {m['token_agreement']:.3f} / "
+          f"{m['kl_mean']:.3f}; parameter reduction {m['param_reduction']:.3f}")
+    for name, n in record["naive"].items():
+        print(f"  naive {name:6s} {n['layers']:>8s}: token_agreement {n['token_agreement']:.3f} kl_mean {n['kl_mean']:.3f}")
+    return record
+
+
+def print_records(records: list[dict], keys: list[str]) -> None:
+    print(" ".join(f"{k:>10s}" for k in keys) + f" {'reduction':>10s} {'agreement':>10s} {'kl_mean':>10s} {'time s':>8s}")
+    for r in records:
+        print(" ".join(f"{str(r['point'].get(k)):>10s}" for k in keys)
+              + f" {r['param_reduction']:10.3f} {r['metrics']['token_agreement']:10.3f}"
+                f" {r['metrics']['kl_mean']:10.4f} {r['time_s']:8.1f}")
