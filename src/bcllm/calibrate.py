@@ -15,6 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .modules import linear_weight
+from .surgery import decoder_layers, layer_index
 
 
 @dataclass
@@ -30,3 +35,191 @@ class InputStats:
     xx: torch.Tensor
     xt: torch.Tensor
     n: int
+
+    @classmethod
+    def zeros(cls, in_features: int, shared: bool = True, device=None) -> "InputStats":
+        """Empty statistics; shared=True makes xt the same tensor as xx (x_s == x_t)."""
+        xx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        return cls(xx, xx if shared else torch.zeros_like(xx), 0)
+
+    def add_(self, x_s: torch.Tensor, x_t: torch.Tensor | None = None) -> None:
+        """Accumulate rows (N, in). Products in float32 (float64 inputs stay float64), sums in float64."""
+        dtype = torch.float64 if x_s.dtype == torch.float64 else torch.float32
+        x_s = x_s.to(dtype)
+        self.xx += (x_s.T @ x_s).to(torch.float64)
+        if self.xt is not self.xx:
+            self.xt += (x_s.T @ x_t.to(dtype)).to(torch.float64)
+        self.n += x_s.shape[0]
+
+
+def fitted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of the structured modules of a student: every module with a `fit_` method."""
+    return {n: m for n, m in model.named_modules() if callable(getattr(m, "fit_", None))}
+
+
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(..., in) activations -> (N, in) rows at the real (unpadded) positions."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if mask is None else rows[mask.reshape(-1).bool()]
+
+
+class _InputCapture:
+    """Forward hooks that keep the latest input of each named module (one batch at a time)."""
+
+    def __init__(self, model: nn.Module, names):
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            self.inputs[name] = args[0].detach()
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _groups(inputs: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names grouped by the very tensor they were fed (gate_proj and up_proj share one input)."""
+    groups: dict[int, list[str]] = {}
+    for name, x in inputs.items():
+        groups.setdefault(id(x), []).append(name)
+    return list(groups.values())
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
+
+
+def check_pair(student: nn.Module, teacher: nn.Module) -> dict[str, nn.Module]:
+    """The student's structured modules; each must exist as a linear layer in the teacher."""
+    modules = fitted_modules(student)
+    if not modules:
+        raise ValueError("the student has no structured module with a fit_ method: compress it first")
+    teacher_names = dict(teacher.named_modules())
+    missing = [n for n in modules if n not in teacher_names]
+    if missing:
+        raise ValueError(f"teacher has no module named {missing[0]!r}: the student must be a compressed "
+                         f"copy of the teacher")
+    return modules
+
+
+@torch.no_grad()
+def fit_aware_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1e-4,
+               progress: bool = True) -> dict:
+    """Fit every structured module of `student` to its original layer in `teacher`, inputs
+    (x_s = x_t) taken from the teacher. One pass of the teacher's base model (no LM head)."""
+    modules = check_pair(student, teacher)
+    capture = _InputCapture(teacher, modules)
+    stats: dict[str, InputStats] = {}
+    try:
+        for batch in tqdm(batches, desc="aware fit: statistics", disable=not progress, leave=False):
+            capture.inputs.clear()
+            teacher.base_model(**_model_inputs(batch))
+            mask = batch.get("attention_mask")
+            for group in _groups(capture.inputs):
+                if group[0] not in stats:
+                    shared = InputStats.zeros(capture.inputs[group[0]].shape[-1],
+                                              device=capture.inputs[group[0]].device)
+                    stats.update({n: shared for n in group})
+                stats[group[0]].add_(_rows(capture.inputs[group[0]], mask))
+    finally:
+        capture.remove()
+    for name, module in tqdm(modules.items(), desc="aware fit: solve", disable=not progress, leave=False):
+        module.fit_(linear_weight(teacher.get_submodule(name)), stats[name], ridge)
+    return {"fit": "aware", "modules": len(modules), "tokens": next(iter(stats.values())).n, "ridge": ridge}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _decoder_inputs(model: nn.Module, prefix: str, batches) -> tuple[list, list]:
+    """Per batch, the hidden state entering decoder layer 0, and per layer and batch the other
+    (args, kwargs) the model passes that layer (masks, rotary embeddings; these differ per
+    layer type in some models, e.g. Gemma 3 sliding/global attention)."""
+    layers = model.get_submodule(prefix)
+    hidden, extra = [], [[] for _ in layers]
+
+    def pre_hook(index):
+        def hook(module, args, kwargs):
+            if index == 0:
+                hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+            extra[index].append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            if index == len(layers) - 1:
+                raise _Stop
+        return hook
+
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for batch in batches:
+            try:
+                model.base_model(**_model_inputs(batch))
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, extra
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, extra) -> torch.Tensor:
+    args, kwargs = extra
+    out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1e-4,
+                    progress: bool = True) -> dict:
+    """Error-compensating fit: decoder layers in forward order; each structured module sees the
+    inputs x_s of the already-fitted student and targets W x_t of the teacher at the same
+    positions. Within a layer, modules are fitted in forward order, one shared-input group at a
+    time. Only one group's statistics are alive at a time."""
+    modules = check_pair(student, teacher)
+    prefix, layers_t = decoder_layers(teacher)  # (the student's may hold no linear layer any more)
+    layers_s = student.get_submodule(prefix)
+    outside = [n for n in modules if layer_index(n, prefix) is None]
+    if outside:
+        raise ValueError(f"sequential fit handles modules inside decoder layers only; {outside[0]!r} is "
+                         f"outside: use the aware fit")
+    batches = list(batches)
+    masks = [b.get("attention_mask") for b in batches]
+    h_s, extra = _decoder_inputs(student, prefix, batches)
+    h_t, _ = _decoder_inputs(teacher, prefix, batches)
+    last = max(layer_index(n, prefix) for n in modules)
+    tokens = 0
+    for li in tqdm(range(last + 1), desc="sequential fit", disable=not progress, leave=False):
+        layer_prefix = f"{prefix}.{li}."
+        todo = [n[len(layer_prefix):] for n in modules if n.startswith(layer_prefix)]
+        while todo:
+            stats, group = _first_group_stats(layers_s[li], layers_t[li], h_s, h_t, extra[li], masks, todo)
+            for rel in group:
+                layers_s[li].get_submodule(rel).fit_(linear_weight(layers_t[li].get_submodule(rel)), stats, ridge)
+            todo = [n for n in todo if n not in group]
+            tokens = stats.n
+        h_s = [_run_layer(layers_s[li], h, e) for h, e in zip(h_s, extra[li])]
+        h_t = [_run_layer(layers_t[li], h, e) for h, e in zip(h_t, extra[li])]
+    return {"fit": "sequential", "modules": len(modules), "tokens": tokens, "ridge": ridge}
+
+
+def _first_group_stats(layer_s, layer_t, h_s, h_t, extra, masks, todo):
+    """InputStats (x_s from the student layer, x_t from the teacher layer) of the first modules
+    among `todo` to run in forward order, with the names that share that input."""
+    cap_s, cap_t = _InputCapture(layer_s, todo), _InputCapture(layer_t, todo)
+    stats, group = None, None
+    try:
+        for hs, ht, e, mask in zip(h_s, h_t, extra, masks):
+            cap_s.inputs.clear()
+            cap_t.inputs.clear()
+            _run_layer(layer_s, hs, e)
+            _run_layer(layer_t, ht, e)
+            if group is None:
+                group = _groups(cap_s.inputs)[0]  # dicts keep insertion order: first to run
+                stats = InputStats.zeros(cap_s.inputs[group[0]].shape[-1], shared=False, device=hs.device)
+            stats.add_(_rows(cap_s.inputs[group[0]], mask), _rows(cap_t.inputs[group[0]], mask))
+    finally:
+        cap_s.remove()
+        cap_t.remove()
+    return stats, group

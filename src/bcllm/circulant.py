@@ -90,3 +90,69 @@ def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
     y_hat = torch.bmm(x_hat, spec)                             # (F, N, p)
     y = torch.fft.irfft(y_hat.permute(1, 2, 0), n=block_size, dim=-1)  # (N, p, b)
     return y.reshape(x.shape[0], -1)[:, :out_features]
+
+
+def _block_dft(m: torch.Tensor, rows: int, cols: int, block_size: int) -> torch.Tensor:
+    """(rows*b, cols*b) real -> (F, rows, cols) complex:  D^H M_jk D for every b x b block,
+    D[s, f] = exp(-2 pi i f s / b).  Turns second moments of inputs/outputs into the
+    per-frequency moments of their block spectra without ever forming token spectra."""
+    f = torch.arange(block_size // 2 + 1, dtype=torch.float64, device=m.device)
+    s = torch.arange(block_size, dtype=torch.float64, device=m.device)
+    dft = torch.polar(torch.ones(block_size, len(f), dtype=torch.float64, device=m.device),
+                      -2 * math.pi * s[:, None] * f[None, :] / block_size)          # (b, F)
+    m4 = m.reshape(rows, block_size, cols, block_size).to(torch.complex128)
+    right = torch.einsum("jskt,tf->jskf", m4, dft)
+    return torch.einsum("sf,jskf->fjk", dft.conj(), right)
+
+
+def fit_aware(weight: torch.Tensor, xx: torch.Tensor, xt: torch.Tensor, block_size: int,
+              ridge: float = 1e-4) -> torch.Tensor:
+    """Block-circulant c[p, q, b] minimising sum_n ||C x_s,n - W x_t,n||^2 (DESIGN.md section 2).
+
+    weight: (out, in) original dense weight W; xx = sum x_s x_s^T, xt = sum x_s x_t^T, both (in, in).
+    Per frequency f (rfft half), G_f = D^H xx D and R_f = D^H (xt W^T) D blockwise, then
+    (G_f + ridge * mean(diag G_f) I) C_f^T = R_f, one batched complex solve in float64.
+    DC and Nyquist are real. A partial last block row (out not divisible by b) would be
+    fitted to padding zeros in the frequency domain, so it is solved exactly in the time
+    domain over the rows that exist.
+    """
+    if weight.dim() != 2 or xx.shape != (weight.shape[1],) * 2 or xt.shape != xx.shape:
+        raise ValueError(f"fit_aware: weight (out, in) needs xx and xt of shape (in, in); got weight "
+                         f"{tuple(weight.shape)}, xx {tuple(xx.shape)}, xt {tuple(xt.shape)}")
+    out_features, in_features = weight.shape
+    b = block_size
+    p, q = grid_shape(out_features, in_features, b)
+    w = weight.detach().to(torch.float64)
+    xx = xx.to(device=w.device, dtype=torch.float64)
+    cross = xt.to(device=w.device, dtype=torch.float64) @ w.T                  # sum x_s y_t^T, (in, out)
+    pad_in = q * b - in_features
+    xx_p = torch.nn.functional.pad(xx, (0, pad_in, 0, pad_in))
+    cross_p = torch.nn.functional.pad(cross, (0, p * b - out_features, 0, pad_in))
+
+    gram = _block_dft(xx_p, q, q, b)                                             # (F, q, q)
+    rhs = _block_dft(cross_p, q, p, b)                                           # (F, q, p)
+    scale = gram.diagonal(dim1=1, dim2=2).real.mean(dim=1).clamp_min(1e-30)    # (F,)
+    eye = torch.eye(q, dtype=gram.dtype, device=w.device)
+    spec = torch.linalg.solve(gram + (ridge * scale)[:, None, None] * eye, rhs)  # (F, q, p)
+    spec[0] = spec[0].real
+    if b % 2 == 0:
+        spec[-1] = spec[-1].real
+    c = spectra_to_c(spec, b)
+
+    rows_left = out_features - (p - 1) * b
+    if rows_left < b:  # partial last block row: exact least squares over its existing rows
+        # output row r of block row p-1 is sum_{j,k} c[p-1, j, k] x[j*b + (r - k) mod b]
+        k = torch.arange(b, device=w.device)
+        j = torch.arange(q, device=w.device)
+        normal = torch.zeros(q * b, q * b, dtype=torch.float64, device=w.device)
+        target = torch.zeros(q * b, dtype=torch.float64, device=w.device)
+        for r in range(rows_left):
+            idx = (j[:, None] * b + (r - k[None, :]) % b).reshape(-1)            # (q*b,)
+            normal += xx_p[idx][:, idx]
+            target += cross_p[idx, (p - 1) * b + r]
+        lam = ridge * normal.diagonal().mean().clamp_min(1e-30)
+        # pseudo-inverse: with padding on both sides some c entries may touch no real entry
+        sol = torch.linalg.pinv(normal + lam * torch.eye(q * b, dtype=torch.float64, device=w.device),
+                                hermitian=True) @ target
+        c[p - 1] = sol.reshape(q, b)
+    return c.to(weight.dtype if weight.is_floating_point() else torch.float32)

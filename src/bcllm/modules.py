@@ -63,6 +63,13 @@ class BlockCirculantLinear(nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
+    @torch.no_grad()
+    def fit_(self, weight: torch.Tensor, stats, ridge: float = 1e-4) -> "BlockCirculantLinear":
+        """Activation-aware fit to the original dense (out, in) weight from calibration
+        InputStats (bcllm.calibrate); the bias stays the original one."""
+        self.c.copy_(circulant.fit_aware(weight, stats.xx, stats.xt, self.block_size, ridge))
+        return self
+
     def to_dense(self) -> torch.Tensor:
         return circulant.to_dense(self.c, self.out_features, self.in_features)
 
