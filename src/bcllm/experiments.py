@@ -178,11 +178,23 @@ def finished(results_path) -> dict[str, dict]:
     return {r["key"]: r for r in read_jsonl(results_path) if "key" in r}
 
 
+def end_torn_line(path) -> None:
+    """A kill mid-write leaves a last line without its newline: end it, so that the next record
+    starts on a line of its own (the torn line is kept, and skipped by read_jsonl)."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 def run_points(points: list[dict], measure, results_path, defaults: dict, desc: str = "points") -> list[dict]:
     """Measure each point not yet in results_path, appending its record at once; return the
     records of all `points` (finished ones read back, not recomputed)."""
     from tqdm import tqdm
 
+    end_torn_line(results_path)
     done = finished(results_path)
     keys = list(dict.fromkeys(point_key(p, defaults) for p in points))  # drop duplicate points
     by_key = {point_key(p, defaults): p for p in points}

@@ -25,7 +25,12 @@ def load_run(run_dir) -> dict:
         f = run_dir / f"{name}.json"
         lists[name] = json.loads(f.read_text()) if f.is_file() else None
     return {"dir": run_dir, "manifest": json.loads(manifest.read_text()), "records": records,
-            "sweep": lists["sweep"], "scan": lists["scan"], "budgets": read_jsonl(run_dir / BUDGETS)}
+            "sweep": lists["sweep"], "scan": lists["scan"], "budgets": latest_budgets(read_jsonl(run_dir / BUDGETS))}
+
+
+def latest_budgets(budgets: list[dict]) -> list[dict]:
+    """The last record of each budget (a rerun of the same scan and budget appends it again)."""
+    return list({(b["budget"], b.get("base")): b for b in budgets}.values())
 
 
 def picked(run: dict, name: str) -> list[dict]:
@@ -166,9 +171,11 @@ def plot_sensitivity(records: list[dict], path) -> None:
     axes[1].set_xticks(layers)
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
-    axes[1].legend(fontsize=8, loc="lower right", ncol=len(labels) + 1)
+    handles, names = axes[1].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=len(names),
+               frameon=False)
     fig.suptitle("Per-layer sensitivity: one decoder layer patched at a time")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -241,8 +248,8 @@ def sweep_section(records: list[dict], run: dict, img: str) -> str:
     keys = [k for k in ["block_size", "layers"] if k in varying] + [k for k in varying if k not in ("block_size", "layers")]
     fixed = {k: v for k, v in records[0]["point"].items() if k not in varying}
     metrics = [(m, h) for m, h in METRICS if any(m in r["metrics"] for r in records)]
-    rows = [[r["point"].get(k) for k in keys] + [100 * r["param_reduction"]] +
-            [r["metrics"].get(m) for m, _ in metrics] + [r["time_s"]] for r in records]
+    rows = [[r["point"].get(k) for k in keys] + [f"{100 * r['param_reduction']:.1f}"] +
+            [r["metrics"].get(m) for m, _ in metrics] + [f"{r['time_s']:.0f}"] for r in records]
     total = sum(r["time_s"] for r in records)
     text = [f"## Sweep: {len(records)} points",
             f"Fixed settings: {', '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'none'}. "
@@ -272,12 +279,12 @@ def scan_section(records: list[dict], run: dict, img: str) -> str:
 def budget_section(budgets: list[dict]) -> str:
     rows = []
     for b in budgets:
-        rows.append([f"`{b['budget']}`", b["layers"], b["num_layers"], 100 * b["measured"]["param_reduction"],
+        rows.append([f"`{b['budget']}`", b["layers"], b["num_layers"], f"{100 * b['measured']['param_reduction']:.1f}",
                      b["predicted"]["token_agreement"], b["measured"]["token_agreement"],
                      b["predicted"]["kl_mean"], b["measured"]["kl_mean"]])
         for name, n in b["naive"].items():
             rows.append([f"naive {name} {b['num_layers']}", n["layers"], b["num_layers"],
-                         100 * n["param_reduction"], None, n["token_agreement"], None, n["kl_mean"]])
+                         f"{100 * n['param_reduction']:.1f}", None, n["token_agreement"], None, n["kl_mean"]])
     return "\n".join(["## Budgeted selection",
                       "Layers chosen greedily from the scan (least damage per parameter saved), predicted by adding "
                       "the single-layer damages, then measured end to end; compared with naive contiguous windows "
@@ -287,7 +294,7 @@ def budget_section(budgets: list[dict]) -> str:
 
 
 def speed_section(rows: list[dict], files: list, img: str) -> str:
-    table = [[bench_label(r), r["block_size"], r["speedup"]] + [r.get(k) for k in ("flop_ratio", "byte_ratio")]
+    table = [[bench_label(r), r["block_size"], f"{r['speedup']:.2f}"] + [r.get(k) for k in ("flop_ratio", "byte_ratio")]
              for r in sorted(rows, key=lambda r: (bench_label(r), r["block_size"]))]
     return "\n".join(["## Speed", f"From {', '.join(f'`{f}`' for f in files)}.", "",
                       md_table(["shape / tokens", "block size", "speedup x", "FLOP ratio", "byte ratio"], table), "",
