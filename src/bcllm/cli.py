@@ -28,6 +28,8 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="all", help="decoder layers: all, 10-19, 0,3,5")
     p.add_argument("--targets", default="mlp",
                    help="comma-separated module suffixes, globs, or shorthands mlp / attn")
+    p.add_argument("--fit", default="frobenius", choices=["frobenius"],
+                   help="how the structured weights are fitted: frobenius = nearest in Frobenius norm")
 
 
 def config_from_args(args):
@@ -58,6 +60,143 @@ def cmd_compress(args) -> None:
     print(f"compress_ took {time.perf_counter() - t:.2f} s")
 
 
+# eval/generate default to one middle layer: a quick, readable first measurement (see README).
+EVAL_DEFAULT_LAYERS = "12"
+
+
+def make_student(args, model, tokenizer):
+    """(student, compression summary): the compressed copy of `model` that the parsed args describe.
+    The one place where a student is built; `model` itself is left unchanged."""
+    import copy
+
+    from .surgery import compress_
+
+    student = copy.deepcopy(model)
+    summary = compress_(student, config_from_args(args))  # frobenius: compress_ projects each weight
+    summary["fit"] = args.fit
+    return student, summary
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per prompt for generation agreement")
+    p.add_argument("--chat", action="store_true", help="format prompts with the model's chat template")
+
+
+def plain_warnings() -> None:
+    """Show warnings meant for the user (e.g. a truncated prompt) as one line, without source lines."""
+    import warnings
+
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+
+
+def check_max_new_tokens(n: int) -> None:
+    if n < 0:
+        raise UsageError(f"--max-new-tokens must be >= 0, got {n}")
+
+
+def cmd_eval(args) -> None:
+    import time
+
+    import torch
+
+    from .evaluate import TeacherCache, evaluate, model_file_identity
+    from .models import load_model
+    from .prompts import default_prompts_path, load_prompts
+    from .results import check_writable, command_line, versions, write_json
+
+    start = time.perf_counter()
+    plain_warnings()
+    json_path = check_writable(args.json) if args.json else None  # fail before the long work
+    check_max_new_tokens(args.max_new_tokens)
+    prompts = load_prompts(args.prompts)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    t_load = time.perf_counter()
+    student, summary = make_student(args, model, tokenizer)
+    t_student = time.perf_counter()
+    teacher = TeacherCache.build(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                                 model_id=model_file_identity(args.model))
+    del model  # from here on only the student is held
+    t_teacher = time.perf_counter()
+    result = evaluate(student, tokenizer, prompts, teacher=teacher, seed=args.seed)
+    t_eval = time.perf_counter()
+    timing = {"load_s": t_load - start, "student_s": t_student - t_load, "teacher_s": t_teacher - t_student,
+              "teacher_cached": not teacher.computed, "evaluate_s": t_eval - t_teacher, "total_s": t_eval - start}
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
+    config["prompts"] = str(args.prompts or default_prompts_path())
+    print_eval(args, result, summary, timing)
+    if json_path:
+        write_json(json_path, {"model": args.model, "config": config, "metrics": result["metrics"],
+                               "ci": result["ci"], "compression": summary, "per_prompt": result["per_prompt"],
+                               "num_prompts": result["num_prompts"], "num_positions": result["num_positions"],
+                               "teacher_cache": result["teacher_cache"], "timing": timing,
+                               "versions": versions(), "command": command_line()})
+        print(f"wrote {json_path}")
+
+
+def print_eval(args, result: dict, summary: dict, timing: dict) -> None:
+    m, ci = result["metrics"], result["ci"]
+
+    def num(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    print(f"\n{args.model}: {result['num_prompts']} prompts, {result['num_positions']} positions, "
+          f"{result['max_new_tokens']} generated tokens each")
+    print_summary(summary)
+    print(f"\n{'metric':<22}{'teacher':>10}{'student':>10}   95% CI over prompts")
+    print(f"{'perplexity':<22}{num(m['ppl_teacher']):>10}{num(m['ppl_student']):>10}")
+    for key in ("token_agreement", "last_token_agreement", "top5_overlap", "kl_mean", "kl_max", "logit_l2_mean",
+                "logit_cosine_mean", "generation_agreement"):
+        interval = f"   [{ci[key][0]:.4f}, {ci[key][1]:.4f}]" if key in ci else ""
+        print(f"{key:<22}{'':>10}{num(m[key]):>10}{interval}")
+    print(f"\ntime: load {timing['load_s']:.1f} s, student {timing['student_s']:.1f} s, teacher "
+          f"{timing['teacher_s']:.1f} s{' (cached)' if timing['teacher_cached'] else ''}, evaluate "
+          f"{timing['evaluate_s']:.1f} s, total {timing['total_s']:.1f} s")
+
+
+def cmd_generate(args) -> None:
+    import shutil
+    import textwrap
+    from itertools import zip_longest
+
+    import torch
+
+    from .evaluate import common_prefix_length, eos_token_ids, model_device, run_batch
+    from .models import load_model
+    from .prompts import context_length, tokenize_prompts
+
+    plain_warnings()
+    check_max_new_tokens(args.max_new_tokens)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    student, summary = make_student(args, model, tokenizer)
+    print_summary(summary)
+    context = context_length(model)
+    ids = tokenize_prompts(tokenizer, [args.prompt], context - args.max_new_tokens if context else None, args.chat)
+    ids = torch.tensor(ids, device=model_device(model))
+    eos = eos_token_ids(model, tokenizer)
+    teacher_new = run_batch(model, ids, args.max_new_tokens, eos)[1][0].tolist()
+    del model
+    student_new = run_batch(student, ids, args.max_new_tokens, eos)[1][0].tolist()
+
+    def text(tokens):  # up to the first end token
+        cut = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+        return tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+
+    width = max(20, (shutil.get_terminal_size().columns - 3) // 2)
+
+    def lines(s):
+        return [piece for line in s.splitlines() or [""] for piece in textwrap.wrap(line, width) or [""]]
+
+    print(f"\nprompt: {args.prompt}\n")
+    rows = [("teacher", "student"), ("-" * width, "-" * width)]
+    rows += list(zip_longest(lines(text(teacher_new)), lines(text(student_new)), fillvalue=""))
+    for left, right in rows:
+        print(f"{left:<{width}} | {right}")
+    print(f"\nthe continuations agree on the first {common_prefix_length(teacher_new, student_new)} "
+          f"of {args.max_new_tokens} tokens")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bcllm", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"bcllm {__version__}")
@@ -67,6 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_compress_args(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("eval", help="compress a model and measure it against the original: logit distances, "
+                       "KL, token and generation agreement, perplexity")
+    add_model_args(p)
+    add_compress_args(p)
+    add_eval_args(p)
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="evaluation prompts, one a line (default: the bundled 100 prompts)")
+    p.add_argument("--json", metavar="PATH", help="write metrics, per-prompt values and provenance here")
+    p.set_defaults(func=cmd_eval, layers=EVAL_DEFAULT_LAYERS)
+
+    p = sub.add_parser("generate", help="teacher and student greedy completions of a prompt, side by side")
+    p.add_argument("prompt", nargs="?", default="Explain why FFT can speed up matrix-vector products.")
+    add_model_args(p)
+    add_compress_args(p)
+    add_eval_args(p)
+    p.set_defaults(func=cmd_generate, layers=EVAL_DEFAULT_LAYERS)
     return parser
 
 
