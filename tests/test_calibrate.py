@@ -207,3 +207,162 @@ def test_driver_needs_compressed_student():
     teacher = tiny_model("llama")
     with pytest.raises(ValueError, match="compress it first"):
         fit_aware_(copy.deepcopy(teacher), teacher, tiny_batches(), progress=False)
+
+
+# ---- calibration data ----
+
+def test_overlap_is_refused_unless_forced():
+    from bcllm.calib_data import check_overlap
+
+    prompts = ["Explain what a circulant matrix is in simple terms.", "Short one."]
+    clean = ["The water cycle moves water between oceans, air and land.", "Bread needs flour, water and yeast."]
+    assert check_overlap(clean, prompts) == 0
+    leaked = clean + ["Question: explain what a CIRCULANT matrix is in simple   terms. Answer: it is ..."]
+    with pytest.raises(ValueError, match="overlap the evaluation prompts.*line 3"):
+        check_overlap(leaked, prompts)
+    assert check_overlap(leaked, prompts, force=True) == 1
+    # a shared run of 10 words counts too, even without the whole prompt
+    long_prompt = ["one two three four five six seven eight nine ten eleven twelve"]
+    assert check_overlap(["zero one two three four five six seven eight nine ten"], long_prompt, force=True) == 1
+    assert check_overlap(["zero one two three four five six seven eight nine"], long_prompt) == 0
+
+
+def test_pydoc_samples_are_prose_and_deterministic():
+    from bcllm.calib_data import pydoc_samples
+
+    a, b = pydoc_samples(20, seed=1), pydoc_samples(20, seed=1)
+    assert a == b and len(a) == 20 and all(len(s.split()) >= 20 for s in a)
+    assert pydoc_samples(20, seed=2) != a
+
+
+def test_make_batches_pads_right_with_mask():
+    from bcllm.calib_data import make_batches
+
+    class Tok:
+        pad_token_id = 0
+
+        def __call__(self, text, truncation=True, max_length=None):
+            return {"input_ids": [len(w) for w in text.split()][:max_length]}
+
+    batches = make_batches(Tok(), ["a bb ccc", "dddd", "ee f", "g h i j k"], batch_size=2, max_length=4)
+    assert [b["input_ids"].shape for b in batches] == [(2, 3), (1, 4)]  # 1-token sample dropped
+    assert batches[0]["input_ids"].tolist() == [[2, 1, 0], [1, 2, 3]]
+    assert batches[0]["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert batches[1]["input_ids"].tolist() == [[1, 1, 1, 1]]  # cut to max_length
+
+
+# ---- checkpoints ----
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_checkpoint_round_trip_on_fresh_model(tmp_path, arch):
+    from bcllm.checkpoint import load_fitted, save_fitted
+    from bcllm.evaluate import model_fingerprint
+
+    teacher = tiny_model(arch)
+    config = CirculantConfig(block_size=4, targets="mlp", layers="1-2", block_sizes={"*.0.*": 8})
+    student = copy.deepcopy(teacher)
+    compress_(student, config)
+    fit_aware_(student, teacher, tiny_batches(n=4), progress=False)
+    norm = next(n for n, m in student.named_modules() if "norm" in type(m).__name__.lower())
+    with torch.no_grad():
+        student.get_submodule(norm).weight.mul_(1.5)  # a trained non-structured parameter
+    save_fitted(student, tmp_path / "fit", config, model_fingerprint(teacher), extra_params=[f"{norm}.weight"],
+                info={"fit": "aware"})
+    fresh = tiny_model(arch)
+    summary = load_fitted(fresh, tmp_path / "fit")
+    assert summary["fit"] == "aware" and summary["num_modules"] == len(fitted_modules(student))
+    batch = tiny_batches(seed=5, n=1)[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, student(**batch).logits)
+    other = tiny_model(arch, seed=1)
+    with pytest.raises(ValueError, match="other original weights"):
+        load_fitted(other, tmp_path / "fit")
+    with pytest.raises(FileNotFoundError, match="no fitted student"):
+        load_fitted(tiny_model(arch), tmp_path / "nothing")
+
+
+def test_checkpoint_of_other_structure(tmp_path):
+    from bcllm.checkpoint import load_fitted, save_fitted
+    from bcllm.structures import LowRankConfig
+
+    teacher = tiny_model("llama")
+    config = LowRankConfig(rank=4, targets="mlp", layers="1")
+    student = copy.deepcopy(teacher)
+    compress_(student, config)
+    save_fitted(student, tmp_path, config)
+    fresh = tiny_model("llama")
+    load_fitted(fresh, tmp_path)
+    batch = tiny_batches(n=1)[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, student(**batch).logits)
+
+
+# ---- distillation ----
+
+def _distill_setup():
+    teacher = tiny_model("llama", layers=2)
+    with torch.no_grad():  # sharper logits and a larger MLP share than a random init gives: a real gap to close
+        for n, p in teacher.named_parameters():
+            if ".mlp." in n or n.startswith("lm_head"):
+                p.mul_(10)
+    student = copy.deepcopy(teacher)
+    compress_(student, CirculantConfig(block_size=8, targets="mlp"))
+    return student, teacher, tiny_batches(seed=3, n=4), tiny_batches(seed=4, n=2)
+
+
+def test_topk_kl_is_exact_with_full_vocabulary():
+    from bcllm.distill import topk_kl
+
+    g = torch.Generator().manual_seed(0)
+    z_t, z_s = torch.randn(5, 30, generator=g), torch.randn(5, 30, generator=g)
+    values, ids = z_t.topk(30, dim=-1)
+    exact = torch.nn.functional.kl_div(torch.log_softmax(z_s, -1), torch.log_softmax(z_t, -1),
+                                       log_target=True, reduction="batchmean")
+    assert abs(topk_kl(z_s, (values, ids, z_t.logsumexp(-1))).item() - exact.item()) < 1e-5
+    values, ids = z_t.topk(5, dim=-1)  # fewer tokens: a lower bound (bucketing loses information)
+    assert topk_kl(z_s, (values, ids, z_t.logsumexp(-1))).item() <= exact.item() + 1e-6
+
+
+def test_distillation_reduces_held_out_kl():
+    from bcllm.distill import DistillConfig, distill_, held_out_kl, _teacher_logits
+
+    student, teacher, train, held = _distill_setup()
+    held_lp = [torch.log_softmax(t, -1) for t in _teacher_logits(teacher, held)]
+    before = held_out_kl(student, held_lp, held)
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if ".mlp." not in n}
+    result = distill_(student, teacher, train, held, DistillConfig(steps=30, lr=1e-2, eval_every=10, topk=16),
+                      progress=False)
+    after = held_out_kl(student, held_lp, held)
+    # random tokens on a random model: the training KL collapses, held-out KL falls less (generalisation)
+    assert after < 0.9 * before and result["loss"][-1] < 0.3 * result["loss"][0]
+    assert result["held_out_kl"][-1][0] == 30 and abs(result["held_out_kl"][-1][1] - after) < 1e-6
+    for n, p in student.named_parameters():  # everything but the structured weights is untouched
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_distillation_resume_gives_same_state(tmp_path):
+    from bcllm.distill import DistillConfig, distill_
+
+    cfg = DistillConfig(steps=6, lr=3e-3, topk=16, checkpoint_every=2, eval_every=3, hidden_mse=0.5,
+                        train_norms=True)
+    student, teacher, train, held = _distill_setup()
+    straight = distill_(copy.deepcopy(student), teacher, train, held, cfg, progress=False)
+
+    def stop(step, loss):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    interrupted = copy.deepcopy(student)
+    with pytest.raises(KeyboardInterrupt):
+        distill_(interrupted, teacher, train, held, cfg, checkpoint_dir=tmp_path, progress=False, on_step=stop)
+    resumed = copy.deepcopy(student)  # a fresh process: starts from the undistilled student
+    again = distill_(resumed, teacher, train, held, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert again["loss"] == straight["loss"] and again["held_out_kl"] == straight["held_out_kl"]
+    ref = copy.deepcopy(student)
+    distill_(ref, teacher, train, held, cfg, progress=False)
+    for (n, a), (_, b) in zip(resumed.named_parameters(), ref.named_parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="other distillation settings"):
+        distill_(copy.deepcopy(student), teacher, train, held, DistillConfig(steps=7), checkpoint_dir=tmp_path,
+                 resume=True, progress=False)

@@ -1,0 +1,98 @@
+"""Save and load fitted students: only what differs from the original model.
+
+A folder holds
+  fitted.safetensors  the state of every structured module (and any other trained parameter,
+                      e.g. norms after distillation), under their full names;
+  fitted.json         the config (its class name and fields), the module names and types, the
+                      fingerprint of the original weights, and how the fit was made.
+Loading rebuilds the modules on a fresh original model with `compress_(model, config)` (any
+structure: the config class is looked up by name), then loads the saved tensors over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .calibrate import fitted_modules
+from .results import command_line, versions, write_json
+
+FORMAT = 1
+
+
+def _config_class(name: str):
+    from . import structures, surgery
+
+    for module in (surgery, structures):
+        cls = getattr(module, name, None)
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            return cls
+    raise ValueError(f"saved config type {name!r} is not a config class of this bcllm version")
+
+
+def save_fitted(student, folder, config, original_fingerprint: str = "", extra_params=(), info=None) -> Path:
+    """Write the structured modules of `student` (plus named `extra_params`) to `folder`."""
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"config must be a dataclass config (CirculantConfig, ...), got {type(config).__name__}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = fitted_modules(student)
+    if not modules:
+        raise ValueError("the student has no structured module to save: compress it first")
+    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items()
+               for k, v in m.state_dict().items()}
+    params = dict(student.named_parameters())
+    for name in extra_params:
+        tensors[name] = params[name].detach().contiguous().cpu()
+    tmp = folder / ".fitted.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(folder / "fitted.safetensors")
+    write_json(folder / "fitted.json", {
+        "format": FORMAT, "config_type": type(config).__name__, "config": dataclasses.asdict(config),
+        "modules": {name: type(m).__name__ for name, m in modules.items()}, "extra_params": list(extra_params),
+        "original_fingerprint": original_fingerprint, "info": info or {}, "versions": versions(),
+        "command": command_line()})
+    return folder
+
+
+def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
+    """Turn a fresh original `model` into the saved student, in place; returns compress_'s summary
+    plus the saved "info". Refuses a folder saved from other original weights."""
+    from .evaluate import model_fingerprint
+    from .surgery import compress_
+
+    folder = Path(folder)
+    meta_path = folder / "fitted.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} holds no fitted student (no fitted.json); save one with --save")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{str(meta_path)!r} has format {meta.get('format')}, this bcllm reads {FORMAT}")
+    if check_fingerprint and meta.get("original_fingerprint"):
+        if model_fingerprint(model) != meta["original_fingerprint"]:
+            raise ValueError(f"{str(folder)!r} was fitted on other original weights than this model's; "
+                             f"load it on the model it was made from")
+    config = _config_class(meta["config_type"])(**meta["config"])
+    summary = compress_(model, config)
+    built = {name: type(m).__name__ for name, m in fitted_modules(model).items()}
+    if built != meta["modules"]:
+        raise ValueError(f"rebuilding {str(folder)!r} gave other modules than were saved "
+                         f"({len(built)} vs {len(meta['modules'])}): the model does not match")
+    tensors = load_file(str(folder / "fitted.safetensors"), device=str(next(model.parameters()).device))
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, tensor in tensors.items():
+        if name not in state:
+            raise ValueError(f"saved tensor {name!r} has no place in this model")
+        if state[name].shape != tensor.shape:
+            raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model shape {tuple(state[name].shape)}")
+    with torch.no_grad():  # in place, so version counters move and cached spectra are rebuilt
+        for name, tensor in tensors.items():
+            state[name].copy_(tensor)
+    summary["fit"] = meta.get("info", {}).get("fit", "loaded")
+    summary["loaded_from"] = str(folder)
+    summary["info"] = meta.get("info", {})
+    return summary
