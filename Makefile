@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test test-fast eval clean
+.PHONY: setup test test-fast eval results clean
 
 $(BIN)/bcllm: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,15 @@ test-fast: setup
 
 eval: setup
 	$(BIN)/bcllm eval
+
+# docs/results.md for SmolLM2-135M: sweep, per-layer scan with budgeted selection, report.
+# Resumable: results live in $(RUN); a rerun measures only the points not yet there.
+RUN ?= runs/smollm2-135m
+results: setup
+	$(BIN)/bcllm sweep --out $(RUN) --grid block_size 4 8 16 32 64 --grid layers 12 10-19 all \
+		--grid fit frobenius aware
+	$(BIN)/bcllm scan --out $(RUN) --block-size 16 --fit aware --budget params=0.3 --budget agreement=0.9
+	$(BIN)/bcllm report $(RUN) --out docs/results.md --bench $(wildcard $(RUN)/bench*.json)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -112,6 +112,7 @@ def test_a_torn_last_line_is_recomputed_and_earlier_lines_kept(tmp_path):
     calls = []
     ex.run_points(points, fake_measure(calls), results, DEFAULTS)
     assert calls == points[1:]
+    assert len(ex.finished(results)) == 2                 # the new record did not land on the torn line
 
 
 def test_results_dir_refuses_another_model_and_foreign_dirs(tmp_path):
@@ -183,3 +184,130 @@ def test_pareto_front_against_brute_force():
     assert [r["x"] for r in front] == sorted(r["x"] for r in front)
     low = ex.pareto_front(records, "x", "y", maximize_y=False)
     assert all(not any(o["x"] >= r["x"] and o["y"] < r["y"] for o in records) for r in low)
+
+
+# ---------------------------------------------------------------- end to end on a tiny model folder
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved as a model folder with a word-level tokenizer, so the CLI can load it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(120)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(folder)
+    tiny_model("llama").save_pretrained(folder)
+    prompts = folder / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(f"w{(7 * i + j) % 120}" for j in range(3 + i % 4)) for i in range(6)))
+    return folder
+
+
+def sweep_argv(folder, out, *grid):
+    return ["sweep", "--model", str(folder), "--out", str(out), "--prompts", str(folder / "prompts.txt"),
+            "--max-new-tokens", "3", *grid]
+
+
+GRID = ["--grid", "block_size", "2", "8", "--grid", "layers", "0", "1-2", "all"]
+
+
+@pytest.fixture
+def cache(tiny_folder, monkeypatch):
+    monkeypatch.setenv("BCLLM_CACHE", str(tiny_folder / "cache"))  # one teacher cache for these tests
+
+
+def test_sweep_resumes_after_an_exception_without_recomputing(tiny_folder, tmp_path, cache, monkeypatch):
+    import bcllm.evaluate
+    from bcllm.cli import main
+
+    real = bcllm.evaluate.evaluate
+    calls = []
+
+    def flaky(*a, **kw):
+        if len(calls) == 2 and fail:
+            raise RuntimeError("injected failure after 2 points")
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(bcllm.evaluate, "evaluate", flaky)
+    out = tmp_path / "run"
+    fail = True
+    with pytest.raises(RuntimeError, match="injected"):
+        main(sweep_argv(tiny_folder, out, *GRID))
+    first = (out / "results.jsonl").read_text()
+    assert len(first.splitlines()) == 2
+    fail, calls[:] = False, []
+    assert main(sweep_argv(tiny_folder, out, *GRID)) == 0
+    assert len(calls) == 6 - 2                                # finished points were not recomputed
+    assert (out / "results.jsonl").read_text().startswith(first)
+    records = ex.finished(out / "results.jsonl")
+    assert len(records) == 6
+    keys = json.loads((out / "sweep.json").read_text())["keys"]
+    assert [json.loads(k).get("block_size", 16) for k in keys] == [2, 2, 2, 8, 8, 8]
+    for r in records.values():
+        # the record's parameter reduction is what compress_ reported for that point
+        c = r["compression"]
+        assert r["param_reduction"] == pytest.approx((c["replaced_params"] - c["circulant_params"]) / c["model_params_before"])
+        assert r["num_layers"] == {"0": 1, "1-2": 2, "all": 4}[r["point"]["layers"]]
+    # b=2 on layers "all" removes more parameters than on layer 0 alone
+    by = {(r["point"]["block_size"], r["point"]["layers"]): r for r in records.values()}
+    assert by[(2, "all")]["param_reduction"] > by[(2, "0")]["param_reduction"] > 0
+
+
+def test_sweep_refuses_another_model_and_bad_grids(tiny_folder, tmp_path, cache, capsys):
+    from bcllm.cli import main
+
+    out = tmp_path / "run"
+    assert main(sweep_argv(tiny_folder, out, "--grid", "block_size", "2")) == 0
+    other = tmp_path / "other"
+    import shutil
+    shutil.copytree(tiny_folder, other)
+    capsys.readouterr()
+    assert main(sweep_argv(other, out, "--grid", "block_size", "2")) == 2
+    assert "holds results for model=" in capsys.readouterr().err
+    assert main(sweep_argv(tiny_folder, out, "--grid", "blocksize", "2")) == 2
+    assert "unknown grid key 'blocksize'" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("block_size = [2,\n")
+    assert main(sweep_argv(tiny_folder, out, "--grid-file", str(bad))) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(sweep_argv(tiny_folder, out)) == 2
+    assert "no axes" in capsys.readouterr().err
+
+
+
+def test_sweep_killed_mid_run_resumes_without_recomputing(tiny_folder, tmp_path, cache, monkeypatch):
+    """A real kill (SIGKILL of the process, mid-sweep): every record on disk survives and is not redone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import bcllm.evaluate
+    from bcllm.cli import main
+
+    out = tmp_path / "run"
+    argv = sweep_argv(tiny_folder, out, *GRID)
+    env = {**os.environ, "BCLLM_CACHE": str(tiny_folder / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "bcllm.cli", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(ex.finished(out / "results.jsonl")) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = (out / "results.jsonl").read_text()
+    done = len(ex.finished(out / "results.jsonl"))
+    assert 1 <= done
+    calls = []
+    real = bcllm.evaluate.evaluate
+    monkeypatch.setattr(bcllm.evaluate, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert main(argv) == 0
+    assert len(calls) == 6 - done
+    assert (out / "results.jsonl").read_text().startswith(before)
+    assert len(ex.finished(out / "results.jsonl")) == 6

@@ -197,6 +197,41 @@ def cmd_generate(args) -> None:
           f"of {args.max_new_tokens} tokens")
 
 
+# The option helpers whose options shape a student: a scan or sweep point is a dict of their options.
+def point_helpers() -> list:
+    return [add_compress_args]
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    for helper in point_helpers():
+        helper(p)
+    p.add_argument("--out", required=True, help="results directory: created on first use; a rerun skips "
+                   "the points already measured there; refused when it holds results for another model")
+    add_eval_args(p)
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="evaluation prompts, one a line (default: the bundled 100 prompts)")
+
+
+def cmd_sweep(args) -> None:
+    from .experiments import point_options, sweep_command
+
+    sweep_command(args, point_options(*point_helpers()))
+
+
+def cmd_scan(args) -> None:
+    from .experiments import point_options, scan_command
+
+    scan_command(args, point_options(*point_helpers()))
+
+
+def cmd_report(args) -> None:
+    from .report import render
+
+    for path in render(args.run_dir, args.out, args.bench):
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bcllm", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"bcllm {__version__}")
@@ -223,6 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_compress_args(p)
     add_eval_args(p)
     p.set_defaults(func=cmd_generate, layers=EVAL_DEFAULT_LAYERS)
+
+    p = sub.add_parser("scan", help="per-layer sensitivity: patch one layer (or module) at a time; --budget "
+                       "then picks layers for a parameter or fidelity budget")
+    add_experiment_args(p)
+    p.add_argument("--per", choices=["layer", "module"], default="layer",
+                   help="patch one decoder layer at a time, or one module (e.g. gate_proj of one layer)")
+    p.add_argument("--budget", action="append", metavar="KIND=VALUE",
+                   help="choose layers greedily from the scan and measure the choice: params=0.3 (parameter "
+                        "reduction to reach), agreement=0.9 (token agreement floor), kl=0.5 (KL ceiling); repeatable")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("sweep", help="measure a grid of configurations; resumable, one JSONL record per point")
+    add_experiment_args(p)
+    p.add_argument("--grid", nargs="+", action="append", metavar=("KEY", "VALUE"),
+                   help="an axis of the grid: an option name and its values, e.g. --grid block_size 4 8 16 "
+                        "--grid layers 12 10-19 all; repeatable; replaces the same axis of --grid-file")
+    p.add_argument("--grid-file", help="TOML file: `key = [v1, v2]` is an axis, `key = v` a fixed setting")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="markdown report with PNG plots from a scan/sweep results directory")
+    p.add_argument("run_dir", help="results directory written by bcllm scan / sweep")
+    p.add_argument("--out", default="report.md", help="markdown file; plots go to a folder of the same name")
+    p.add_argument("--bench", nargs="*", default=[], help="bcllm bench JSON files for the speed section")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
