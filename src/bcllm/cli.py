@@ -24,7 +24,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--structure", default="circulant", choices=["circulant", "lowrank", "blockdiag", "hybrid"],
+                   help="what replaces each dense layer: block-circulant, low-rank U V, block-diagonal, or "
+                        "circulant + low-rank; the others get the parameter count of circulant --block-size")
     p.add_argument("--block-size", type=int, default=16, help="circulant block size b")
+    p.add_argument("--rank", type=int, default=None, help="low-rank rank (lowrank; hybrid: plus circulant --block-size)")
+    p.add_argument("--param-budget", type=int, default=None, metavar="B",
+                   help="give every structure the parameter count of a block-circulant of block size B")
     p.add_argument("--layers", default="all", help="decoder layers: all, 10-19, 0,3,5")
     p.add_argument("--targets", default="mlp",
                    help="comma-separated module suffixes, globs, or shorthands mlp / attn")
@@ -33,15 +39,20 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args):
-    from .surgery import CirculantConfig
+    from .structures import config_for
 
-    return CirculantConfig(block_size=args.block_size, targets=args.targets, layers=args.layers)
+    return config_for(args.structure, block_size=args.block_size, rank=args.rank, param_budget=args.param_budget,
+                      targets=args.targets, layers=args.layers)
 
 
 def print_summary(summary: dict) -> None:
     print(f"replaced {summary['num_modules']} modules: {summary['replaced_params']:,} dense parameters -> "
           f"{summary['circulant_params']:,} ({summary['ratio']:.1f}x fewer); "
           f"model {summary['model_params_before']:,} -> {summary['model_params_after']:,}")
+    config = summary.get("config", {})
+    if config.get("budget_params"):  # a non-circulant structure sized to a circulant's parameter count
+        print(f"{config['structure']} sizes {config['sizes']}: {summary['circulant_params']:,} parameters, budget "
+              f"{config['budget_params']:,} (circulant block size {config['budget_block_size']})")
 
 
 def cmd_compress(args) -> None:

@@ -19,7 +19,7 @@ of block size B on the same shape (rounded down to what the structure can expres
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -391,6 +391,21 @@ def _one_of(structure: str, **sizes) -> None:
                          f"{', '.join(given) if given else 'neither'}")
 
 
+def _record(config, name: str, linear: nn.Module, size: int) -> None:
+    """Remember what build chose per module, so describe() (the compress_ summary) reports the
+    actual sizes and the parameter count of the circulant budget they were cut from."""
+    out_features, in_features = _dense_shape(linear)
+    bias = linear.bias.numel() if getattr(linear, "bias", None) is not None else 0
+    b = config.budget_block_size
+    config.built[name] = (size, circulant_params(out_features, in_features, b) + bias if b else None)
+
+
+def _built_summary(config) -> dict:
+    sizes = sorted({size for size, _ in config.built.values()})
+    budgets = [budget for _, budget in config.built.values()]
+    return {"sizes": sizes, "budget_params": sum(budgets) if budgets and None not in budgets else None}
+
+
 def _with_name(name: str, check) -> None:
     try:
         check()
@@ -412,6 +427,7 @@ class LowRankConfig:
     budget_block_size: int | None = None
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
+    built: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _one_of("LowRankConfig", rank=self.rank, budget_block_size=self.budget_block_size)
@@ -435,10 +451,12 @@ class LowRankConfig:
         _with_name(name, run)
 
     def build(self, name: str, linear: nn.Module) -> nn.Module:
+        _record(self, name, linear, self.rank_for(name, linear))
         return LowRankLinear.from_linear(linear, self.rank_for(name, linear))
 
     def describe(self) -> dict:
-        return {"structure": "lowrank", "rank": self.rank, "budget_block_size": self.budget_block_size}
+        return {"structure": "lowrank", "rank": self.rank, "budget_block_size": self.budget_block_size,
+                **_built_summary(self)}
 
 
 @dataclass
@@ -454,6 +472,7 @@ class BlockDiagonalConfig:
     budget_block_size: int | None = None
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
+    built: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _one_of("BlockDiagonalConfig", num_blocks=self.num_blocks, budget_block_size=self.budget_block_size)
@@ -476,10 +495,12 @@ class BlockDiagonalConfig:
         _with_name(name, run)
 
     def build(self, name: str, linear: nn.Module) -> nn.Module:
+        _record(self, name, linear, self.num_blocks_for(name, linear))
         return BlockDiagonalLinear.from_linear(linear, self.num_blocks_for(name, linear))
 
     def describe(self) -> dict:
-        return {"structure": "blockdiag", "num_blocks": self.num_blocks, "budget_block_size": self.budget_block_size}
+        return {"structure": "blockdiag", "num_blocks": self.num_blocks, "budget_block_size": self.budget_block_size,
+                **_built_summary(self)}
 
 
 @dataclass
@@ -496,6 +517,7 @@ class HybridConfig:
     budget_block_size: int | None = None
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
+    built: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.budget_block_size is None:
@@ -530,11 +552,13 @@ class HybridConfig:
         _with_name(name, run)
 
     def build(self, name: str, linear: nn.Module) -> nn.Module:
+        _record(self, name, linear, self.rank_for(name, linear))
         return CirculantPlusLowRankLinear.from_linear(linear, self.block_size, self.rank_for(name, linear))
 
     def describe(self) -> dict:
+        """sizes: the ranks chosen."""
         return {"structure": "hybrid", "block_size": self.block_size, "rank": self.rank,
-                "budget_block_size": self.budget_block_size}
+                "budget_block_size": self.budget_block_size, **_built_summary(self)}
 
 
 def config_for(structure: str, block_size: int = 16, rank: int | None = None, param_budget: int | None = None,
