@@ -130,36 +130,44 @@ def test_bootstrap_ci():
 
 # ---- batching and generation against independent references ----
 
-def test_length_batches_never_mix_lengths():
+def test_length_batches():
     ids = [[1] * n for n in (3, 5, 3, 3, 5, 1)]
     batches = ev.length_batches(ids, max_batch=2)
     assert sorted(i for b in batches for i in b) == list(range(6))
-    assert all(len({len(ids[i]) for i in b}) == 1 and len(b) <= 2 for b in batches)
-    assert all(len(b) == 1 for b in ev.length_batches(ids, max_batch=16, max_batch_tokens=4) if len(ids[b[0]]) > 2)
+    flat = [len(ids[i]) for b in batches for i in b]
+    assert flat == sorted(flat) and all(len(b) <= 2 for b in batches)
+    assert all(len(b) * max(len(ids[i]) for i in b) <= 6 for b in ev.length_batches(ids, max_batch_tokens=6))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_run_batch_matches_plain_forward_and_hf_generate(arch):
-    model = tiny_model(arch)
-    ids = torch.tensor([[5, 9, 11, 40, 7], [6, 2, 90, 3, 3]])
-    logits, new = ev.run_batch(model, ids, 6)
+def naive_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Reference decoding: the whole sequence re-run for every token, no cache, no batch, no padding."""
+    seq = list(ids)
     with torch.no_grad():
-        for j in range(2):
-            ref = model(input_ids=ids[j:j + 1]).logits[0]
-            assert torch.allclose(logits[j], ref, atol=1e-5)
-            gen = model.generate(ids[j:j + 1], max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                                 pad_token_id=0)
-            assert new[j].tolist() == gen[0, 5:].tolist()
+        for _ in range(n):
+            seq.append(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax().item())
+    return seq[len(ids):]
 
 
-def test_run_batch_end_token_is_sticky():
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+def test_run_batch_matches_single_prompt_references(arch):
+    model = tiny_model(arch)
+    prompts = [[5, 9, 11, 40, 7], [6, 2, 90, 3, 3], [17, 4, 8]]  # two lengths: padding in the generation batch
+    logits, new = ev.run_batch(model, prompts, 6)
+    with torch.no_grad():
+        for j, ids in enumerate(prompts):
+            assert torch.allclose(logits[j], model(input_ids=torch.tensor([ids])).logits[0], atol=1e-5)
+            assert new[j].tolist() == naive_greedy(model, ids, 6)
+
+
+def test_greedy_end_token_is_sticky():
     model = tiny_model("llama")
-    ids = torch.tensor([[5, 9, 11]])
-    _, free = ev.run_batch(model, ids, 6)
-    eos = free[0, 1].item()  # pretend the second generated token ends the text
-    _, stopped = ev.run_batch(model, ids, 6, eos_ids=[eos])
-    assert stopped[0, :2].tolist() == free[0, :2].tolist()
-    assert stopped[0, 2:].tolist() == [eos] * 4
+    prompts = [[5, 9, 11], [7, 7, 7, 1]]
+    free = ev.greedy_generate(model, prompts, 6)
+    eos = free[0, 1].item()  # pretend the second generated token of prompt 0 ends the text
+    stopped = ev.greedy_generate(model, prompts, 6, eos_ids=[eos])
+    assert stopped[0].tolist() == free[0, :2].tolist() + [eos] * 4
+    k = next((i + 1 for i, t in enumerate(free[1].tolist()) if t == eos), 6)
+    assert stopped[1, :k].tolist() == free[1, :k].tolist() and set(stopped[1, k:].tolist()) <= {eos}
 
 
 # ---- teacher cache and evaluate on tiny models ----
@@ -256,7 +264,7 @@ def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ev, "run_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build(model, tmp_path)
+        build(model, tmp_path, max_batch=2)  # three batches: the second is interrupted
     assert list(tmp_path.iterdir()) == []  # neither a partial cache nor a temporary folder
     monkeypatch.undo()
     teacher = build(model, tmp_path)

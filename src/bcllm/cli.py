@@ -172,7 +172,7 @@ def cmd_generate(args) -> None:
 
     import torch
 
-    from .evaluate import common_prefix_length, eos_token_ids, model_device, run_batch
+    from .evaluate import common_prefix_length, eos_token_ids, greedy_generate
     from .models import load_model
     from .prompts import context_length, tokenize_prompts
 
@@ -184,11 +184,10 @@ def cmd_generate(args) -> None:
     print_summary(summary)
     context = context_length(model)
     ids = tokenize_prompts(tokenizer, [args.prompt], context - args.max_new_tokens if context else None, args.chat)
-    ids = torch.tensor(ids, device=model_device(model))
     eos = eos_token_ids(model, tokenizer)
-    teacher_new = run_batch(model, ids, args.max_new_tokens, eos)[1][0].tolist()
+    teacher_new = greedy_generate(model, ids, args.max_new_tokens, eos)[0].tolist()
     del model
-    student_new = run_batch(student, ids, args.max_new_tokens, eos)[1][0].tolist()
+    student_new = greedy_generate(student, ids, args.max_new_tokens, eos)[0].tolist()
 
     def text(tokens):  # up to the first end token
         cut = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))

@@ -16,7 +16,6 @@ full-vocab logits of all positions in RAM at once.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from .models import cache_dir, resolve_spec
 from .prompts import context_length, tokenize_prompts
 
-CACHE_FORMAT = 1  # bump when the cache layout or what it holds changes
+CACHE_FORMAT = 2  # bump when the cache layout or what it holds changes
 METRIC_KEYS = ("token_agreement", "last_token_agreement", "top5_overlap", "kl_mean", "logit_l2_mean",
                "logit_cosine_mean", "generation_agreement", "ppl_teacher", "ppl_student")
 CHUNK = 512  # positions per metric step: bounds the float64 (positions, vocab) temporaries
@@ -158,17 +157,17 @@ def summarize(stats: list[dict], max_new_tokens: int, resamples: int = 1000, see
 
 # ---- running a model: teacher-forced logits and greedy continuation in one pass ----
 
-def length_batches(token_ids: list[list[int]], max_batch: int = 16, max_batch_tokens: int = 2048) -> list[list[int]]:
-    """Prompt indices grouped by equal length. No padding is needed, so a batch computes exactly
-    what single runs would (up to float rounding) with no attention-mask or position-id subtleties."""
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(token_ids):
-        by_length.setdefault(len(ids), []).append(i)
-    batches = []
-    for length in sorted(by_length):
-        idx = by_length[length]
-        size = max(1, min(max_batch, max_batch_tokens // length))
-        batches += [idx[j:j + size] for j in range(0, len(idx), size)]
+def length_batches(token_ids: list[list[int]], max_batch: int = 32, max_batch_tokens: int = 2048) -> list[list[int]]:
+    """Prompt indices sorted by length and cut into batches of at most max_batch prompts and
+    max_batch_tokens padded tokens (sorting keeps the padding small)."""
+    order = sorted(range(len(token_ids)), key=lambda i: (len(token_ids[i]), i))
+    batches: list[list[int]] = []
+    for i in order:
+        last = batches[-1] if batches else []
+        if last and len(last) < max_batch and (len(last) + 1) * len(token_ids[i]) <= max_batch_tokens:
+            last.append(i)
+        else:
+            batches.append([i])
     return batches
 
 
@@ -180,39 +179,47 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.inference_mode()
-def run_batch(model, ids: torch.Tensor, max_new_tokens: int, eos_ids=()) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, L, V) float32 at every prompt position, greedy continuation (B, N)).
+def greedy_generate(model, token_ids: list[list[int]], max_new_tokens: int, eos_ids=()) -> torch.Tensor:
+    """(B, N) greedy continuations, batched with left padding (the attention mask and the position
+    ids that transformers derives from it make padding exact up to float rounding). A sequence that
+    emits an end token keeps emitting it, so two models that stop at the same step fully agree."""
+    eos_ids = list(eos_ids)
+    fill = eos_ids[0] if eos_ids else 0
+    longest = max(len(t) for t in token_ids)
+    device = model_device(model)
+    x = torch.zeros((len(token_ids), longest), dtype=torch.long, device=device)  # 0: any valid id, masked
+    mask = torch.zeros_like(x)
+    for j, t in enumerate(token_ids):
+        x[j, longest - len(t):] = torch.tensor(t)
+        mask[j, longest - len(t):] = 1
+    new = torch.full((len(token_ids), max_new_tokens), fill, dtype=torch.long)
+    if max_new_tokens == 0:
+        return new
+    out = model.generate(input_ids=x, attention_mask=mask, do_sample=False, num_beams=1,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos_ids or None, pad_token_id=0)
+    for j, row in enumerate(out[:, longest:].cpu().tolist()):
+        stop = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
+        new[j, :stop] = torch.tensor(row[:stop])
+    return new
 
-    The prefill's logits are the teacher-forced logits, and its last position gives the first new
-    token; the rest decode with the KV cache. A sequence that emits an end token keeps emitting it,
-    so two models that stop at the same step agree on the whole continuation.
+
+@torch.inference_mode()
+def run_batch(model, token_ids: list[list[int]], max_new_tokens: int, eos_ids=()):
+    """([(L_i, V) float32 logits at every position of prompt i], (B, N) greedy continuations).
+
+    The teacher-forced logits run prompts of equal length together, unpadded, so they are exactly
+    what a single-prompt forward computes (up to float rounding), for any architecture.
     """
-    out = model(input_ids=ids, use_cache=max_new_tokens > 1)
-    logits = out.logits.float()
-    batch, device = ids.shape[0], ids.device
-    new = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    next_token = logits[:, -1].argmax(-1)
-    # transformers 5.x renamed past_key_values to cache; accept both.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    for step in range(max_new_tokens):
-        if len(eos):
-            next_token = torch.where(done, eos[0], next_token)
-            done |= torch.isin(next_token, eos)
-        new[:, step] = next_token
-        if step + 1 == max_new_tokens:
-            break
-        if done.all():
-            new[:, step + 1:] = eos[0]
-            break
-        out = model(input_ids=next_token[:, None], use_cache=True, **{cache_arg: _kv_cache(out)})
-        next_token = out.logits[:, -1].argmax(-1)
-    return logits, new
-
-
-def _kv_cache(out):
-    return out["cache"] if "cache" in out else out["past_key_values"]
+    device = model_device(model)
+    logits: list = [None] * len(token_ids)
+    by_length: dict[int, list[int]] = {}
+    for j, t in enumerate(token_ids):
+        by_length.setdefault(len(t), []).append(j)
+    for rows in by_length.values():
+        z = model(input_ids=torch.tensor([token_ids[j] for j in rows], device=device), use_cache=False).logits
+        for k, j in enumerate(rows):
+            logits[j] = z[k].float()
+    return logits, greedy_generate(model, token_ids, max_new_tokens, eos_ids)
 
 
 def model_device(model) -> torch.device:
@@ -274,7 +281,7 @@ class TeacherCache:
 
     @classmethod
     def build(cls, model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, chat: bool = False,
-              model_id: str | None = None, root=None, max_batch: int = 16, max_batch_tokens: int = 2048,
+              model_id: str | None = None, root=None, max_batch: int = 32, max_batch_tokens: int = 2048,
               progress: bool = True) -> "TeacherCache":
         """Load the cache for this model, prompts and settings, or compute and write it.
 
@@ -338,16 +345,15 @@ def _compute_teacher(model, token_ids, settings, folder: Path, progress: bool) -
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     offsets = np.cumsum([0] + [len(t) for t in token_ids]).tolist()
-    device = model_device(model)
     generations: list = [None] * len(token_ids)
     rows = None
     bar = tqdm(total=len(token_ids), desc="teacher", unit="prompt", disable=not progress)
     for batch in length_batches(token_ids, settings["max_batch"], settings["max_batch_tokens"]):
-        ids = torch.tensor([token_ids[i] for i in batch], device=device)
-        logits, new = run_batch(model, ids, settings["max_new_tokens"], settings["eos_ids"])
+        logits, new = run_batch(model, [token_ids[i] for i in batch], settings["max_new_tokens"],
+                                settings["eos_ids"])
         if rows is None:  # the vocab size is known once the model has run
             rows = open_memmap(folder / "logits.npy", mode="w+", dtype=np.float32,
-                               shape=(offsets[-1], logits.shape[-1]))
+                               shape=(offsets[-1], logits[0].shape[-1]))
         for j, i in enumerate(batch):
             rows[offsets[i]:offsets[i + 1]] = logits[j].cpu().numpy()
             generations[i] = new[j].tolist()
@@ -383,12 +389,11 @@ def evaluate(student, tokenizer, prompts: list[str], teacher, *, progress: bool 
     student_gen: list = [None] * len(token_ids)
     bar = tqdm(total=len(token_ids), desc="student", unit="prompt", disable=not progress)
     for batch in length_batches(token_ids, settings["max_batch"], settings["max_batch_tokens"]):
-        ids = torch.tensor([token_ids[i] for i in batch], device=device)
-        logits, new = run_batch(student, ids, n_new, settings["eos_ids"])
+        logits, new = run_batch(student, [token_ids[i] for i in batch], n_new, settings["eos_ids"])
         for j, i in enumerate(batch):
             student_gen[i] = new[j].tolist()
-            stats[i] = prompt_stats(teacher.logits(i).to(device), logits[j], ids[j], teacher.generations[i],
-                                    student_gen[i])
+            stats[i] = prompt_stats(teacher.logits(i).to(device), logits[j], torch.tensor(token_ids[i], device=device),
+                                    teacher.generations[i], student_gen[i])
         bar.update(len(batch))
     bar.close()
     metrics, ci, per_prompt = summarize(stats, n_new, resamples, seed)
