@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -242,6 +243,97 @@ def cmd_report(args) -> None:
         print(f"wrote {path}")
 
 
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); recorded in the result")
+    p.add_argument("--repeats", type=int, default=30, help="timed repeats per figure, medians taken (layer: 30, cut to ~3 s per figure; model: 3)")
+    p.add_argument("--json", metavar="PATH", help="write results and provenance here (markdown table beside it, .md)")
+
+
+def write_bench(args, results: dict, table: str) -> None:
+    from .bench import header_lines
+    from .results import command_line, versions, write_json
+
+    text = header_lines(results["versions"]) + table
+    print(text, end="")
+    if args.json:
+        write_json(args.json, results)
+        Path(args.json).with_suffix(".md").write_text(f"`{command_line()}`\n\n" + text)
+        print(f"wrote {args.json} and {Path(args.json).with_suffix('.md')}")
+
+
+def start_bench(args) -> dict:
+    """Checks and settings shared by both benches; returns the provenance part of the result."""
+    import torch
+
+    from .results import check_writable, command_line, versions
+
+    if args.json:
+        check_writable(args.json)  # fail before the long work
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+    torch.manual_seed(args.seed)
+    return {"versions": versions(), "command": command_line(),
+            "config": {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}}
+
+
+def cmd_bench_layer(args) -> None:
+    import itertools
+
+    from tqdm import tqdm
+
+    from .bench import DEFAULT_TOKENS, EXTRA_SHAPES, bench_layer, layer_table, model_shapes, parse_ints, parse_shape
+    from .models import load_model, resolve_dtype
+
+    results = start_bench(args)
+    block_sizes = parse_ints(args.block_size, "--block-size")
+    tokens = parse_ints(args.tokens, "--tokens") if args.tokens else list(DEFAULT_TOKENS)
+    if args.shape:
+        shapes = [parse_shape(s) for s in args.shape.split(",")]
+    else:  # the model's own projection shapes, then the two large reference shapes
+        model, _ = load_model(args.model, dtype=args.dtype)
+        shapes = model_shapes(model)
+        del model
+        shapes += [s for s in EXTRA_SHAPES if s not in shapes]
+    points = [(s, b, n) for s, b, n in itertools.product(shapes, block_sizes, tokens) if b <= min(s)]
+    if not points:
+        raise UsageError(f"every block size {block_sizes} exceeds the smaller dimension of every shape")
+    rows = []
+    for (out_f, in_f), b, n in tqdm(points, desc="bench layer", unit="point"):
+        rows.append(bench_layer(out_f, in_f, b, n, dtype=resolve_dtype(args.dtype), device=args.device,
+                                repeats=args.repeats, seed=args.seed))
+    results["results"] = rows
+    if len(rows) == 1:
+        results.update(rows[0])  # a single point: its figures at the top level (`speedup` = cold)
+    write_bench(args, results, layer_table(rows))
+
+
+def cmd_bench_model(args) -> None:
+    from tqdm import tqdm
+
+    from .bench import bench_model, model_table
+    from .fused import fuse_circulant_mlp_
+    from .models import load_model
+    from .prompts import load_prompts, tokenize_prompts
+
+    results = start_bench(args)
+    if args.num_prompts < 1 or args.new_tokens < 1:
+        raise UsageError(f"--num-prompts and --new-tokens must be >= 1, got {args.num_prompts} and {args.new_tokens}")
+    prompts = load_prompts(args.prompts)[:args.num_prompts]
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    student, summary = make_student(args, model, tokenizer)
+    summary["fused_mlps"] = 0 if args.no_fuse else len(fuse_circulant_mlp_(student))
+    ids = tokenize_prompts(tokenizer, prompts)
+    with tqdm(total=args.repeats * 2, desc="bench model", unit="run") as bar:
+        results.update(bench_model(model, student, ids, new_tokens=args.new_tokens, repeats=args.repeats,
+                                   progress=bar))
+    results["compression"] = summary
+    write_bench(args, results, model_table(results))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bcllm", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"bcllm {__version__}")
@@ -292,6 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report.md", help="markdown file; plots go to a folder of the same name")
     p.add_argument("--bench", nargs="*", default=[], help="bcllm bench JSON files for the speed section")
     p.set_defaults(func=cmd_report)
+
+    bench = sub.add_parser("bench", help="speed against dense, measured in the same run: per layer or whole model")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser("layer", help="dense nn.Linear vs BlockCirculantLinear, hot and cold cache")
+    add_model_args(p)
+    p.add_argument("--shape", help="OUTxIN[,OUTxIN...] (default: the model's projection shapes, 4096x4096, 11008x4096)")
+    p.add_argument("--block-size", default="16", help="one or more block sizes, comma-separated")
+    p.add_argument("--tokens", help="rows per call, comma-separated (default: 1,16,128,512)")
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench_layer, repeats=30)
+    p = bench_sub.add_parser("model", help="prefill and greedy-decode tokens/s of dense and compressed model")
+    add_model_args(p)
+    add_compress_args(p)
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one a line (default: the bundled set)")
+    p.add_argument("--num-prompts", type=int, default=8, help="first N prompts of the file")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps per prompt")
+    p.add_argument("--no-fuse", action="store_true", help="keep gate_proj and up_proj as separate products")
+    add_bench_args(p)
+    p.set_defaults(func=cmd_bench_model, repeats=3)
     return parser
 
 

@@ -1,0 +1,244 @@
+"""Speed benchmarks: dense vs block-circulant, per layer and end to end, in the same run.
+
+Every figure is a ratio to the dense layer or model measured in the same process,
+with the analytic FLOP and byte ratios (costs.py) beside it. Timings are medians
+over repeats after warm-up.
+
+Layer: "hot" calls one weight over and over (it stays in cache); "cold" rotates over
+enough distinct weights to exceed twice the last-level cache, as in decoding where each
+layer's weights are read once per token. `speedup` is the cold one.
+
+Model: prefill tokens/s (one forward over each prompt) and greedy decode tokens/s with
+the KV cache on, for the dense and the compressed model on the same prompts, dense and
+compressed alternating in each repeat so that both see the same machine load.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import costs
+from .modules import BlockCirculantLinear
+
+DEFAULT_TOKENS = (1, 16, 128, 512)
+EXTRA_SHAPES = ((4096, 4096), (11008, 4096))
+MAX_COLD_WEIGHTS = 2048
+
+
+def llc_bytes() -> int:
+    """Size of the last-level cache: /sys first, then lscpu; 32 MiB if neither says."""
+    sizes = {}
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes[level] = int(text.rstrip("KMG")) * unit
+    if sizes:
+        return sizes[max(sizes)]
+    try:
+        out = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=10).stdout
+        for name in ("L3 cache", "L2 cache"):
+            for line in out.splitlines():
+                if line.startswith(name):
+                    return int(line.split(":", 1)[1].split()[0])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    return 32 << 20
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        out_features, in_features = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"cannot parse shape {text!r}: write OUTxIN, e.g. 11008x4096") from None
+    if out_features < 1 or in_features < 1:
+        raise ValueError(f"shape {text!r} must have positive dimensions")
+    return out_features, in_features
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"cannot parse {what} {text!r}: give integers separated by commas, e.g. 1,16,128") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{what} {text!r} must be positive integers")
+    return values
+
+
+def model_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """Distinct (out, in) shapes of the linear layers inside the decoder layers, in order of appearance."""
+    from .modules import linear_weight
+    from .surgery import decoder_layers, is_linear
+
+    _, blocks = decoder_layers(model)
+    shapes = []
+    for m in blocks.modules():
+        if is_linear(m):
+            shape = tuple(linear_weight(m).shape)
+            if shape not in shapes:
+                shapes.append(shape)
+    return shapes
+
+
+def median_time(calls: list, repeats: int, warmup: int, budget_s: float) -> tuple[float, int]:
+    """Median seconds per call over repeats of one pass through `calls` (after warm-up passes).
+    Repeats are cut to fit about budget_s, but never below 3."""
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    times = []
+    while len(times) < repeats:
+        t = time.perf_counter()
+        for call in calls:
+            call()
+        times.append((time.perf_counter() - t) / len(calls))
+        if len(times) >= 3 and sum(times) * len(calls) > budget_s:
+            break
+    return statistics.median(times), len(times)
+
+
+def bench_layer(out_features: int, in_features: int, block_size: int, tokens: int, dtype=torch.float32,
+                device="cpu", repeats: int = 30, warmup: int = 2, budget_s: float = 3.0, seed: int = 0,
+                llc: int | None = None) -> dict:
+    """One point: dense nn.Linear vs BlockCirculantLinear (spectra cached), hot and cold."""
+    torch.manual_seed(seed)
+    llc = llc or llc_bytes()
+    dense_cost = costs.dense_costs(out_features, in_features, bytes_per_param=torch.tensor([], dtype=dtype).element_size())
+    circ_cost = costs.circulant_costs(out_features, in_features, block_size)
+    # Enough distinct weights that one pass reads over twice the last-level cache (capped for
+    # tiny layers; `cold_bytes` in the result says how much one pass really read).
+    n_dense = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / dense_cost["bytes"])))
+    n_circ = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / circ_cost["bytes"])))
+    dense = [nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype) for _ in range(n_dense)]
+    circ = [BlockCirculantLinear(in_features, out_features, block_size, bias=False, device=device, dtype=dtype)
+            for _ in range(n_circ)]
+    with torch.no_grad():
+        for layer in circ:
+            layer.spectra()  # built once, as at model load
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def calls(layers, n):
+        return [(lambda m=layers[i % len(layers)]: (m(x), sync())) for i in range(n)]
+
+    with torch.inference_mode():  # (layers are built outside it: their caches check version counters)
+        t_dense_hot, _ = median_time(calls(dense[:1], 1), repeats, warmup, budget_s)
+        t_circ_hot, _ = median_time(calls(circ[:1], 1), repeats, warmup, budget_s)
+        t_dense, r_dense = median_time(calls(dense, max(n_dense, 2)), repeats, 1, budget_s)
+        t_circ, r_circ = median_time(calls(circ, n_circ), repeats, 1, budget_s)
+    return {
+        "shape": f"{out_features}x{in_features}", "out_features": out_features, "in_features": in_features,
+        "block_size": block_size, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
+        "dense_us": t_dense * 1e6, "circulant_us": t_circ * 1e6, "speedup": t_dense / t_circ,
+        "dense_hot_us": t_dense_hot * 1e6, "circulant_hot_us": t_circ_hot * 1e6,
+        "speedup_hot": t_dense_hot / t_circ_hot,
+        "flop_ratio": dense_cost["flops"] / circ_cost["flops"], "byte_ratio": dense_cost["bytes"] / circ_cost["bytes"],
+        "cold_weights": {"dense": n_dense, "circulant": n_circ},
+        "cold_bytes": {"dense": n_dense * dense_cost["bytes"], "circulant": n_circ * circ_cost["bytes"]},
+        "repeats": {"dense": r_dense, "circulant": r_circ},
+        "llc_bytes": llc,
+    }
+
+
+def layer_table(rows: list[dict]) -> str:
+    head = ("| shape | b | tokens | dense us | circulant us | speedup (cold) | speedup (hot) | FLOP ratio | byte ratio |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    return head + "".join(
+        f"| {r['shape']} | {r['block_size']} | {r['tokens']} | {r['dense_us']:.1f} | {r['circulant_us']:.1f} | "
+        f"{r['speedup']:.2f}x | {r['speedup_hot']:.2f}x | {r['flop_ratio']:.1f} | {r['byte_ratio']:.1f} |\n"
+        for r in rows)
+
+
+def param_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:  # tied embeddings count once
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def spectra_cache_bytes(model: nn.Module) -> int:
+    return sum(m._spec.numel() * m._spec.element_size() for m in model.modules()
+               if getattr(m, "_spec", None) is not None)
+
+
+def _greedy_decode(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds for new_tokens greedy steps with the KV cache, after an untimed prefill."""
+    # transformers 5.x renamed past_key_values to cache; accept both.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(ids, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    t = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, use_cache=True, **{cache_arg: out["cache" if "cache" in out else "past_key_values"]})
+        token = out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[int]], new_tokens: int = 32,
+                repeats: int = 3, progress=None) -> dict:
+    """Prefill and decode throughput of both models, alternating within each repeat."""
+    device = next(model.parameters()).device
+    prompts = [torch.tensor([ids], device=device) for ids in prompt_ids]
+    models = {"dense": model, "compressed": compressed}
+    for m in models.values():  # warm-up: caches, allocator, spectra
+        m(prompts[0])
+        _greedy_decode(m, prompts[0], 2)
+    prefill = {k: [] for k in models}
+    decode = {k: [] for k in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            t = time.perf_counter()
+            for ids in prompts:
+                m(ids, use_cache=True)
+            prefill[name].append(time.perf_counter() - t)
+            decode[name].append(sum(_greedy_decode(m, ids, new_tokens) for ids in prompts))
+            if progress is not None:
+                progress.update(1)
+    n_prefill = sum(len(ids) for ids in prompt_ids)
+    n_decode = new_tokens * len(prompts)
+    result = {}
+    for name in models:
+        result[f"{name}_prefill_tokens_per_s"] = n_prefill / statistics.median(prefill[name])
+        result[f"{name}_decode_tokens_per_s"] = n_decode / statistics.median(decode[name])
+        result[f"{name}_param_bytes"] = param_bytes(models[name])
+    result["compressed_spectra_cache_bytes"] = spectra_cache_bytes(compressed)
+    result["prefill_speedup"] = result["compressed_prefill_tokens_per_s"] / result["dense_prefill_tokens_per_s"]
+    result["decode_speedup"] = result["compressed_decode_tokens_per_s"] / result["dense_decode_tokens_per_s"]
+    dense_cost, circ_cost = costs.model_costs(model), costs.model_costs(compressed)
+    result["prefill_flop_ratio"] = dense_cost["flops"] / circ_cost["flops"]  # limit at large batch
+    result["decode_byte_ratio"] = dense_cost["bytes"] / circ_cost["bytes"]   # limit at batch 1
+    result["costs"] = {"dense": dense_cost, "compressed": circ_cost}
+    result.update(prompts=len(prompts), prefill_tokens=n_prefill, new_tokens=new_tokens, repeats=repeats,
+                  raw_seconds={"prefill": prefill, "decode": decode})
+    return result
+
+
+def model_table(r: dict) -> str:
+    return ("| | dense | compressed | ratio | analytic limit |\n| --- | ---: | ---: | ---: | ---: |\n"
+            f"| prefill tokens/s | {r['dense_prefill_tokens_per_s']:.1f} | {r['compressed_prefill_tokens_per_s']:.1f} | "
+            f"{r['prefill_speedup']:.2f}x | {r['prefill_flop_ratio']:.2f}x (FLOPs) |\n"
+            f"| decode tokens/s | {r['dense_decode_tokens_per_s']:.1f} | {r['compressed_decode_tokens_per_s']:.1f} | "
+            f"{r['decode_speedup']:.2f}x | {r['decode_byte_ratio']:.2f}x (bytes) |\n"
+            f"| parameter MiB | {r['dense_param_bytes'] / 2**20:.1f} | {r['compressed_param_bytes'] / 2**20:.1f} | "
+            f"{r['dense_param_bytes'] / r['compressed_param_bytes']:.2f}x | |\n")
+
+
+def header_lines(versions: dict) -> str:
+    return (f"CPU: {versions.get('cpu')}, threads: {versions.get('threads')}, torch {versions.get('torch')}, "
+            f"transformers {versions.get('transformers')}, bcllm {versions.get('bcllm')}"
+            + (f", GPU: {versions['gpu']}" if "gpu" in versions else "") + "\n\n")

@@ -1,0 +1,79 @@
+"""Analytic cost model: FLOPs and weight bytes per token, per layer and per model.
+
+What it counts (docs/DESIGN.md section 4): the linear layers only, per input token.
+A dense layer does 2*out*in FLOPs and reads out*in weights in the parameter dtype.
+A block-circulant layer (p x q blocks of size b, F = b//2 + 1 frequencies) does an
+rfft of its q input blocks and an irfft of its p output blocks (2.5 b log2 b real
+FLOPs each, half a complex FFT) and F*q*p complex multiply-adds (8 real FLOPs each),
+and reads its cached complex64 spectra: 8*F*q*p bytes, whatever the model dtype.
+Norms, attention over the KV cache, embeddings and activations are not counted, so a
+measured model ratio sits below these limits. At batch 1 a layer is bound by its
+bytes (the decode limit is the byte ratio); at large batch by its FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .modules import BlockCirculantLinear, linear_weight
+
+
+def dense_costs(out_features: int, in_features: int, bias: bool = False, bytes_per_param: int = 4) -> dict:
+    params = out_features * in_features + (out_features if bias else 0)
+    return {"flops": 2 * out_features * in_features + (out_features if bias else 0),
+            "bytes": params * bytes_per_param, "params": params}
+
+
+def circulant_costs(out_features: int, in_features: int, block_size: int, bias: bool = False,
+                    bytes_per_param: int = 4, outputs: int = 1) -> dict:
+    """`outputs` > 1: that many layers of this shape sharing one input transform (fused gate/up)."""
+    b = block_size
+    p, q = math.ceil(out_features / b), math.ceil(in_features / b)
+    F = b // 2 + 1
+    fft = 2.5 * b * math.log2(b) if b > 1 else 0.0
+    bias_n = out_features * outputs if bias else 0
+    flops = 8 * F * q * p * outputs + fft * (q + p * outputs) + bias_n
+    return {"flops": flops, "bytes": 8 * F * q * p * outputs + bias_n * bytes_per_param,
+            "params": (p * q * b + (out_features if bias else 0)) * outputs}
+
+
+def layer_costs(module: nn.Module) -> dict:
+    """Costs of one nn.Linear / Conv1D / BlockCirculantLinear."""
+    if isinstance(module, BlockCirculantLinear):
+        return circulant_costs(module.out_features, module.in_features, module.block_size,
+                               module.bias is not None, module.c.element_size())
+    weight = linear_weight(module)
+    return dense_costs(*weight.shape, getattr(module, "bias", None) is not None, weight.element_size())
+
+
+def model_costs(model: nn.Module) -> dict:
+    """Summed per-token costs of every linear layer of a model (lm_head included), plus the
+    count of each kind. A FusedCirculantMLP counts its gate and up once-transformed."""
+    from .fused import FusedCirculantMLP
+    from .surgery import is_linear
+
+    total = {"flops": 0.0, "bytes": 0, "params": 0, "dense_layers": 0, "circulant_layers": 0}
+
+    def add(costs, kind, n=1):
+        for k in ("flops", "bytes", "params"):
+            total[k] += costs[k]
+        total[kind] += n
+
+    def walk(module):
+        if isinstance(module, FusedCirculantMLP):
+            gate = module.gate_proj
+            add(circulant_costs(gate.out_features, gate.in_features, gate.block_size, gate.bias is not None,
+                                gate.c.element_size(), outputs=2), "circulant_layers", 2)
+            walk(module.down_proj)
+        elif isinstance(module, BlockCirculantLinear):
+            add(layer_costs(module), "circulant_layers")
+        elif is_linear(module):
+            add(layer_costs(module), "dense_layers")
+        else:
+            for child in module.children():
+                walk(child)
+
+    walk(model)
+    return total

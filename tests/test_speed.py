@@ -1,0 +1,215 @@
+"""Fast execution paths against the reference product and explicit dense matrices; fused MLP
+against the unfused model; the analytic cost model against hand counts; bench plumbing.
+No timings are asserted here (benchmarks are not unit tests)."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from bcllm import CirculantConfig, circulant, compress_, costs
+from bcllm.bench import llc_bytes, parse_ints, parse_shape
+from bcllm.cli import main
+from bcllm.fused import FusedCirculantMLP, fuse_circulant_mlp_
+from bcllm.modules import BlockCirculantLinear
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("out_f,in_f,b", [(16, 24, 8), (9, 7, 3), (10, 13, 4), (5, 5, 5), (4, 4, 1),
+                                          (17, 33, 8), (96, 64, 16), (130, 200, 64)])
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 20])
+def test_fast_paths_match_reference_and_dense(out_f, in_f, b, n):
+    torch.manual_seed(0)
+    p, q = circulant.grid_shape(out_f, in_f, b)
+    c = torch.randn(p, q, b)
+    spec = circulant.spectra(c)
+    x = torch.randn(n, in_f)
+    dense = x.double() @ circulant.to_dense(c.double(), out_f, in_f).T
+    ref = circulant.circulant_matmul_complex(x, spec, out_f, in_f, b)
+    for path in (circulant.circulant_matmul_real, circulant.circulant_matmul):
+        y = path(x, spec, out_f, in_f, b)
+        assert y.shape == (n, out_f)
+        assert rel_err(y, ref) < 1e-4
+        assert rel_err(y.double(), dense) < 1e-4
+
+
+def test_real_path_gradients_match_reference():
+    torch.manual_seed(0)
+    c = torch.randn(3, 4, 8, requires_grad=True)
+    x = torch.randn(2, 30, requires_grad=True)
+    grads = []
+    for path in (circulant.circulant_matmul_real, circulant.circulant_matmul_complex):
+        c.grad = x.grad = None
+        y = path(x, circulant.spectra(c), 21, 30, 8)
+        (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+        grads.append((c.grad.clone(), x.grad.clone()))
+    assert rel_err(grads[0][0], grads[1][0]) < 1e-4
+    assert rel_err(grads[0][1], grads[1][1]) < 1e-4
+
+
+def test_inverse_dft_matrix_built_in_inference_mode_serves_autograd_later():
+    circulant.inverse_dft_matrix.cache_clear()
+    layer = BlockCirculantLinear(12, 12, 6)
+    with torch.inference_mode():
+        layer(torch.randn(1, 12))
+    layer(torch.randn(1, 12)).sum().backward()  # must not raise "inference tensors cannot be saved"
+    assert layer.c.grad is not None
+
+
+def count_spectra_calls(monkeypatch):
+    calls = []
+    real = circulant.spectra
+    monkeypatch.setattr(circulant, "spectra", lambda c: calls.append(1) or real(c))
+    return calls
+
+
+def test_spectra_never_recomputed_per_forward_at_inference(monkeypatch):
+    model = tiny_model("llama")
+    compress_(model, CirculantConfig(block_size=16, targets="mlp"))
+    fuse_circulant_mlp_(model)
+    calls = count_spectra_calls(monkeypatch)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.inference_mode():
+        model(ids)
+        first = len(calls)
+        for _ in range(3):
+            model(ids[:, :1])
+    assert first == 4 * 2  # per layer: fused gate+up, down
+    assert len(calls) == first
+
+
+def fused_pair(**config):
+    model = tiny_model("llama")
+    compress_(model, CirculantConfig(**config))
+    fused = copy.deepcopy(model)
+    names = fuse_circulant_mlp_(fused)
+    return model, fused, names
+
+
+@pytest.mark.parametrize("b", [16, 20])  # 20: gate rows padded (96 = 4*20 + 16)
+def test_fused_mlp_same_outputs_prefill_and_decode(b):
+    model, fused, names = fused_pair(block_size=b, targets="mlp")
+    assert len(names) == 4 and all(isinstance(fused.get_submodule(n), FusedCirculantMLP) for n in names)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        assert rel_err(fused(ids).logits, model(ids).logits) < 1e-5
+        a = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+        f = fused.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    assert torch.equal(a, f)
+
+
+def test_fused_mlp_with_bias_and_dense_down_proj():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, mlp_bias=True)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.normal_(m.bias)
+    compress_(model, CirculantConfig(block_size=8, targets=["gate_proj", "up_proj"]))
+    fused = copy.deepcopy(model)
+    assert len(fuse_circulant_mlp_(fused)) == 2
+    x = torch.randn(3, 5, 64)
+    mlp, fmlp = model.model.layers[1].mlp, fused.model.layers[1].mlp
+    with torch.no_grad():
+        assert rel_err(fmlp(x), mlp(x)) < 1e-5
+        assert rel_err(fmlp(x[:1, :1]), mlp(x[:1, :1])) < 1e-5  # the real (decode) path
+
+
+def test_fused_mlp_gradients_match_unfused():
+    model, fused, _ = fused_pair(block_size=16, targets="mlp")
+    ids = torch.randint(0, 128, (2, 5))
+    for m in (model, fused):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+    for (name, p), (_, pf) in zip(model.named_parameters(), fused.named_parameters()):
+        if name.endswith(".c"):
+            assert rel_err(pf.grad, p.grad) < 1e-4, name
+
+
+def test_unequal_block_sizes_are_not_fused():
+    _, fused, names = fused_pair(block_size=16, targets="mlp", block_sizes={"up_proj": 8})
+    assert names == []
+    assert not any(isinstance(m, FusedCirculantMLP) for m in fused.modules())
+
+
+def test_cost_model_hand_counts():
+    d = costs.dense_costs(6, 4)
+    assert (d["flops"], d["bytes"], d["params"]) == (48, 96, 24)
+    # 8x12 at b=4: p=2, q=3, F=3; product 8*3*3*2 = 144, FFTs 2.5*4*log2(4)*(3+2) = 100
+    c = costs.circulant_costs(8, 12, 4)
+    assert (c["flops"], c["bytes"], c["params"]) == (244, 144, 24)
+    # the issue's byte ratios: ~62x for 11008x4096 at b=64, ~14x for 1536x576 at b=16
+    for (o, i, b), ratio in [((11008, 4096, 64), 62.1), ((1536, 576, 16), 14.2)]:
+        r = costs.dense_costs(o, i)["bytes"] / costs.circulant_costs(o, i, b)["bytes"]
+        assert r == pytest.approx(ratio, abs=0.05)
+
+
+def test_model_costs_count_every_linear_layer():
+    model = tiny_model("llama", layers=2)  # hidden 64, mlp 96, 4 heads of 16, 2 kv heads, vocab 128
+    per_layer = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 64 * 96)
+    dense = costs.model_costs(model)
+    assert dense["flops"] == 2 * per_layer + 2 * 128 * 64
+    assert dense["dense_layers"] == 2 * 7 + 1
+    compress_(model, CirculantConfig(block_size=16, targets="mlp"))
+    fuse_circulant_mlp_(model)
+    comp = costs.model_costs(model)
+    F, fft = 9, 2.5 * 16 * 4
+    gate_up = 8 * F * 4 * 6 * 2 + fft * (4 + 12)   # shared rfft of 4 input blocks, 2 x 6 output blocks
+    down = 8 * F * 6 * 4 + fft * (6 + 4)
+    attn = 2 * (64 * 64 * 2 + 32 * 64 * 2)
+    assert comp["flops"] == pytest.approx(2 * (gate_up + down + attn) + 2 * 128 * 64)
+    assert comp["circulant_layers"] == 6 and comp["dense_layers"] == 2 * 4 + 1
+    assert comp["bytes"] == 2 * (8 * F * (4 * 12 + 6 * 4) + 4 * attn // 2) + 4 * 128 * 64
+
+
+def test_bench_helpers():
+    assert llc_bytes() > 0
+    assert parse_shape("11008x4096") == (11008, 4096)
+    assert parse_ints("1,16,128", "--tokens") == [1, 16, 128]
+    with pytest.raises(ValueError, match="OUTxIN"):
+        parse_shape("11008*4096")
+    with pytest.raises(ValueError, match="positive"):
+        parse_ints("0,4", "--tokens")
+
+
+def test_bench_layer_cli_single_point_json(tmp_path, capsys):
+    path = tmp_path / "layer.json"
+    # a shape big enough that few distinct weights exceed the last-level cache (quick to build)
+    assert main(["bench", "layer", "--shape", "2048x1024", "--block-size", "16", "--tokens", "1",
+                 "--repeats", "3", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["speedup"] > 0 and data["block_size"] == 16 and data["shape"] == "2048x1024"
+    assert data["byte_ratio"] == pytest.approx(2048 * 1024 * 4 / (8 * 9 * 64 * 128))
+    assert {"cpu", "threads", "torch"} <= data["versions"].keys()
+    assert "| 2048x1024 | 16 | 1 |" in path.with_suffix(".md").read_text()
+
+
+def test_bench_cli_errors(tmp_path, capsys):
+    assert main(["bench", "layer", "--shape", "64x64", "--block-size", "128", "--tokens", "1"]) == 2
+    assert "exceeds" in capsys.readouterr().err
+    assert main(["bench", "layer", "--shape", "64x64", "--json", str(tmp_path / "no" / "x.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_model_on_tiny_model(tmp_path):
+    from bcllm.bench import bench_model
+
+    model = tiny_model("llama", layers=2)
+    student = copy.deepcopy(model)
+    compress_(student, CirculantConfig(block_size=16, targets="mlp"))
+    fuse_circulant_mlp_(student)
+    r = bench_model(model, student, [[1, 2, 3, 4], [5, 6]], new_tokens=3, repeats=1)
+    assert r["prefill_tokens"] == 6 and r["new_tokens"] == 3
+    assert r["prefill_speedup"] == pytest.approx(r["compressed_prefill_tokens_per_s"] / r["dense_prefill_tokens_per_s"])
+    assert r["compressed_param_bytes"] < r["dense_param_bytes"]
+    assert math.isfinite(r["decode_speedup"]) and r["decode_byte_ratio"] > 1
