@@ -55,6 +55,8 @@ def test_forward_equals_dense(module):
     ref = x @ module.to_dense().T + module.bias
     assert torch.allclose(module(x), ref, atol=1e-5)  # the circulant part computes in float32
     assert module.num_params == sum(p.numel() for p in module.parameters())
+    costs = module.costs()
+    assert costs["flops"] > 0 and costs["params"] == module.num_params
 
 
 def test_lowrank_plain_is_eckart_young():
@@ -64,7 +66,8 @@ def test_lowrank_plain_is_eckart_young():
     layer = LowRankLinear.from_linear(linear, 5)
     assert torch.linalg.norm(w - layer.to_dense()) == pytest.approx(float(s[5:].square().sum().sqrt()), rel=1e-9)
     assert torch.equal(layer.bias, linear.bias)
-    assert layer.num_params == 5 * (30 + 40) + 30 and layer.flops == 2 * 5 * 70
+    assert layer.num_params == 5 * (30 + 40) + 30
+    assert layer.costs() == {"flops": 2 * 5 * 70 + 30, "bytes": 8 * layer.num_params, "params": layer.num_params}
 
 
 @pytest.mark.parametrize("sequential", [False, True])
@@ -170,6 +173,15 @@ def test_hybrid_frobenius_beats_each_part():
     assert torch.equal(hybrid.bias, linear.bias)
 
 
+def test_hybrid_costs_are_the_sum_of_its_parts():
+    from bcllm.costs import circulant_costs
+
+    hybrid = CirculantPlusLowRankLinear(576, 1536, 32, 13, bias=False)
+    c = circulant_costs(1536, 576, 32)
+    assert hybrid.costs() == {"flops": c["flops"] + 2 * 13 * (1536 + 576), "bytes": c["bytes"] + 4 * 13 * 2112,
+                              "params": 1536 * 576 // 32 + 13 * 2112}
+
+
 def test_budget_sizes_on_smollm2_shapes():
     mlp = nn.Linear(576, 1536, bias=False, device="meta")
     assert circulant_params(1536, 576, 16) == 1536 * 576 // 16
@@ -262,3 +274,27 @@ def test_config_for_rules():
         config_for("lowrank", rank=3, param_budget=16)
     with pytest.raises(ValueError, match="exactly one of rank or budget_block_size"):
         LowRankConfig()
+
+
+def test_summary_reports_actual_sizes_and_budget():
+    model = tiny_model("llama", layers=2)
+    summary = compress_(model, LowRankConfig(budget_block_size=8, targets="mlp"))
+    # 96x64 and 64x96 layers: circulant b=8 has 96*64/8 = 768 weights -> rank 768 // 160 = 4
+    assert summary["config"]["sizes"] == [4]
+    assert summary["config"]["budget_params"] == 6 * 768
+    assert summary["circulant_params"] == 6 * 4 * 160
+
+
+def test_checkpoint_roundtrip_of_a_structure(tmp_path):
+    from bcllm.checkpoint import load_fitted, save_fitted
+
+    teacher = tiny_model("llama", layers=2)
+    student = copy.deepcopy(teacher)
+    cfg = BlockDiagonalConfig(budget_block_size=8, targets=["up_proj"])
+    compress_(student, cfg)
+    student.model.layers[1].mlp.up_proj.blocks.mul_(2)  # as if fitted
+    save_fitted(student, tmp_path, cfg)
+    fresh = copy.deepcopy(teacher)
+    load_fitted(fresh, tmp_path)
+    ids = torch.randint(0, 128, (1, 8))
+    assert torch.equal(fresh(ids).logits, student(ids).logits)

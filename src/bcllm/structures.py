@@ -3,7 +3,7 @@
 A structure is a config (which layers, what size; the protocol of surgery.CirculantConfig:
 `targets`, `layers`, `build`, `check`, `describe`) and a module with `from_linear` (plain fit
 to W), `fit_(weight, stats, ridge)` (activation-aware fit), `to_dense()`, `num_params` and
-`flops` (per token). `compress_(model, LowRankConfig(...))` works like the circulant config.
+`costs()` (FLOPs, weight bytes, parameters per token, as bcllm.costs counts them). `compress_(model, LowRankConfig(...))` works like the circulant config.
 
 Every activation-aware fit minimises the objective of calibrate.InputStats, ridge included:
 
@@ -19,7 +19,7 @@ of block size B on the same shape (rounded down to what the structure can expres
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 
 from . import circulant
 from .calibrate import InputStats
+from .costs import layer_costs
 from .modules import BlockCirculantLinear, check_block_size, linear_weight
 from .surgery import CirculantConfig
 
@@ -61,6 +62,14 @@ def _cholesky(a: torch.Tensor) -> torch.Tensor:
     return chol
 
 
+def _weight_costs(module: nn.Module, weight_flops: int) -> dict:
+    """{flops, bytes, params} per token of a module's own (not its children's) parameters."""
+    bias = module.bias
+    own = list(module.parameters(recurse=False))
+    return {"flops": weight_flops + (bias.numel() if bias is not None else 0),
+            "bytes": sum(p.numel() * p.element_size() for p in own), "params": sum(p.numel() for p in own)}
+
+
 def _copy_bias(layer: nn.Module, linear: nn.Module) -> None:
     bias = getattr(linear, "bias", None)
     if bias is not None:
@@ -73,6 +82,20 @@ def _dense_shape(linear: nn.Module) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- low rank
+
+def top_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading `rank` singular triplets (u, s, vh) of a float64 matrix, from the eigendecomposition
+    of its smaller Gram matrix: a truncation needs only these, and this is several times faster
+    than a full SVD (accurate for the kept triplets in float64)."""
+    if m.shape[0] < m.shape[1]:
+        u, s, vh = top_svd(m.T, rank)
+        return vh.T, s, u.T
+    evals, evecs = torch.linalg.eigh(m.T @ m)                       # ascending
+    v = evecs[:, -rank:].flip(-1)
+    s = evals[-rank:].flip(-1).clamp_min(0).sqrt()
+    u = (m @ v) / s.clamp_min(torch.finfo(m.dtype).tiny)            # zero columns where s == 0
+    return u, s, v.T
+
 
 def check_rank(rank, out_features: int, in_features: int) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int):
@@ -97,11 +120,14 @@ class LowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     def _set_svd(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
-        """W_hat = u[:, :r] diag(s[:r]) vh[:r]; sqrt(s) on each side keeps the factors balanced for training."""
-        r = self.rank
-        root = s[:r].sqrt()
-        self.up.copy_(u[:, :r] * root)
-        self.down.copy_(root[:, None] * vh[:r])
+        """W_hat = u diag(s) vh (r triplets); sqrt(s) on each side keeps the factors balanced for training."""
+        root = s.sqrt()
+        self.up.copy_(u * root)
+        self.down.copy_(root[:, None] * vh)
+
+    def _set_truncation(self, m: torch.Tensor) -> None:
+        """W_hat = the best rank-r approximation of m (Eckart-Young)."""
+        self._set_svd(*top_svd(m.detach().to(torch.float64), self.rank))
 
     @classmethod
     def from_linear(cls, linear: nn.Module, rank: int) -> "LowRankLinear":
@@ -111,7 +137,7 @@ class LowRankLinear(nn.Module):
         layer = cls(in_features, out_features, rank, bias=getattr(linear, "bias", None) is not None,
                     device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
-            layer._set_svd(*torch.linalg.svd(weight.detach().double(), full_matrices=False))
+            layer._set_truncation(weight)
             _copy_bias(layer, linear)
         return layer
 
@@ -124,9 +150,8 @@ class LowRankLinear(nn.Module):
         """
         chol = _cholesky(ridged_gram(stats, ridge))
         m = torch.linalg.solve_triangular(chol, cross(weight, stats).T, upper=False).T   # K L^-T
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        vh = torch.linalg.solve_triangular(chol.T, vh[:self.rank].T, upper=True).T   # V_r^T L^-1
-        self._set_svd(u, s, vh)
+        u, s, vh = top_svd(m, self.rank)
+        self._set_svd(u, s, torch.linalg.solve_triangular(chol.T, vh.T, upper=True).T)   # V_r^T L^-1
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,10 +164,10 @@ class LowRankLinear(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @property
-    def flops(self) -> int:
-        """Multiply-adds x 2 per token (bias excluded, as for the dense 2 * in * out)."""
-        return 2 * self.rank * (self.in_features + self.out_features)
+    def costs(self) -> dict:
+        """Per token, as costs.dense_costs counts them: FLOPs (2 per multiply-add, 1 per bias add),
+        weight bytes read, parameters."""
+        return _weight_costs(self, 2 * self.rank * (self.in_features + self.out_features))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -227,9 +252,9 @@ class BlockDiagonalLinear(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @property
-    def flops(self) -> int:
-        return 2 * self.blocks.numel()
+    def costs(self) -> dict:
+        """Per token, as LowRankLinear.costs (padding included: it is computed)."""
+        return _weight_costs(self, 2 * self.blocks.numel())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -295,7 +320,7 @@ class CirculantPlusLowRankLinear(nn.Module):
             layer._alternate(
                 w,
                 lambda t: layer.circulant.c.copy_(circulant.project_frobenius(t, block_size)),
-                lambda t: layer.lowrank._set_svd(*torch.linalg.svd(t, full_matrices=False)),
+                layer.lowrank._set_truncation,
                 lambda w_hat: float(((w - w_hat.double()) ** 2).sum()),
                 rounds)
             _copy_bias(layer, linear)
@@ -331,21 +356,15 @@ class CirculantPlusLowRankLinear(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @property
-    def flops(self) -> int:
-        return circulant_flops(self.out_features, self.in_features, self.block_size) + self.lowrank.flops
+    def costs(self) -> dict:
+        """Per token: the circulant part as costs.circulant_costs counts it (its spectra are what is
+        read), plus the low-rank part and the bias."""
+        parts = [layer_costs(self.circulant), self.lowrank.costs(), _weight_costs(self, 0)]
+        return {k: sum(c[k] for c in parts) for k in ("flops", "bytes", "params")}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"block_size={self.block_size}, rank={self.rank}, bias={self.bias is not None}")
-
-
-def circulant_flops(out_features: int, in_features: int, block_size: int) -> int:
-    """Analytic FLOPs per token of a block-circulant product: q rffts, F*p*q complex
-    multiply-adds (8 real FLOPs each), p irffts (2.5 b log2 b per real FFT of length b)."""
-    p, q = circulant.grid_shape(out_features, in_features, block_size)
-    fft = 2.5 * block_size * math.log2(block_size) if block_size > 1 else 0.0
-    return int(fft * (p + q) + 8 * (block_size // 2 + 1) * p * q)
 
 
 # ---------------------------------------------------------------- budgets
@@ -427,9 +446,9 @@ class LowRankConfig:
     budget_block_size: int | None = None
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
-    built: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        self.built = {}  # name -> (size, budget params), filled by build; not a field: checkpoints save the fields
         _one_of("LowRankConfig", rank=self.rank, budget_block_size=self.budget_block_size)
 
     def rank_for(self, name: str, linear: nn.Module) -> int:
@@ -472,9 +491,9 @@ class BlockDiagonalConfig:
     budget_block_size: int | None = None
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
-    built: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        self.built = {}  # name -> (size, budget params), filled by build; not a field: checkpoints save the fields
         _one_of("BlockDiagonalConfig", num_blocks=self.num_blocks, budget_block_size=self.budget_block_size)
 
     def num_blocks_for(self, name: str, linear: nn.Module) -> int:
@@ -517,9 +536,9 @@ class HybridConfig:
     budget_block_size: int | None = None
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
-    built: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        self.built = {}  # name -> (size, budget params), filled by build; not a field: checkpoints save the fields
         if self.budget_block_size is None:
             if self.block_size is None or self.rank is None:
                 raise ValueError("HybridConfig: give block_size and rank, or budget_block_size")
