@@ -26,11 +26,12 @@ eval: setup
 
 # docs/results.md for SmolLM2-135M: sweep, per-layer scan with budgeted selection, report.
 # Resumable: results live in $(RUN); a rerun measures only the points not yet there.
+# Teacher-forced metrics only (--max-new-tokens 0): greedy generation would multiply the time per point.
 RUN ?= runs/smollm2-135m
+EXP := --out $(RUN) --max-new-tokens 0
 results: setup
-	$(BIN)/bcllm sweep --out $(RUN) --grid block_size 4 8 16 32 64 --grid layers 12 10-19 all \
-		--grid fit frobenius aware
-	$(BIN)/bcllm scan --out $(RUN) --block-size 16 --fit aware --budget params=0.3 --budget agreement=0.9
+	$(BIN)/bcllm sweep $(EXP) --grid fit frobenius aware --grid layers 12 10-19 all --grid block_size 4 8 16 32 64
+	$(BIN)/bcllm scan $(EXP) --block-size 16 --budget params=0.3 --budget agreement=0.9
 	$(BIN)/bcllm report $(RUN) --out docs/results.md --bench $(wildcard $(RUN)/bench*.json)
 
 clean:

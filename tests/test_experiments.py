@@ -311,3 +311,41 @@ def test_sweep_killed_mid_run_resumes_without_recomputing(tiny_folder, tmp_path,
     assert len(calls) == 6 - done
     assert (out / "results.jsonl").read_text().startswith(before)
     assert len(ex.finished(out / "results.jsonl")) == 6
+
+
+def test_report_renders_tables_and_plots_from_result_files(tmp_path):
+    from bcllm.report import render
+    from bcllm.results import append_jsonl, write_json
+
+    run = tmp_path / "run"
+    ex.open_results_dir(run, {"model": "tiny", "num_prompts": 3, "model_params": 1000})
+    keys = []
+    for fit, b, layers, n in itertools.product(["frobenius", "aware"], [4, 16], ["0", "0-1", "all"], [None]):
+        n = {"0": 1, "0-1": 2, "all": 4}[layers]
+        point = {"fit": fit, "block_size": b, "layers": layers}
+        kl = 0.1 * n * b / 4 / (2 if fit == "aware" else 1)
+        append_jsonl(run / "results.jsonl", {"key": ex.point_key(point, DEFAULTS), "point": point, "time_s": 1.0,
+                                             "metrics": {"kl_mean": kl, "token_agreement": 1 / (1 + kl)},
+                                             "param_reduction": n * 0.1 * (1 - 1 / b), "num_layers": n})
+        keys.append(ex.point_key(point, DEFAULTS))
+    write_json(run / "sweep.json", {"keys": keys, "command": "bcllm sweep ..."})
+    scan = []
+    for layer in range(4):
+        point = {"layers": str(layer)}
+        append_jsonl(run / "results.jsonl", {"key": ex.point_key(point, DEFAULTS), "point": point, "time_s": 1.0,
+                                             "metrics": {"kl_mean": 0.1 + layer, "token_agreement": 0.9 - layer / 10},
+                                             "param_reduction": 0.09, "num_layers": 1})
+        scan.append(ex.point_key(point, DEFAULTS))
+    write_json(run / "scan.json", {"keys": scan, "command": "bcllm scan ..."})
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"results": [{"shape": [1536, 576], "tokens": 1, "block_size": b, "speedup": b / 2}
+                                             for b in (4, 16)]}))
+    written = render(run, tmp_path / "results.md", [bench])
+    text = (tmp_path / "results.md").read_text()
+    assert "## Sweep: 12 points" in text and "## Per-layer sensitivity scan" in text and "## Speed" in text
+    # b=16, 2 layers, aware: kl = 0.1*2*16/4/2 = 0.4, agreement 1/1.4, reduction 2*0.1*15/16 = 18.75 %
+    assert "| 16 | 0-1 | aware | 18.8 | 0.714 | 0.400 | 1 |" in text
+    for png in written[1:]:
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="no manifest.json"):
+        render(tmp_path, tmp_path / "x.md")
