@@ -378,8 +378,8 @@ def test_cli_unknown_option_value(capsys):
 @pytest.mark.slow
 def test_smollm2_student_equal_to_teacher(smollm2, tmp_path):
     model, tokenizer = smollm2
-    prompts = load_prompts()[::5]
-    teacher = TeacherCache.build(model, tokenizer, prompts, max_new_tokens=8, root=tmp_path, progress=False)
+    prompts = load_prompts()[::10]
+    teacher = TeacherCache.build(model, tokenizer, prompts, max_new_tokens=6, root=tmp_path, progress=False)
     for block_size in (None, 1):  # an untouched copy, and block size 1 (circulant = dense) in every MLP
         student = copy.deepcopy(model)
         if block_size:

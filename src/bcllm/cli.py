@@ -192,7 +192,7 @@ def cmd_generate(args) -> None:
 
     def text(tokens):  # up to the first end token
         cut = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
-        return tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+        return tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
 
     width = max(20, (shutil.get_terminal_size().columns - 3) // 2)
 
