@@ -105,6 +105,14 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> dict[str, nn.Module]:
     return modules
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early (the rest of the model is not needed)."""
+
+
+def _raise_stop():
+    raise _Stop
+
+
 @torch.no_grad()
 def fit_aware_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1e-4,
                progress: bool = True) -> dict:
@@ -112,11 +120,19 @@ def fit_aware_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1
     (x_s = x_t) taken from the teacher. One pass of the teacher's base model (no LM head)."""
     modules = check_pair(student, teacher)
     capture = _InputCapture(teacher, modules)
+    prefix, layers = decoder_layers(teacher)
+    indices = [layer_index(n, prefix) for n in modules]
+    stop = None
+    if None not in indices:  # all inside decoder layers: the forward can stop after the last one needed
+        stop = layers[max(indices)].register_forward_hook(lambda *_: _raise_stop())
     stats: dict[str, InputStats] = {}
     try:
         for batch in tqdm(batches, desc="aware fit: statistics", disable=not progress, leave=False):
             capture.inputs.clear()
-            teacher.base_model(**_model_inputs(batch))
+            try:
+                teacher.base_model(**_model_inputs(batch))
+            except _Stop:
+                pass
             mask = batch.get("attention_mask")
             for group in _groups(capture.inputs):
                 if group[0] not in stats:
@@ -126,17 +142,17 @@ def fit_aware_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1
                 stats[group[0]].add_(_rows(capture.inputs[group[0]], mask))
     finally:
         capture.remove()
+        if stop is not None:
+            stop.remove()
     for name, module in tqdm(modules.items(), desc="aware fit: solve", disable=not progress, leave=False):
         module.fit_(linear_weight(teacher.get_submodule(name)), stats[name], ridge)
     return {"fit": "aware", "modules": len(modules), "tokens": next(iter(stats.values())).n, "ridge": ridge}
 
 
-class _Stop(Exception):
-    pass
 
 
-def _decoder_inputs(model: nn.Module, prefix: str, batches) -> tuple[list, list]:
-    """Per batch, the hidden state entering decoder layer 0, and per layer and batch the other
+def _decoder_inputs(model: nn.Module, prefix: str, batches, last: int) -> tuple[list, list]:
+    """Per batch, the hidden state entering decoder layer 0, and per layer (up to `last`) and batch the other
     (args, kwargs) the model passes that layer (masks, rotary embeddings; these differ per
     layer type in some models, e.g. Gemma 3 sliding/global attention)."""
     layers = model.get_submodule(prefix)
@@ -147,11 +163,12 @@ def _decoder_inputs(model: nn.Module, prefix: str, batches) -> tuple[list, list]
             if index == 0:
                 hidden.append(args[0] if args else kwargs.pop("hidden_states"))
             extra[index].append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-            if index == len(layers) - 1:
+            if index == last:  # later layers are not needed
                 raise _Stop
         return hook
 
-    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+               if i <= last]
     try:
         for batch in batches:
             try:
@@ -186,9 +203,10 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
                          f"outside: use the aware fit")
     batches = list(batches)
     masks = [b.get("attention_mask") for b in batches]
-    h_s, extra = _decoder_inputs(student, prefix, batches)
-    h_t, _ = _decoder_inputs(teacher, prefix, batches)
     last = max(layer_index(n, prefix) for n in modules)
+    # the student differs from the teacher inside decoder layers only: same inputs to layer 0
+    h_t, extra = _decoder_inputs(teacher, prefix, batches, last)
+    h_s = h_t
     tokens = 0
     for li in tqdm(range(last + 1), desc="sequential fit", disable=not progress, leave=False):
         layer_prefix = f"{prefix}.{li}."
@@ -199,8 +217,9 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
                 layers_s[li].get_submodule(rel).fit_(linear_weight(layers_t[li].get_submodule(rel)), stats, ridge)
             todo = [n for n in todo if n not in group]
             tokens = stats.n
-        h_s = [_run_layer(layers_s[li], h, e) for h, e in zip(h_s, extra[li])]
+        same = h_s is h_t and not any(n.startswith(layer_prefix) for n in modules)
         h_t = [_run_layer(layers_t[li], h, e) for h, e in zip(h_t, extra[li])]
+        h_s = h_t if same else [_run_layer(layers_s[li], h, e) for h, e in zip(h_s, extra[li])]
     return {"fit": "sequential", "modules": len(modules), "tokens": tokens, "ridge": ridge}
 
 
@@ -223,3 +242,43 @@ def _first_group_stats(layer_s, layer_t, h_s, h_t, extra, masks, todo):
         cap_s.remove()
         cap_t.remove()
     return stats, group
+
+
+FITS = ("frobenius", "aware", "sequential")
+
+
+def calibrate_student(student: nn.Module, teacher: nn.Module, tokenizer, samples: list[str], fit: str = "aware",
+                      ridge: float = 1e-4, max_length: int = 128, batch_size: int = 8, distill=None,
+                      held_out_fraction: float = 0.1, distill_dir=None, resume: bool = False,
+                      progress: bool = True) -> dict:
+    """Fit (fit: frobenius = keep the projection, aware, sequential) and then optionally distil
+    (distill: a distill.DistillConfig) the structured modules of `student` on calibration text.
+    Distillation holds out the last `held_out_fraction` of the samples for its held-out KL."""
+    import time
+
+    from .calib_data import make_batches
+    from .distill import distill_, trainable_parameters
+
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}; allowed: {', '.join(FITS)}")
+    device = next(student.parameters()).device
+    info = {"fit": fit, "samples": len(samples), "ridge": ridge, "max_length": max_length}
+    n_held = int(len(samples) * held_out_fraction) if distill is not None else 0
+    train = make_batches(tokenizer, samples[:len(samples) - n_held], batch_size, max_length, device)
+    info["tokens"] = int(sum(b["attention_mask"].sum() for b in train))
+    start = time.perf_counter()
+    if fit == "aware":
+        fit_aware_(student, teacher, train, ridge, progress)
+    elif fit == "sequential":
+        fit_sequential_(student, teacher, train, ridge, progress)
+    info["fit_s"] = time.perf_counter() - start
+    if distill is not None:
+        held = make_batches(tokenizer, samples[len(samples) - n_held:], batch_size, max_length, device) if n_held else []
+        start = time.perf_counter()
+        result = distill_(student, teacher, train, held, distill, checkpoint_dir=distill_dir, resume=resume,
+                          progress=progress)
+        info["distill_s"] = time.perf_counter() - start
+        info["distill"] = {k: v for k, v in result.items() if k not in ("loss", "trainable")}
+        inside = tuple(f"{n}." for n in fitted_modules(student))
+        info["extra_params"] = [n for n in trainable_parameters(student, distill.train_norms) if not n.startswith(inside)]
+    return info

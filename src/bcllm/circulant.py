@@ -144,13 +144,10 @@ def _block_dft(m: torch.Tensor, rows: int, cols: int, block_size: int) -> torch.
     """(rows*b, cols*b) real -> (F, rows, cols) complex:  D^H M_jk D for every b x b block,
     D[s, f] = exp(-2 pi i f s / b).  Turns second moments of inputs/outputs into the
     per-frequency moments of their block spectra without ever forming token spectra."""
-    f = torch.arange(block_size // 2 + 1, dtype=torch.float64, device=m.device)
-    s = torch.arange(block_size, dtype=torch.float64, device=m.device)
-    dft = torch.polar(torch.ones(block_size, len(f), dtype=torch.float64, device=m.device),
-                      -2 * math.pi * s[:, None] * f[None, :] / block_size)          # (b, F)
-    m4 = m.reshape(rows, block_size, cols, block_size).to(torch.complex128)
-    right = torch.einsum("jskt,tf->jskf", m4, dft)
-    return torch.einsum("sf,jskf->fjk", dft.conj(), right)
+    z = torch.fft.rfft(m.reshape(rows, block_size, cols, block_size), dim=-1)    # sum_t M[s, t] D[t, f]
+    z = torch.fft.ifft(z, dim=1) * block_size                                   # sum_s conj(D[s, g]) ..., all g
+    f = torch.arange(block_size // 2 + 1, device=m.device)
+    return z[:, f, :, f]                                                        # g = f: (F, rows, cols)
 
 
 def fit_aware(weight: torch.Tensor, xx: torch.Tensor, xt: torch.Tensor, block_size: int,
@@ -172,7 +169,9 @@ def fit_aware(weight: torch.Tensor, xx: torch.Tensor, xt: torch.Tensor, block_si
     p, q = grid_shape(out_features, in_features, b)
     w = weight.detach().to(torch.float64)
     xx = xx.to(device=w.device, dtype=torch.float64)
-    cross = xt.to(device=w.device, dtype=torch.float64) @ w.T                  # sum x_s y_t^T, (in, out)
+    # sum x_s y_t^T, (in, out); in the weight's precision (float32 weights: float32 product, ample for a ridge fit)
+    wdtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    cross = (xt.to(device=w.device, dtype=wdtype) @ weight.detach().to(wdtype).T).to(torch.float64)
     pad_in = q * b - in_features
     xx_p = torch.nn.functional.pad(xx, (0, pad_in, 0, pad_in))
     cross_p = torch.nn.functional.pad(cross, (0, p * b - out_features, 0, pad_in))

@@ -35,8 +35,34 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="all", help="decoder layers: all, 10-19, 0,3,5")
     p.add_argument("--targets", default="mlp",
                    help="comma-separated module suffixes, globs, or shorthands mlp / attn")
-    p.add_argument("--fit", default="frobenius", choices=["frobenius"],
-                   help="how the structured weights are fitted: frobenius = nearest in Frobenius norm")
+    p.add_argument("--fit", default="frobenius", choices=["frobenius", "aware", "sequential"],
+                   help="how the structured weights are fitted: frobenius = nearest in Frobenius norm; aware = "
+                        "least squares on the calibration inputs; sequential = layer by layer on the inputs of "
+                        "the already compressed model (compensates upstream error)")
+    add_calib_args(p)
+
+
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (--fit aware/sequential, --distill-steps) and fitted students")
+    g.add_argument("--calib", default="self-chat", metavar="SOURCE",
+                   help="calibration text: a file (one sample a line), self-chat (the model writes instructions "
+                        "and answers them; cached), self-seed (the model continues short seeds), or pydoc "
+                        "(Python's offline reference prose)")
+    g.add_argument("--calib-samples", type=int, default=128, metavar="N", help="number of calibration samples")
+    g.add_argument("--calib-tokens", type=int, default=128, metavar="T",
+                   help="tokens per calibration sample (self-generated: new tokens; all: cut to this)")
+    g.add_argument("--ridge", type=float, default=1e-4, help="ridge of the least-squares fits, relative to the Gram diagonal")
+    g.add_argument("--force-overlap", action="store_true",
+                   help="calibrate even when the calibration text overlaps the evaluation prompts")
+    g.add_argument("--distill-steps", type=int, default=0, metavar="N", help="logit distillation steps after the fit")
+    g.add_argument("--distill-lr", type=float, default=1e-3)
+    g.add_argument("--distill-batch", type=int, default=8, help="samples per calibration batch (fit and distillation)")
+    g.add_argument("--hidden-mse", type=float, default=0.0, help="weight of the per-layer hidden-state MSE term")
+    g.add_argument("--train-norms", action="store_true", help="distillation also trains biases and norm weights")
+    g.add_argument("--distill-dir", metavar="DIR", help="distillation checkpoints here (with --resume: continue)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted distillation from --distill-dir")
+    g.add_argument("--save", metavar="DIR", help="save the fitted structured modules (safetensors + JSON)")
+    g.add_argument("--load", metavar="DIR", help="load a student saved with --save instead of fitting one")
 
 
 def config_from_args(args):
@@ -54,6 +80,14 @@ def print_summary(summary: dict) -> None:
     if config.get("budget_params"):  # a non-circulant structure sized to a circulant's parameter count
         print(f"{config['structure']} sizes {config['sizes']}: {summary['circulant_params']:,} parameters, budget "
               f"{config['budget_params']:,} (circulant block size {config['budget_block_size']})")
+    cal = summary.get("calibration")
+    if cal:
+        line = f"fit {cal['fit']} on {cal['samples']} {cal['calib']} samples ({cal['tokens']:,} tokens): {cal['fit_s']:.1f} s"
+        if "distill" in cal:
+            held = cal["distill"]["held_out_kl"]
+            line += (f"; distilled {cal['distill']['steps']} steps in {cal['distill_s']:.0f} s, final loss "
+                     f"{cal['distill']['final_loss']:.4f}" + (f", held-out KL {held[-1][1]:.4f}" if held else ""))
+        print(line)
 
 
 def cmd_compress(args) -> None:
@@ -62,14 +96,13 @@ def cmd_compress(args) -> None:
     import torch
 
     from .models import load_model
-    from .surgery import compress_
 
     torch.manual_seed(args.seed)
-    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     t = time.perf_counter()
-    summary = compress_(model, config_from_args(args))
+    _, summary = make_student(args, model, tokenizer)  # with --fit/--distill-steps/--save: calibrate and save
     print_summary(summary)
-    print(f"compress_ took {time.perf_counter() - t:.2f} s")
+    print(f"building the student took {time.perf_counter() - t:.2f} s")
 
 
 # eval/generate default to one middle layer: a quick, readable first measurement (see README).
@@ -84,9 +117,48 @@ def make_student(args, model, tokenizer):
     from .surgery import compress_
 
     student = copy.deepcopy(model)
-    summary = compress_(student, config_from_args(args))  # frobenius: compress_ projects each weight
+    if getattr(args, "load", None):  # a saved student: its own config, no fitting
+        from .checkpoint import load_fitted
+
+        return student, load_fitted(student, args.load)
+    config = config_from_args(args)
+    summary = compress_(student, config)  # frobenius: compress_ projects each weight
     summary["fit"] = args.fit
+    distill_steps = getattr(args, "distill_steps", 0)
+    if args.fit != "frobenius" or distill_steps:
+        summary["calibration"] = calibrate_from_args(args, student, model, tokenizer)
+    if getattr(args, "save", None):
+        from .checkpoint import save_fitted
+        from .evaluate import model_fingerprint
+
+        save_fitted(student, args.save, config, model_fingerprint(model),
+                    summary.get("calibration", {}).get("extra_params", []), info=summary)
     return student, summary
+
+
+def calibrate_from_args(args, student, model, tokenizer) -> dict:
+    """Calibration text from --calib (checked against the evaluation prompts), then fit and distil."""
+    from .calib_data import check_overlap, load_calibration
+    from .calibrate import calibrate_student
+    from .distill import DistillConfig
+    from .prompts import load_prompts
+
+    if args.calib_samples < 1 or args.calib_tokens < 2:
+        raise UsageError(f"--calib-samples must be >= 1 and --calib-tokens >= 2, got {args.calib_samples} "
+                         f"and {args.calib_tokens}")
+    if args.resume and not args.distill_dir:
+        raise UsageError("--resume needs --distill-dir (where the interrupted run left its checkpoint)")
+    samples = load_calibration(args.calib, model, tokenizer, args.calib_samples, args.calib_tokens, args.seed,
+                               args.model)
+    check_overlap(samples, load_prompts(getattr(args, "prompts", None)), force=args.force_overlap)
+    distill = None
+    if args.distill_steps:
+        distill = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, hidden_mse=args.hidden_mse,
+                                train_norms=args.train_norms, seed=args.seed)
+    info = calibrate_student(student, model, tokenizer, samples, args.fit, args.ridge, args.calib_tokens,
+                             args.distill_batch, distill, distill_dir=args.distill_dir, resume=args.resume)
+    info["calib"] = args.calib
+    return info
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
