@@ -15,6 +15,7 @@ compressed alternating in each repeat so that both see the same machine load.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import statistics
@@ -128,10 +129,10 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         for layer in circ:
             layer.spectra()  # built once, as at model load
     x = torch.randn(tokens, in_features, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-
     def calls(layers, n):
-        return [(lambda m=layers[i % len(layers)]: (m(x), sync())) for i in range(n)]
+        if torch.device(device).type == "cuda":
+            return [(lambda m=layers[i % len(layers)]: (m(x), sync(device))) for i in range(n)]
+        return [functools.partial(layers[i % len(layers)], x) for i in range(n)]
 
     with torch.inference_mode():  # (layers are built outside it: their caches check version counters)
         t_dense_hot, _ = median_time(calls(dense[:1], 1), repeats, warmup, budget_s)
@@ -185,7 +186,13 @@ def _greedy_decode(model, ids: torch.Tensor, new_tokens: int) -> float:
     for _ in range(new_tokens):
         out = model(token, use_cache=True, **{cache_arg: out["cache" if "cache" in out else "past_key_values"]})
         token = out.logits[:, -1:].argmax(-1)
+    sync(ids.device)
     return time.perf_counter() - t
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -205,6 +212,7 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
             t = time.perf_counter()
             for ids in prompts:
                 m(ids, use_cache=True)
+            sync(device)
             prefill[name].append(time.perf_counter() - t)
             decode[name].append(sum(_greedy_decode(m, ids, new_tokens) for ids in prompts))
             if progress is not None:

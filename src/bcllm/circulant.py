@@ -11,6 +11,7 @@ zero-padded up to p*b and q*b; the padding is never data.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -127,6 +128,20 @@ def circulant_matmul_real(x: torch.Tensor, spec: torch.Tensor, out_features: int
 # Largest row count for which circulant_matmul takes the real path (measured crossover ~16 on
 # a 2-core EPYC for 1536x576 b=16 and 11008x4096 b=64; see bcllm bench layer).
 REAL_PATH_MAX_ROWS = 8
+# Decode products with spectra up to this size run on one thread: they gain nothing from a
+# second one, and on a busy machine each parallel region waits for a descheduled thread
+# (measured on 2 loaded cores, 1536x576 b=16, 1 row: median 60 ms at 2 threads, 0.15 ms at 1).
+SINGLE_THREAD_MAX_BYTES = 1 << 20
+
+
+@contextlib.contextmanager
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
@@ -136,8 +151,12 @@ def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
     x: (N, in) float32. Returns (N, out) float32 (a view: may be non-contiguous when
     out is not a multiple of b). Picks the faster formulation by row count.
     """
-    path = circulant_matmul_real if x.shape[0] <= REAL_PATH_MAX_ROWS else circulant_matmul_complex
-    return path(x, spec, out_features, in_features, block_size)
+    if x.shape[0] > REAL_PATH_MAX_ROWS:
+        return circulant_matmul_complex(x, spec, out_features, in_features, block_size)
+    if x.device.type == "cpu" and spec.numel() * 8 <= SINGLE_THREAD_MAX_BYTES and torch.get_num_threads() > 1:
+        with single_thread():
+            return circulant_matmul_real(x, spec, out_features, in_features, block_size)
+    return circulant_matmul_real(x, spec, out_features, in_features, block_size)
 
 
 def _block_dft(m: torch.Tensor, rows: int, cols: int, block_size: int) -> torch.Tensor:
