@@ -312,7 +312,7 @@ class TeacherCache:
         if (path / "meta.json").is_file():
             return cls.load(path)
         root.mkdir(parents=True, exist_ok=True)
-        _remove_dead_temporaries(root, key)
+        _remove_dead_temporaries(root)
         tmp = root / f".{key}.tmp{os.getpid()}"
         try:
             _compute_teacher(model, token_ids, settings, tmp, progress)
@@ -328,9 +328,9 @@ class TeacherCache:
         return cache
 
 
-def _remove_dead_temporaries(root: Path, key: str) -> None:
+def _remove_dead_temporaries(root: Path) -> None:
     """Temporary folders of runs that were killed (SIGKILL skips cleanup) and hold a partial cache."""
-    for tmp in root.glob(f".{key}.tmp*"):
+    for tmp in root.glob(".*.tmp*"):
         try:
             os.kill(int(tmp.name.rsplit(".tmp", 1)[1]), 0)
         except ProcessLookupError:
