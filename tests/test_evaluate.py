@@ -358,6 +358,7 @@ def test_chat_needs_template():
     (lambda d: ["--prompts", str(d / "binary.txt")], "binary"),
     (lambda d: ["--json", str(d / "no_such_dir" / "out.json")], "does not exist"),
     (lambda d: ["--max-new-tokens", "-1"], "max-new-tokens"),
+    (lambda d: ["--device", "nonsense"], "unknown --device"),
 ])
 def test_cli_eval_input_errors(tmp_path, capsys, make_args, message):
     (tmp_path / "empty.txt").write_text("\n\n")

@@ -178,6 +178,18 @@ def check_max_new_tokens(n: int) -> None:
         raise UsageError(f"--max-new-tokens must be >= 0, got {n}")
 
 
+def check_device(name: str) -> None:
+    """A bad --device as one line before the model loads (torch raises RuntimeError/AssertionError)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available to this torch ({torch.__version__})")
+
+
 def cmd_eval(args) -> None:
     import time
 
@@ -192,6 +204,7 @@ def cmd_eval(args) -> None:
     plain_warnings()
     json_path = check_writable(args.json) if args.json else None  # fail before the long work
     check_max_new_tokens(args.max_new_tokens)
+    check_device(args.device)
     prompts = load_prompts(args.prompts)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -251,6 +264,7 @@ def cmd_generate(args) -> None:
 
     plain_warnings()
     check_max_new_tokens(args.max_new_tokens)
+    check_device(args.device)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     student, summary = make_student(args, model, tokenizer)
