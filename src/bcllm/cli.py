@@ -48,9 +48,9 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
                    help="calibration text: a file (one sample a line), self-chat (the model writes instructions "
                         "and answers them; cached), self-seed (the model continues short seeds), or pydoc "
                         "(Python's offline reference prose)")
-    g.add_argument("--calib-samples", type=int, default=128, metavar="N", help="number of calibration samples")
-    g.add_argument("--calib-tokens", type=int, default=128, metavar="T",
-                   help="tokens per calibration sample (self-generated: new tokens; all: cut to this)")
+    g.add_argument("--calib-samples", type=int, default=96, metavar="N", help="number of calibration samples")
+    g.add_argument("--calib-tokens", type=int, default=48, metavar="T",
+                   help="new tokens per self-generated sample; every sample is cut to T + 64 tokens")
     g.add_argument("--ridge", type=float, default=1e-4, help="ridge of the least-squares fits, relative to the Gram diagonal")
     g.add_argument("--force-overlap", action="store_true",
                    help="calibrate even when the calibration text overlaps the evaluation prompts")
@@ -155,7 +155,7 @@ def calibrate_from_args(args, student, model, tokenizer) -> dict:
     if args.distill_steps:
         distill = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, hidden_mse=args.hidden_mse,
                                 train_norms=args.train_norms, seed=args.seed)
-    info = calibrate_student(student, model, tokenizer, samples, args.fit, args.ridge, args.calib_tokens,
+    info = calibrate_student(student, model, tokenizer, samples, args.fit, args.ridge, args.calib_tokens + 64,
                              args.distill_batch, distill, distill_dir=args.distill_dir, resume=args.resume)
     info["calib"] = args.calib
     return info
