@@ -349,3 +349,7 @@ def test_report_renders_tables_and_plots_from_result_files(tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     with pytest.raises(ValueError, match="no manifest.json"):
         render(tmp_path, tmp_path / "x.md")
+    other = tmp_path / "other"
+    ex.open_results_dir(other, {"model": "another"})
+    with pytest.raises(ValueError, match="different models"):
+        render([run, other], tmp_path / "x.md")

@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="markdown report with PNG plots from a scan/sweep results directory")
-    p.add_argument("run_dir", help="results directory written by bcllm scan / sweep")
+    p.add_argument("run_dir", nargs="+", help="results directories written by bcllm scan / sweep (same model)")
     p.add_argument("--out", default="report.md", help="markdown file; plots go to a folder of the same name")
     p.add_argument("--bench", nargs="*", default=[], help="bcllm bench JSON files for the speed section")
     p.set_defaults(func=cmd_report)

@@ -316,6 +316,7 @@ class Session:
         from .prompts import load_prompts
         from .surgery import decoder_layers, num_params
 
+        self.start = time.perf_counter()
         self.args, self.options = args, options
         self.defaults = {k: a.default for k, a in options.items()}
         prompts_file = getattr(args, "prompts", None)
@@ -355,6 +356,10 @@ class Session:
                 / summary["model_params_before"],
                 "num_layers": num_patched_layers(point.get("layers", "all"), self.num_layers)}
 
+    def wall_s(self) -> float:
+        """Seconds since this command started: model load, teacher and the points it measured."""
+        return round(time.perf_counter() - self.start, 1)
+
     def run(self, points: list[dict], name: str) -> list[dict]:
         points = [canonical(p, self.num_layers) for p in points]
         records = run_points(points, self.measure, self.results, self.defaults, desc=name)
@@ -369,7 +374,7 @@ def sweep_command(args, options: dict) -> None:
     points = expand_grid(session.base_point(), axes)
     records = session.run(points, "sweep")
     write_json(session.out / "sweep.json", {"keys": [r["key"] for r in records], "axes": axes,
-                                            "command": command_line()})
+                                            "command": command_line(), "wall_s": session.wall_s()})
     print_records(records, sorted(axes))
     print(f"results: {session.results}; report: bcllm report {session.out}")
 
@@ -386,7 +391,7 @@ def scan_command(args, options: dict) -> None:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     records = session.run(scan_points(base, session.num_layers, suffixes), "scan")
     write_json(session.out / "scan.json", {"keys": [r["key"] for r in records], "per": args.per,
-                                           "command": command_line()})
+                                           "command": command_line(), "wall_s": session.wall_s()})
     print_records(records, ["layers"] + (["targets"] if suffixes else []))
     if budgets and suffixes:
         raise ValueError("--budget selects whole layers: use it with --per layer")

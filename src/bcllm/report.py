@@ -243,7 +243,7 @@ METRICS = [("token_agreement", "token agr."), ("kl_mean", "KL mean"), ("top5_ove
            ("generation_agreement", "gen. agr.")]
 
 
-def sweep_section(records: list[dict], run: dict, img: str) -> str:
+def sweep_section(records: list[dict], run: dict, img: str, tag: str = "") -> str:
     varying = varying_keys(records, skip=())
     keys = [k for k in ["block_size", "layers"] if k in varying] + [k for k in varying if k not in ("block_size", "layers")]
     fixed = {k: v for k, v in records[0]["point"].items() if k not in varying}
@@ -251,17 +251,19 @@ def sweep_section(records: list[dict], run: dict, img: str) -> str:
     rows = [[r["point"].get(k) for k in keys] + [f"{100 * r['param_reduction']:.1f}"] +
             [r["metrics"].get(m) for m, _ in metrics] + [f"{r['time_s']:.0f}"] for r in records]
     total = sum(r["time_s"] for r in records)
+    wall = run["sweep"].get("wall_s")
     text = [f"## Sweep: {len(records)} points",
             f"Fixed settings: {', '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'none'}. "
-            f"Sum of point times: {total / 60:.1f} min (model load and teacher outputs not included). "
+            f"Sum of point times: {total / 60:.1f} min (model load and teacher outputs not included)"
+            + (f"; the last `bcllm sweep` run took {wall / 60:.1f} min in all" if wall else "") + ". "
             f"Command: `{run['sweep'].get('command', '')}`", "",
             md_table(keys + ["param. reduction %"] + [h for _, h in metrics] + ["time s"], rows), "",
-            f"![fidelity against parameter reduction]({img}/fidelity_vs_params.png)", "",
-            f"![fidelity against number of layers]({img}/fidelity_vs_layers.png)", ""]
+            f"![fidelity against parameter reduction]({img}/{tag}fidelity_vs_params.png)", "",
+            f"![fidelity against number of layers]({img}/{tag}fidelity_vs_layers.png)", ""]
     return "\n".join(text)
 
 
-def scan_section(records: list[dict], run: dict, img: str) -> str:
+def scan_section(records: list[dict], run: dict, img: str, tag: str = "") -> str:
     varying = varying_keys(records, skip=("layers",))
     labels = sorted({series(r, varying) for r in records})
     layers = sorted({int(r["point"]["layers"]) for r in records})
@@ -273,7 +275,7 @@ def scan_section(records: list[dict], run: dict, img: str) -> str:
     return "\n".join([f"## Per-layer sensitivity scan",
                       f"Each decoder layer patched alone; fixed settings: "
                       f"{', '.join(f'`{k}={v}`' for k, v in fixed.items())}. Command: `{run['scan'].get('command', '')}`",
-                      "", md_table(header, rows), "", f"![per-layer sensitivity]({img}/sensitivity.png)", ""])
+                      "", md_table(header, rows), "", f"![per-layer sensitivity]({img}/{tag}sensitivity.png)", ""])
 
 
 def budget_section(budgets: list[dict]) -> str:
@@ -301,12 +303,18 @@ def speed_section(rows: list[dict], files: list, img: str) -> str:
                       f"![speedup against block size]({img}/speedup.png)", ""])
 
 
-def render(run_dir, out_md, bench_files=()) -> list[Path]:
-    """Write the markdown report and its PNGs (in a folder named after it); return the files written."""
+def render(run_dirs, out_md, bench_files=()) -> list[Path]:
+    """Write the markdown report and its PNGs (in a folder named after it); return the files written.
+    run_dirs: one results directory or several of the same model (e.g. a sweep and a scan made with
+    different prompt sets); each gets its own sections, headed by its prompts and settings."""
     import matplotlib
 
     matplotlib.use("Agg")
-    run = load_run(run_dir)
+    runs = [load_run(d) for d in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    models = sorted({str(r["manifest"]["identity"].get("model")) for r in runs})
+    if len(models) > 1:
+        raise ValueError(f"the results directories are for different models ({', '.join(models)}); "
+                         f"report one model at a time")
     out_md = Path(out_md)
     if not out_md.parent.is_dir():
         raise ValueError(f"cannot write {str(out_md)!r}: directory {str(out_md.parent)!r} does not exist")
@@ -314,29 +322,34 @@ def render(run_dir, out_md, bench_files=()) -> list[Path]:
     img_dir.mkdir(exist_ok=True)
     img = img_dir.name
     written = []
-    identity = run["manifest"]["identity"]
-    versions = run["manifest"].get("versions", {})
-    parts = [f"# bcllm results: {identity.get('model')}", "",
-             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `bcllm report` from "
-             f"`{run['dir']}`. Fidelity is measured teacher-forced against the dense model on "
-             f"{identity.get('num_prompts', '?')} prompts (`{identity.get('prompts')}`), every position counted; "
-             f"KL in nats per token; parameter reduction as a share of all model parameters "
-             f"({identity.get('model_params', 0):,}).", "",
+    versions = runs[0]["manifest"].get("versions", {})
+    parts = [f"# bcllm results: {models[0]}", "",
+             f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `bcllm report`. Fidelity is "
+             f"measured teacher-forced against the dense model, every position of every prompt counted; KL in "
+             f"nats per token; parameter reduction as a share of all model parameters.", "",
              f"Machine: {versions.get('cpu', '?')}, {versions.get('threads', '?')} threads, torch "
              f"{versions.get('torch', '?')}, transformers {versions.get('transformers', '?')}.", ""]
-    sweep = picked(run, "sweep")
-    if sweep:
-        plot_fidelity_vs_params(sweep, img_dir / "fidelity_vs_params.png")
-        plot_vs_num_layers(sweep, img_dir / "fidelity_vs_layers.png")
-        written += [img_dir / "fidelity_vs_params.png", img_dir / "fidelity_vs_layers.png"]
-        parts.append(sweep_section(sweep, run, img))
-    scan = picked(run, "scan")
-    if scan:
-        plot_sensitivity(scan, img_dir / "sensitivity.png")
-        written.append(img_dir / "sensitivity.png")
-        parts.append(scan_section(scan, run, img))
-    if run["budgets"]:
-        parts.append(budget_section(run["budgets"]))
+    found_any = False
+    for i, run in enumerate(runs):
+        identity = run["manifest"]["identity"]
+        tag = f"{i + 1}_" if len(runs) > 1 else ""
+        parts += [f"**Results from `{run['dir']}`**: {identity.get('num_prompts', '?')} prompts "
+                  f"(`{identity.get('prompts')}`), {identity.get('max_new_tokens')} generated tokens per prompt, "
+                  f"{identity.get('model_params', 0):,} model parameters, dtype {identity.get('dtype')}.", ""]
+        sweep = picked(run, "sweep")
+        if sweep:
+            plot_fidelity_vs_params(sweep, img_dir / f"{tag}fidelity_vs_params.png")
+            plot_vs_num_layers(sweep, img_dir / f"{tag}fidelity_vs_layers.png")
+            written += [img_dir / f"{tag}fidelity_vs_params.png", img_dir / f"{tag}fidelity_vs_layers.png"]
+            parts.append(sweep_section(sweep, run, img, tag))
+        scan = picked(run, "scan")
+        if scan:
+            plot_sensitivity(scan, img_dir / f"{tag}sensitivity.png")
+            written.append(img_dir / f"{tag}sensitivity.png")
+            parts.append(scan_section(scan, run, img, tag))
+        if run["budgets"]:
+            parts.append(budget_section(run["budgets"]))
+        found_any = found_any or bool(sweep or scan or run["budgets"])
     rows, files = [], []
     for f in bench_files or ():
         try:
@@ -353,8 +366,8 @@ def render(run_dir, out_md, bench_files=()) -> list[Path]:
         plot_speedup(rows, img_dir / "speedup.png")
         written.append(img_dir / "speedup.png")
         parts.append(speed_section(rows, files, img))
-    if not (sweep or scan or run["budgets"] or rows):
-        raise ValueError(f"{str(run['dir'])!r} has no finished scan or sweep points yet")
+    if not (found_any or rows):
+        raise ValueError("no finished scan or sweep points yet in " + ", ".join(str(r["dir"]) for r in runs))
     tmp = out_md.with_name(f".{out_md.name}.tmp")
     tmp.write_text("\n".join(parts))
     tmp.replace(out_md)
