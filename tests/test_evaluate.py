@@ -379,8 +379,8 @@ def test_cli_unknown_option_value(capsys):
 @pytest.mark.slow
 def test_smollm2_student_equal_to_teacher(smollm2, tmp_path):
     model, tokenizer = smollm2
-    prompts = load_prompts()[::10]
-    teacher = TeacherCache.build(model, tokenizer, prompts, max_new_tokens=6, root=tmp_path, progress=False)
+    prompts = load_prompts()[::20]
+    teacher = TeacherCache.build(model, tokenizer, prompts, max_new_tokens=4, root=tmp_path, progress=False)
     for block_size in (None, 1):  # an untouched copy, and block size 1 (circulant = dense) in every MLP
         student = copy.deepcopy(model)
         if block_size:
@@ -405,3 +405,10 @@ def test_cli_eval_json(tmp_path, monkeypatch, capsys):
     assert data["compression"]["num_modules"] == 3 and len(data["per_prompt"]) == 2
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "token_agreement" in printed and "replaced 3 modules" in printed
+
+
+@pytest.mark.slow
+def test_cli_generate_side_by_side(capsys):
+    assert main(["generate", "--layers", "12", "--max-new-tokens", "6", "Explain FFT."]) == 0
+    out = capsys.readouterr().out
+    assert "teacher" in out and "student" in out and "of 6 tokens" in out
