@@ -103,6 +103,22 @@ def test_resume_after_a_failure_does_not_recompute_finished_points(tmp_path):
     assert third == []
 
 
+def test_points_finished_meanwhile_by_another_process_are_skipped(tmp_path):
+    results = tmp_path / "results.jsonl"
+    points = ex.expand_grid({}, {"block_size": [4, 8, 16]})
+    calls = []
+
+    def measure(point):  # while point 4 runs, "another process" finishes point 8
+        if point["block_size"] == 4:
+            ex.run_points([points[1]], fake_measure([]), results, DEFAULTS)
+        calls.append(point)
+        return {"metrics": {}}
+
+    records = ex.run_points(points, measure, results, DEFAULTS)
+    assert calls == [points[0], points[2]]
+    assert [r["point"] for r in records] == points
+
+
 def test_a_torn_last_line_is_recomputed_and_earlier_lines_kept(tmp_path):
     results = tmp_path / "results.jsonl"
     points = ex.expand_grid({}, {"block_size": [4, 8]})

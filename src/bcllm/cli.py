@@ -447,8 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     p.set_defaults(func=cmd_generate, layers=EVAL_DEFAULT_LAYERS)
 
-    p = sub.add_parser("scan", help="per-layer sensitivity: patch one layer (or module) at a time; --budget "
-                       "then picks layers for a parameter or fidelity budget")
+    p = sub.add_parser("scan", help="per-layer sensitivity: patch one layer (or module) at a time, each of "
+                       "--layers; --budget then picks layers for a parameter or fidelity budget")
     add_experiment_args(p)
     p.add_argument("--per", choices=["layer", "module"], default="layer",
                    help="patch one decoder layer at a time, or one module (e.g. gate_proj of one layer)")

@@ -201,6 +201,9 @@ def run_points(points: list[dict], measure, results_path, defaults: dict, desc: 
     todo = [k for k in keys if k not in done]
     print(f"{desc}: {len(keys)} points, {len(keys) - len(todo)} already in {results_path}, {len(todo)} to run")
     for key in tqdm(todo, desc=desc, unit="point", dynamic_ncols=True):
+        done.update(finished(results_path))  # another process working on the same directory may have done it
+        if key in done:
+            continue
         start = time.perf_counter()
         record = measure(by_key[key])
         record = {"key": key, "point": by_key[key], **record, "time_s": round(time.perf_counter() - start, 2),
@@ -212,11 +215,11 @@ def run_points(points: list[dict], measure, results_path, defaults: dict, desc: 
 
 # ---------------------------------------------------------------- scan and budget
 
-def scan_points(base: dict, num_layers: int, module_suffixes=None) -> list[dict]:
+def scan_points(base: dict, layers: list[int], module_suffixes=None) -> list[dict]:
     """One point per decoder layer (or per layer and module suffix) with everything else from base."""
     if module_suffixes:
-        return [{**base, "layers": str(i), "targets": s} for i in range(num_layers) for s in module_suffixes]
-    return [{**base, "layers": str(i)} for i in range(num_layers)]
+        return [{**base, "layers": str(i), "targets": s} for i in layers for s in module_suffixes]
+    return [{**base, "layers": str(i)} for i in layers]
 
 
 BUDGET_KINDS = {"params": "parameter reduction to reach (fraction of the model's parameters)",
@@ -389,7 +392,8 @@ def scan_command(args, options: dict) -> None:
 
         names = select_modules(session.model, args.targets, None)
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    records = session.run(scan_points(base, session.num_layers, suffixes), "scan")
+    layers = parse_layers(args.layers, session.num_layers) or list(range(session.num_layers))  # --layers: which to scan
+    records = session.run(scan_points(base, layers, suffixes), "scan")
     write_json(session.out / "scan.json", {"keys": [r["key"] for r in records], "per": args.per,
                                            "command": command_line(), "wall_s": session.wall_s()})
     print_records(records, ["layers"] + (["targets"] if suffixes else []))
