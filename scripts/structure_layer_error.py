@@ -1,8 +1,8 @@
 """Per-layer relative output error ||(W - W_hat) X|| / ||W X|| of each structure at the same
 parameter budget, on held-out activations of SmolLM2-135M.
 
-Calibration: natural-text chunks of pydoc_data.topics (never the evaluation prompts);
-held-out X: the bundled 100 default prompts. Every structure gets the parameter count of a
+Calibration: natural-text chunks of pydoc_data.topics, or any `bcllm eval --calib` source
+(never the evaluation prompts); held-out X: the bundled 100 default prompts. Every structure gets the parameter count of a
 block-circulant of block size --budget on each layer, fitted plainly (Frobenius / SVD /
 diagonal blocks) and activation-aware (calibrate.InputStats, ridge --ridge).
 
@@ -12,11 +12,13 @@ diagonal blocks) and activation-aware (calibrate.InputStats, ridge --ridge).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import pydoc_data.topics
 import torch
 
+from bcllm.calib_data import load_calibration, make_batches
 from bcllm.calibrate import InputStats
 from bcllm.models import load_model
 from bcllm.modules import BlockCirculantLinear
@@ -29,10 +31,15 @@ LAYERS = ["model.layers.12.mlp.gate_proj", "model.layers.12.mlp.up_proj", "model
           "model.layers.29.mlp.down_proj"]
 
 
-def calibration_chunks(tokenizer, num_chunks: int, length: int) -> list[torch.Tensor]:
-    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [torch.tensor([ids[i * length:(i + 1) * length]]) for i in range(num_chunks)]
+def calibration_batches(args, model, tokenizer) -> list[dict]:
+    """pydoc-chunks: consecutive chunks of pydoc_data.topics; anything else: a --calib source of bcllm eval."""
+    if args.calib == "pydoc-chunks":
+        text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [{"input_ids": torch.tensor([ids[i * args.chunk_len:(i + 1) * args.chunk_len]])}
+                for i in range(args.chunks)]
+    samples = load_calibration(args.calib, model, tokenizer, args.calib_samples, args.calib_tokens, 0, "smollm2-135m")
+    return make_batches(tokenizer, samples, 8, args.calib_tokens)
 
 
 @torch.no_grad()
@@ -42,8 +49,13 @@ def layer_inputs(model, batches) -> dict[str, torch.Tensor]:
     hooks = [model.get_submodule(n).register_forward_hook(
         lambda m, args, out, n=n: rows[n].append(args[0].reshape(-1, args[0].shape[-1]).float())) for n in LAYERS]
     try:
-        for ids in batches:
-            model.model(input_ids=ids, use_cache=False)
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            before = {n: len(r) for n, r in rows.items()}
+            model.model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+            if mask is not None:  # keep the real (unpadded) positions only
+                for n, r in rows.items():
+                    r[before[n]] = r[before[n]][mask.reshape(-1).bool()]
     finally:
         for h in hooks:
             h.remove()
@@ -53,15 +65,24 @@ def layer_inputs(model, batches) -> dict[str, torch.Tensor]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=int, default=16, help="circulant block size whose parameter count all get")
-    ap.add_argument("--chunks", type=int, default=48, help="calibration chunks of --chunk-len tokens")
+    ap.add_argument("--calib", default="pydoc-chunks", help="pydoc-chunks, or a --calib source of bcllm eval")
+    ap.add_argument("--calib-samples", type=int, default=96)
+    ap.add_argument("--calib-tokens", type=int, default=48)
+    ap.add_argument("--chunks", type=int, default=32, help="pydoc-chunks: chunks of --chunk-len tokens")
     ap.add_argument("--chunk-len", type=int, default=256)
     ap.add_argument("--ridge", type=float, default=1e-4)
     ap.add_argument("--json")
+    ap.add_argument("--cache", help="keep the collected activations in this .pt file (reused when it exists)")
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m")
-    calib = layer_inputs(model, calibration_chunks(tokenizer, args.chunks, args.chunk_len))
-    held = layer_inputs(model, [torch.tensor([tokenizer(p)["input_ids"]]) for p in load_prompts()])
+    if args.cache and os.path.exists(args.cache):
+        calib, held = torch.load(args.cache)
+    else:
+        calib = layer_inputs(model, calibration_batches(args, model, tokenizer))
+        held = layer_inputs(model, [{"input_ids": torch.tensor([tokenizer(p)["input_ids"]])} for p in load_prompts()])
+        if args.cache:
+            torch.save((calib, held), args.cache)
     b = args.budget
     structures = {"circulant": CirculantConfig(block_size=b), "lowrank": LowRankConfig(budget_block_size=b),
                   "blockdiag": BlockDiagonalConfig(budget_block_size=b), "hybrid": HybridConfig(budget_block_size=b)}
@@ -92,7 +113,7 @@ def main() -> None:
               flush=True)
 
     print(f"\nrelative output error on held-out prompts, budget = circulant b={b} "
-          f"(calibration {rows[0]['calibration_tokens']} tokens of pydoc text, ridge {args.ridge})\n")
+          f"(calibration {rows[0]['calibration_tokens']} tokens of {args.calib}, ridge {args.ridge})\n")
     heads = [f"{s} {f}" for s in structures for f in ("plain", "aware")]
     print("| layer | " + " | ".join(heads) + " |")
     print("|---" * (len(heads) + 1) + "|")
@@ -102,7 +123,7 @@ def main() -> None:
     print("\nsizes: " + "; ".join(f"{s} {rows[0][f'{s}_size']} = {rows[0][f'{s}_params']:,} params"
                                  for s in structures) + f" (dense {rows[0]['dense_params']:,})")
     if args.json:
-        write_json(args.json, {"budget_block_size": b, "ridge": args.ridge, "rows": rows,
+        write_json(args.json, {"budget_block_size": b, "ridge": args.ridge, "calib": args.calib, "rows": rows,
                                "versions": versions(), "command": command_line()})
 
 

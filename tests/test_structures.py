@@ -298,3 +298,26 @@ def test_checkpoint_roundtrip_of_a_structure(tmp_path):
     load_fitted(fresh, tmp_path)
     ids = torch.randint(0, 128, (1, 8))
     assert torch.equal(fresh(ids).logits, student(ids).logits)
+
+
+def test_sequential_fit_and_distillation_take_any_structure():
+    """The other calibration paths: sequential fit (x_s != x_t) and distillation train a low-rank student."""
+    from bcllm.calibrate import fit_sequential_
+    from bcllm.distill import DistillConfig, distill_
+
+    teacher = tiny_model("llama", layers=2)
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 128, (8, 64)), "attention_mask": torch.ones(8, 64, dtype=torch.long)}]
+    ids = batches[0]["input_ids"]
+    ref = teacher(ids).logits
+    student = copy.deepcopy(teacher)
+    compress_(student, LowRankConfig(budget_block_size=8))
+    plain = (student(ids).logits - ref).norm()
+    fit_sequential_(student, teacher, batches, progress=False)
+    fitted = (student(ids).logits - ref).norm()
+    assert fitted < plain
+    before = student.model.layers[0].mlp.up_proj.up.clone()
+    with torch.enable_grad():
+        distill_(student, teacher, batches, cfg=DistillConfig(steps=3, eval_every=100, checkpoint_every=100),
+                 progress=False)
+    assert not torch.equal(student.model.layers[0].mlp.up_proj.up, before)

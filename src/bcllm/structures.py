@@ -3,7 +3,8 @@
 A structure is a config (which layers, what size; the protocol of surgery.CirculantConfig:
 `targets`, `layers`, `build`, `check`, `describe`) and a module with `from_linear` (plain fit
 to W), `fit_(weight, stats, ridge)` (activation-aware fit), `to_dense()`, `num_params` and
-`costs()` (FLOPs, weight bytes, parameters per token, as bcllm.costs counts them). `compress_(model, LowRankConfig(...))` works like the circulant config.
+`costs()` (FLOPs, weight bytes, parameters per token, as bcllm.costs counts them).
+`compress_(model, LowRankConfig(...))` works like the circulant config.
 
 Every activation-aware fit minimises the objective of calibrate.InputStats, ridge included:
 
@@ -334,8 +335,9 @@ class CirculantPlusLowRankLinear(nn.Module):
         With A = xx + lam I and W* = K A^-1, the objective equals that of stats (A, A) and target
         W*, and fixing one part leaves the same problem for the other with target W* - other.
         """
-        a = ridged_gram(stats, ridge)
-        w_star = torch.linalg.solve(a, cross(weight, stats).T).T
+        device = self.circulant.c.device  # the parts' residual targets are formed on the module's device
+        a = ridged_gram(stats, ridge).to(device)
+        w_star = torch.linalg.solve(a, cross(weight, stats).to(device).T).T
         whitened = InputStats(xx=a, xt=a, n=stats.n)
         return self._alternate(
             w_star,
