@@ -155,7 +155,7 @@ def summarize(stats: list[dict], max_new_tokens: int, resamples: int = 1000, see
     return metrics, ci, per_prompt
 
 
-# ---- running a model: teacher-forced logits and greedy continuation in one pass ----
+# ---- running a model: teacher-forced logits (unpadded) and greedy continuations (left-padded) ----
 
 def length_batches(token_ids: list[list[int]], max_batch: int = 32, max_batch_tokens: int = 2048) -> list[list[int]]:
     """Prompt indices sorted by length and cut into batches of at most max_batch prompts and
