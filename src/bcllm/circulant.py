@@ -130,8 +130,9 @@ def circulant_matmul_real(x: torch.Tensor, spec: torch.Tensor, out_features: int
 REAL_PATH_MAX_ROWS = 8
 # Decode products with spectra up to this size run on one thread: they gain nothing from a
 # second one, and on a busy machine each parallel region waits for a descheduled thread
-# (measured on 2 loaded cores, 1536x576 b=16, 1 row: median 60 ms at 2 threads, 0.15 ms at 1).
-SINGLE_THREAD_MAX_BYTES = 1 << 20
+# (measured on 2 loaded cores, 1 row: 1536x576 b=16 median 60 ms at 2 threads, 0.15 ms at 1;
+# 11008x4096 b=64 82 ms vs 6 ms).
+SINGLE_THREAD_MAX_BYTES = 4 << 20
 
 
 @contextlib.contextmanager
