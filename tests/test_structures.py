@@ -321,3 +321,17 @@ def test_sequential_fit_and_distillation_take_any_structure():
         distill_(student, teacher, batches, cfg=DistillConfig(steps=3, eval_every=100, checkpoint_every=100),
                  progress=False)
     assert not torch.equal(student.model.layers[0].mlp.up_proj.up, before)
+
+
+@pytest.mark.slow
+def test_smollm2_budget_16_sizes(smollm2):
+    model, tok = smollm2
+    model = copy.deepcopy(model)
+    ids = tok("Explain what a circulant matrix is.", return_tensors="pt").input_ids
+    for cfg, sizes in [(LowRankConfig(budget_block_size=16, layers="12"), [26]),
+                       (BlockDiagonalConfig(budget_block_size=16, layers="13"), [16]),
+                       (HybridConfig(budget_block_size=16, layers="14"), [13])]:
+        summary = compress_(model, cfg)
+        assert summary["num_modules"] == 3 and summary["config"]["sizes"] == sizes
+        assert summary["circulant_params"] <= summary["config"]["budget_params"] == 3 * 1536 * 576 // 16
+    assert torch.isfinite(model(ids).logits).all()
