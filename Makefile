@@ -27,11 +27,12 @@ eval: setup
 # docs/results.md for SmolLM2-135M: sweep, per-layer scan with budgeted selection, report.
 # Resumable: results live in $(RUN); a rerun measures only the points not yet there.
 # Teacher-forced metrics only (--max-new-tokens 0): greedy generation would multiply the time per point.
+# PROMPTS=FILE evaluates on another prompt file (default: the bundled 100 prompts).
 RUN ?= runs/smollm2-135m
-EXP := --out $(RUN) --max-new-tokens 0
+EXP := --out $(RUN) --max-new-tokens 0 $(if $(PROMPTS),--prompts $(PROMPTS))
 results: setup
 	$(BIN)/bcllm sweep $(EXP) --grid fit frobenius aware --grid layers 12 10-19 all --grid block_size 4 8 16 32 64
-	$(BIN)/bcllm scan $(EXP) --block-size 16 --budget params=0.3 --budget agreement=0.9
+	$(BIN)/bcllm scan $(EXP) --block-size 16 --budget params=0.3 --budget kl=1.0
 	$(BIN)/bcllm report $(RUN) --out docs/results.md --bench $(wildcard $(RUN)/bench*.json)
 
 clean:

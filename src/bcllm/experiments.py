@@ -374,7 +374,10 @@ def sweep_command(args, options: dict) -> None:
     if not axes:
         raise ValueError("the sweep has no axes: give --grid KEY VALUE [VALUE ...] or --grid-file FILE.toml")
     session = Session(args, options)
-    points = expand_grid(session.base_point(), axes)
+    points = [canonical(p, session.num_layers) for p in expand_grid(session.base_point(), axes)]
+    planned = list(dict.fromkeys(point_key(p, session.defaults) for p in points))
+    # The plan is on disk before the first point, so a report of an unfinished sweep shows what is done.
+    write_json(session.out / "sweep.json", {"keys": planned, "axes": axes, "command": command_line()})
     records = session.run(points, "sweep")
     write_json(session.out / "sweep.json", {"keys": [r["key"] for r in records], "axes": axes,
                                             "command": command_line(), "wall_s": session.wall_s()})

@@ -246,13 +246,14 @@ METRICS = [("token_agreement", "token agr."), ("kl_mean", "KL mean"), ("top5_ove
 def sweep_section(records: list[dict], run: dict, img: str, tag: str = "") -> str:
     varying = varying_keys(records, skip=())
     keys = [k for k in ["block_size", "layers"] if k in varying] + [k for k in varying if k not in ("block_size", "layers")]
-    fixed = {k: v for k, v in records[0]["point"].items() if k not in varying}
-    metrics = [(m, h) for m, h in METRICS if any(m in r["metrics"] for r in records)]
+    fixed = {k: v for k, v in records[0]["point"].items() if k not in varying and v not in (None, False)}
+    metrics = [(m, h) for m, h in METRICS if any(r["metrics"].get(m) is not None for r in records)]
     rows = [[r["point"].get(k) for k in keys] + [f"{100 * r['param_reduction']:.1f}"] +
             [r["metrics"].get(m) for m, _ in metrics] + [f"{r['time_s']:.0f}"] for r in records]
     total = sum(r["time_s"] for r in records)
     wall = run["sweep"].get("wall_s")
-    text = [f"## Sweep: {len(records)} points",
+    planned = len(run["sweep"]["keys"])
+    text = [f"## Sweep: {len(records)} points" + (f" measured of {planned} planned (unfinished)" if planned > len(records) else ""),
             f"Fixed settings: {', '.join(f'`{k}={v}`' for k, v in fixed.items()) or 'none'}. "
             f"Sum of point times: {total / 60:.1f} min (model load and teacher outputs not included)"
             + (f"; the last `bcllm sweep` run took {wall / 60:.1f} min in all" if wall else "") + ". "
@@ -271,7 +272,7 @@ def scan_section(records: list[dict], run: dict, img: str, tag: str = "") -> str
     header = ["layer"] + [f"{m} ({s})" if len(labels) > 1 else m for s in labels for m in ("KL mean", "token agr.")]
     rows = [[l] + [x for s in labels for x in ((by[(l, s)]["metrics"]["kl_mean"], by[(l, s)]["metrics"]["token_agreement"])
                                                if (l, s) in by else (None, None))] for l in layers]
-    fixed = {k: v for k, v in records[0]["point"].items() if k != "layers" and k not in varying}
+    fixed = {k: v for k, v in records[0]["point"].items() if k != "layers" and k not in varying and v not in (None, False)}
     return "\n".join([f"## Per-layer sensitivity scan",
                       f"Each decoder layer patched alone; fixed settings: "
                       f"{', '.join(f'`{k}={v}`' for k, v in fixed.items())}. Command: `{run['scan'].get('command', '')}`",
