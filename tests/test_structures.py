@@ -218,9 +218,7 @@ def test_compress_replaces_exactly_selected_within_budget(cfg, cls):
 
 
 @pytest.mark.parametrize("cfg", [
-    LowRankConfig(budget_block_size=8), BlockDiagonalConfig(budget_block_size=8),
-    pytest.param(HybridConfig(budget_block_size=8), marks=pytest.mark.xfail(
-        reason="calibrate.fitted_modules must skip the hybrid's own parts (they have fit_ too)"))],
+    LowRankConfig(budget_block_size=8), BlockDiagonalConfig(budget_block_size=8), HybridConfig(budget_block_size=8)],
     ids=lambda c: type(c).__name__)
 def test_compress_with_aware_fit_of_each_structure(cfg):
     """The calibration driver fits any module with fit_: every structure gets closer to the teacher."""

@@ -53,8 +53,10 @@ class InputStats:
 
 
 def fitted_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """{name: module} of the structured modules of a student: every module with a `fit_` method."""
-    return {n: m for n, m in model.named_modules() if callable(getattr(m, "fit_", None))}
+    """{name: module} of the structured modules of a student: every module with a `fit_` method,
+    except the parts of a composite (the hybrid's circulant and low-rank), which their owner fits."""
+    found = {n: m for n, m in model.named_modules() if callable(getattr(m, "fit_", None))}
+    return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found)}
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
