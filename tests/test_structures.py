@@ -333,3 +333,18 @@ def test_smollm2_budget_16_sizes(smollm2):
         assert summary["num_modules"] == 3 and summary["config"]["sizes"] == sizes
         assert summary["circulant_params"] <= summary["config"]["budget_params"] == 3 * 1536 * 576 // 16
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_model_costs_counts_each_structure_once():
+    """costs.model_costs sums every structure's own costs(); a hybrid's circulant part is not counted twice."""
+    from bcllm.costs import model_costs
+
+    dense = model_costs(tiny_model("llama", layers=2))
+    for cfg in (LowRankConfig(rank=4, targets="mlp"), HybridConfig(block_size=16, rank=2, targets="mlp")):
+        model = tiny_model("llama", layers=2)
+        compress_(model, cfg)
+        got = model_costs(model)
+        structured = [m for n, m in model.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj"))]
+        assert got["structured_layers"] == 6 == len(structured)
+        assert got["dense_layers"] == dense["dense_layers"] - 6
+        assert got["params"] == dense["params"] - 6 * 64 * 96 + sum(m.num_params for m in structured)

@@ -54,7 +54,8 @@ def model_costs(model: nn.Module) -> dict:
     from .fused import FusedCirculantMLP
     from .surgery import is_linear
 
-    total = {"flops": 0.0, "bytes": 0, "params": 0, "dense_layers": 0, "circulant_layers": 0}
+    total = {"flops": 0.0, "bytes": 0, "params": 0, "dense_layers": 0, "circulant_layers": 0,
+             "structured_layers": 0}
 
     def add(costs, kind, n=1):
         for k in ("flops", "bytes", "params"):
@@ -71,6 +72,8 @@ def model_costs(model: nn.Module) -> dict:
             add(layer_costs(module), "circulant_layers")
         elif is_linear(module):
             add(layer_costs(module), "dense_layers")
+        elif callable(getattr(module, "costs", None)):  # other structures (bcllm.structures) count themselves
+            add(module.costs(), "structured_layers")
         else:
             for child in module.children():
                 walk(child)
