@@ -472,8 +472,9 @@ class LowRankConfig:
         _with_name(name, run)
 
     def build(self, name: str, linear: nn.Module) -> nn.Module:
-        _record(self, name, linear, self.rank_for(name, linear))
-        return LowRankLinear.from_linear(linear, self.rank_for(name, linear))
+        rank = self.rank_for(name, linear)
+        _record(self, name, linear, rank)
+        return LowRankLinear.from_linear(linear, rank)
 
     def describe(self) -> dict:
         return {"structure": "lowrank", "rank": self.rank, "budget_block_size": self.budget_block_size,
@@ -516,8 +517,9 @@ class BlockDiagonalConfig:
         _with_name(name, run)
 
     def build(self, name: str, linear: nn.Module) -> nn.Module:
-        _record(self, name, linear, self.num_blocks_for(name, linear))
-        return BlockDiagonalLinear.from_linear(linear, self.num_blocks_for(name, linear))
+        k = self.num_blocks_for(name, linear)
+        _record(self, name, linear, k)
+        return BlockDiagonalLinear.from_linear(linear, k)
 
     def describe(self) -> dict:
         return {"structure": "blockdiag", "num_blocks": self.num_blocks, "budget_block_size": self.budget_block_size,
