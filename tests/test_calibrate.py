@@ -10,7 +10,7 @@ import torch
 from bcllm import circulant
 from bcllm.calibrate import InputStats, fit_aware_, fit_sequential_, fitted_modules
 from bcllm.modules import BlockCirculantLinear
-from bcllm.surgery import CirculantConfig, compress_
+from bcllm import CirculantConfig, compress_
 from conftest import tiny_model
 
 

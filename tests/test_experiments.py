@@ -4,16 +4,12 @@ import json
 import pytest
 
 from bcllm import experiments as ex
-from bcllm.cli import add_compress_args
-
-OPTIONS = ex.point_options(add_compress_args)
-DEFAULTS = {k: a.default for k, a in OPTIONS.items()}
 
 
 def test_grid_file_axes_and_fixed_values(tmp_path):
     f = tmp_path / "grid.toml"
     f.write_text('block_size = [4, 8]\nlayers = ["12", "10-19"]\ntargets = "mlp"\n')
-    axes = ex.read_grid_file(f, OPTIONS)
+    axes = ex.read_grid_file(f)
     assert axes == {"block_size": [4, 8], "layers": ["12", "10-19"], "targets": ["mlp"]}
     points = ex.expand_grid({"block_size": 16, "layers": "all", "targets": "attn"}, axes)
     expected = [{"block_size": b, "layers": l, "targets": "mlp"} for b, l in itertools.product([4, 8], ["12", "10-19"])]
@@ -23,13 +19,13 @@ def test_grid_file_axes_and_fixed_values(tmp_path):
 def test_grid_flags_convert_like_the_option_and_override_the_file(tmp_path):
     f = tmp_path / "grid.toml"
     f.write_text("block-size = [4, 8]\n")
-    axes = ex.grid_axes(OPTIONS, f, [["block_size", "32", "64"], ["layers", "0,3,5", "all"]])
+    axes = ex.grid_axes(f, [["block_size", "32", "64"], ["layers", "0,3,5", "all"]])
     assert axes == {"block_size": [32, 64], "layers": ["0,3,5", "all"]}
 
 
 @pytest.mark.parametrize("text, message", [
     ("block_size = [4, \n", "not valid TOML"),
-    ("blok_size = [4]\n", "unknown grid key 'blok_size'"),
+    ("blok_size = [4]\n", "unknown setting 'blok_size'"),
     ("block_size = ['x']\n", "cannot read 'x' as int"),
     ("block_size = []\n", "empty list"),
     ("block_size = [[4]]\n", "must be a number or a string"),
@@ -40,21 +36,21 @@ def test_malformed_grid_files_give_clear_errors(tmp_path, text, message):
     f = tmp_path / "grid.toml"
     f.write_text(text)
     with pytest.raises(ValueError, match=message):
-        ex.read_grid_file(f, OPTIONS)
+        ex.read_grid_file(f)
 
 
 def test_missing_and_binary_grid_files(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        ex.read_grid_file(tmp_path / "nope.toml", OPTIONS)
+        ex.read_grid_file(tmp_path / "nope.toml")
     f = tmp_path / "bin.toml"
     f.write_bytes(b"\xff\xfe\x00\x01")
     with pytest.raises(ValueError, match="not valid TOML"):
-        ex.read_grid_file(f, OPTIONS)
+        ex.read_grid_file(f)
 
 
 def test_grid_flag_without_values():
     with pytest.raises(ValueError, match="at least one value"):
-        ex.grid_axes(OPTIONS, None, [["block_size"]])
+        ex.grid_axes(None, [["block_size"]])
 
 
 def test_layers_spec_is_canonical():
@@ -69,10 +65,10 @@ def test_layers_spec_is_canonical():
 
 
 def test_point_key_ignores_defaults_and_order():
-    a = ex.point_key({"layers": "12", "block_size": 16, "targets": "mlp"}, DEFAULTS)
-    b = ex.point_key({"block_size": 16, "layers": "12"}, DEFAULTS)
+    a = ex.point_key({"layers": "12", "block_size": 16, "targets": "mlp"})
+    b = ex.point_key({"block_size": 16, "layers": "12"})
     assert a == b == json.dumps({"layers": "12"})
-    assert ex.point_key({"layers": "12", "block_size": 8}, DEFAULTS) != a
+    assert ex.point_key({"layers": "12", "block_size": 8}) != a
 
 
 def fake_measure(calls, fail_after=None):
@@ -89,17 +85,17 @@ def test_resume_after_a_failure_does_not_recompute_finished_points(tmp_path):
     points = ex.expand_grid({}, {"block_size": [4, 8, 16, 32], "layers": ["12", "all"]})
     first = []
     with pytest.raises(RuntimeError):
-        ex.run_points(points, fake_measure(first, fail_after=3), results, DEFAULTS)
+        ex.run_points(points, fake_measure(first, fail_after=3), results)
     assert len(first) == 3 and len(ex.finished(results)) == 3
     before = results.read_text()
     second = []
-    records = ex.run_points(points, fake_measure(second), results, DEFAULTS)
+    records = ex.run_points(points, fake_measure(second), results)
     assert [p for p in second] == points[3:]             # only the unfinished points ran
     assert results.read_text().startswith(before)        # nothing written before was changed
     assert [r["point"] for r in records] == points       # all records come back, in grid order
     assert [r["metrics"]["kl_mean"] for r in records] == [p["block_size"] / 100 for p in points]
     third = []
-    ex.run_points(points, fake_measure(third), results, DEFAULTS)
+    ex.run_points(points, fake_measure(third), results)
     assert third == []
 
 
@@ -110,11 +106,11 @@ def test_points_finished_meanwhile_by_another_process_are_skipped(tmp_path):
 
     def measure(point):  # while point 4 runs, "another process" finishes point 8
         if point["block_size"] == 4:
-            ex.run_points([points[1]], fake_measure([]), results, DEFAULTS)
+            ex.run_points([points[1]], fake_measure([]), results)
         calls.append(point)
         return {"metrics": {}}
 
-    records = ex.run_points(points, measure, results, DEFAULTS)
+    records = ex.run_points(points, measure, results)
     assert calls == [points[0], points[2]]
     assert [r["point"] for r in records] == points
 
@@ -122,11 +118,11 @@ def test_points_finished_meanwhile_by_another_process_are_skipped(tmp_path):
 def test_a_torn_last_line_is_recomputed_and_earlier_lines_kept(tmp_path):
     results = tmp_path / "results.jsonl"
     points = ex.expand_grid({}, {"block_size": [4, 8]})
-    ex.run_points(points[:1], fake_measure([]), results, DEFAULTS)
+    ex.run_points(points[:1], fake_measure([]), results)
     with open(results, "a") as f:
         f.write('{"key": "torn')                          # a kill in the middle of a write
     calls = []
-    ex.run_points(points, fake_measure(calls), results, DEFAULTS)
+    ex.run_points(points, fake_measure(calls), results)
     assert calls == points[1:]
     assert len(ex.finished(results)) == 2                 # the new record did not land on the torn line
 
@@ -204,15 +200,14 @@ def test_pareto_front_against_brute_force():
 
 # ---------------------------------------------------------------- end to end on a tiny model folder
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+def make_tiny_folder(folder):
     """A tiny random Llama saved as a model folder with a word-level tokenizer, so the CLI can load it."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from conftest import tiny_model
 
-    folder = tmp_path_factory.mktemp("tiny")
+    folder.mkdir(parents=True, exist_ok=True)
     vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(120)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -221,6 +216,11 @@ def tiny_folder(tmp_path_factory):
     prompts = folder / "prompts.txt"
     prompts.write_text("\n".join(" ".join(f"w{(7 * i + j) % 120}" for j in range(3 + i % 4)) for i in range(6)))
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny"))
 
 
 def sweep_argv(folder, out, *grid):
@@ -286,7 +286,7 @@ def test_sweep_refuses_another_model_and_bad_grids(tiny_folder, tmp_path, cache,
     assert main(sweep_argv(other, out, "--grid", "block_size", "2")) == 2
     assert "holds results for model=" in capsys.readouterr().err
     assert main(sweep_argv(tiny_folder, out, "--grid", "blocksize", "2")) == 2
-    assert "unknown grid key 'blocksize'" in capsys.readouterr().err
+    assert "--grid: unknown setting 'blocksize'" in capsys.readouterr().err
     bad = tmp_path / "bad.toml"
     bad.write_text("block_size = [2,\n")
     assert main(sweep_argv(tiny_folder, out, "--grid-file", str(bad))) == 2
@@ -340,18 +340,18 @@ def test_report_renders_tables_and_plots_from_result_files(tmp_path):
         n = {"0": 1, "0-1": 2, "all": 4}[layers]
         point = {"fit": fit, "block_size": b, "layers": layers}
         kl = 0.1 * n * b / 4 / (2 if fit == "aware" else 1)
-        append_jsonl(run / "results.jsonl", {"key": ex.point_key(point, DEFAULTS), "point": point, "time_s": 1.0,
+        append_jsonl(run / "results.jsonl", {"key": ex.point_key(point), "point": point, "time_s": 1.0,
                                              "metrics": {"kl_mean": kl, "token_agreement": 1 / (1 + kl)},
                                              "param_reduction": n * 0.1 * (1 - 1 / b), "num_layers": n})
-        keys.append(ex.point_key(point, DEFAULTS))
+        keys.append(ex.point_key(point))
     write_json(run / "sweep.json", {"keys": keys, "command": "bcllm sweep ..."})
     scan = []
     for layer in range(4):
         point = {"layers": str(layer)}
-        append_jsonl(run / "results.jsonl", {"key": ex.point_key(point, DEFAULTS), "point": point, "time_s": 1.0,
+        append_jsonl(run / "results.jsonl", {"key": ex.point_key(point), "point": point, "time_s": 1.0,
                                              "metrics": {"kl_mean": 0.1 + layer, "token_agreement": 0.9 - layer / 10},
                                              "param_reduction": 0.09, "num_layers": 1})
-        scan.append(ex.point_key(point, DEFAULTS))
+        scan.append(ex.point_key(point))
     write_json(run / "scan.json", {"keys": scan, "command": "bcllm scan ..."})
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"results": [{"shape": [1536, 576], "tokens": 1, "block_size": b, "speedup": b / 2}

@@ -11,8 +11,8 @@ from bcllm.calibrate import InputStats
 from bcllm.modules import BlockCirculantLinear
 from bcllm.structures import (BlockDiagonalConfig, BlockDiagonalLinear, CirculantPlusLowRankLinear,
                               HybridConfig, LowRankConfig, LowRankLinear, budget_report, circulant_params,
-                              config_for, fit_objective)
-from bcllm.surgery import CirculantConfig
+                              fit_objective)
+from bcllm.structures import CirculantConfig
 from conftest import tiny_model
 
 F64 = torch.float64
@@ -183,16 +183,14 @@ def test_hybrid_costs_are_the_sum_of_its_parts():
 
 
 def test_budget_sizes_on_smollm2_shapes():
-    mlp = nn.Linear(576, 1536, bias=False, device="meta")
     assert circulant_params(1536, 576, 16) == 1536 * 576 // 16
-    assert LowRankConfig(budget_block_size=16).rank_for("gate_proj", mlp) == 26   # 55296 // 2112
-    assert BlockDiagonalConfig(budget_block_size=16).num_blocks_for("gate_proj", mlp) == 16
+    assert LowRankConfig(budget_block_size=16).size_for("gate_proj", 1536, 576) == {"rank": 26}   # 55296 // 2112
+    assert BlockDiagonalConfig(budget_block_size=16).size_for("gate_proj", 1536, 576) == {"num_blocks": 16}
     hybrid = HybridConfig(budget_block_size=16)
-    assert hybrid.block_size == 32 and hybrid.rank_for("gate_proj", mlp) == 13
+    assert hybrid.size_for("gate_proj", 1536, 576) == {"block_size": 32, "rank": 13}
     # non-divisible: 100x70 at b=16 -> circulant 7*5*16 = 560 weights
-    odd = nn.Linear(70, 100, bias=False, device="meta")
-    assert LowRankConfig(budget_block_size=16).rank_for("x", odd) == 560 // 170
-    k = BlockDiagonalConfig(budget_block_size=16).num_blocks_for("x", odd)
+    assert LowRankConfig(budget_block_size=16).size_for("x", 100, 70)["rank"] == 560 // 170
+    k = BlockDiagonalConfig(budget_block_size=16).size_for("x", 100, 70)["num_blocks"]
     assert k * -(-100 // k) * -(-70 // k) <= 560 < (k - 1) * -(-100 // (k - 1)) * -(-70 // (k - 1))
 
 
@@ -255,9 +253,16 @@ def test_impossible_budgets_are_refused_and_model_unchanged(cfg, match):
     assert all(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.endswith("proj"))
 
 
+def config_for(structure, **options):
+    from bcllm.pipeline import StudentSpec, config_for as spec_config
+
+    return spec_config(StudentSpec(structure=structure, **options))
+
+
 def test_config_for_rules():
-    assert config_for("circulant", block_size=8) == CirculantConfig(block_size=8)
-    assert config_for("circulant", block_size=8, param_budget=32) == CirculantConfig(block_size=32)
+    where = dict(targets="mlp", layers="all")
+    assert config_for("circulant", block_size=8) == CirculantConfig(block_size=8, **where)
+    assert config_for("circulant", block_size=8, param_budget=32) == CirculantConfig(block_size=32, **where)
     assert config_for("lowrank", block_size=8).budget_block_size == 8
     assert config_for("lowrank", rank=4).rank == 4
     assert config_for("blockdiag", param_budget=16).budget_block_size == 16
@@ -266,7 +271,7 @@ def test_config_for_rules():
     assert (h.block_size, h.rank, h.budget_block_size) == (8, 3, None)
     with pytest.raises(ValueError, match="allowed: circulant, lowrank, blockdiag, hybrid"):
         config_for("sparse")
-    with pytest.raises(ValueError, match="--rank applies to lowrank and hybrid"):
+    with pytest.raises(ValueError, match="^rank applies to lowrank and hybrid"):
         config_for("blockdiag", rank=3)
     with pytest.raises(ValueError, match="not both"):
         config_for("lowrank", rank=3, param_budget=16)
@@ -278,8 +283,9 @@ def test_summary_reports_actual_sizes_and_budget():
     model = tiny_model("llama", layers=2)
     summary = compress_(model, LowRankConfig(budget_block_size=8, targets="mlp"))
     # 96x64 and 64x96 layers: circulant b=8 has 96*64/8 = 768 weights -> rank 768 // 160 = 4
-    assert summary["config"]["sizes"] == [4]
-    assert summary["config"]["budget_params"] == 6 * 768
+    assert set(summary["sizes"]) == set(summary["modules"]) and len(summary["modules"]) == 6
+    assert all(size == {"rank": 4} for size in summary["sizes"].values())
+    assert summary["budget_params"] == 6 * 768
     assert summary["circulant_params"] == 6 * 4 * 160
 
 
@@ -326,12 +332,12 @@ def test_smollm2_budget_16_sizes(smollm2):
     model, tok = smollm2
     model = copy.deepcopy(model)
     ids = tok("Explain what a circulant matrix is.", return_tensors="pt").input_ids
-    for cfg, sizes in [(LowRankConfig(budget_block_size=16, layers="12"), [26]),
-                       (BlockDiagonalConfig(budget_block_size=16, layers="13"), [16]),
-                       (HybridConfig(budget_block_size=16, layers="14"), [13])]:
+    for cfg, size in [(LowRankConfig(budget_block_size=16, layers="12"), {"rank": 26}),
+                      (BlockDiagonalConfig(budget_block_size=16, layers="13"), {"num_blocks": 16}),
+                      (HybridConfig(budget_block_size=16, layers="14"), {"block_size": 32, "rank": 13})]:
         summary = compress_(model, cfg)
-        assert summary["num_modules"] == 3 and summary["config"]["sizes"] == sizes
-        assert summary["circulant_params"] <= summary["config"]["budget_params"] == 3 * 1536 * 576 // 16
+        assert summary["num_modules"] == 3 and list(summary["sizes"].values()) == [size] * 3
+        assert summary["circulant_params"] <= summary["budget_params"] == 3 * 1536 * 576 // 16
     assert torch.isfinite(model(ids).logits).all()
 
 

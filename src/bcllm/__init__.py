@@ -1,11 +1,17 @@
 """bcllm: block-circulant linear layers for pretrained language models, run with the FFT."""
 
+from .artifact import export_student, load_student
 from .circulant import project_frobenius, spectra, to_dense
+from .errors import InputError
 from .models import DEFAULT_MODEL, load_model
 from .modules import BlockCirculantLinear
-from .surgery import CirculantConfig, compress_, select_modules
+from .pipeline import StudentIO, StudentSpec, build_student
+from .structures import STRUCTURES, BlockDiagonalConfig, CirculantConfig, HybridConfig, LowRankConfig, register
+from .surgery import compress_, select_modules
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockCirculantLinear", "CirculantConfig", "compress_", "select_modules", "load_model",
-           "DEFAULT_MODEL", "project_frobenius", "spectra", "to_dense", "__version__"]
+__all__ = ["BlockCirculantLinear", "CirculantConfig", "LowRankConfig", "BlockDiagonalConfig", "HybridConfig",
+           "STRUCTURES", "register", "compress_", "select_modules", "load_model", "DEFAULT_MODEL",
+           "StudentSpec", "StudentIO", "build_student", "load_student", "export_student", "InputError", "project_frobenius", "spectra", "to_dense",
+           "__version__"]

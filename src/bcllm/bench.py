@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import InputError
 from . import costs
 from .modules import BlockCirculantLinear
 
@@ -58,13 +59,18 @@ def llc_bytes() -> int:
     return 32 << 20
 
 
+def gpu_l2_bytes(device) -> int:
+    """The GPU's L2 cache, the last level a weight read passes through there (H100/H200: 50-60 MiB)."""
+    return getattr(torch.cuda.get_device_properties(torch.device(device)), "L2_cache_size", 0) or 50 << 20
+
+
 def parse_shape(text: str) -> tuple[int, int]:
     try:
         out_features, in_features = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"cannot parse shape {text!r}: write OUTxIN, e.g. 11008x4096") from None
+        raise InputError(f"cannot parse shape {text!r}: write OUTxIN, e.g. 11008x4096") from None
     if out_features < 1 or in_features < 1:
-        raise ValueError(f"shape {text!r} must have positive dimensions")
+        raise InputError(f"shape {text!r} must have positive dimensions")
     return out_features, in_features
 
 
@@ -72,9 +78,9 @@ def parse_ints(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"cannot parse {what} {text!r}: give integers separated by commas, e.g. 1,16,128") from None
+        raise InputError(f"cannot parse {what} {text!r}: give integers separated by commas, e.g. 1,16,128") from None
     if not values or min(values) < 1:
-        raise ValueError(f"{what} {text!r} must be positive integers")
+        raise InputError(f"{what} {text!r} must be positive integers")
     return values
 
 
@@ -93,17 +99,20 @@ def model_shapes(model: nn.Module) -> list[tuple[int, int]]:
     return shapes
 
 
-def median_time(calls: list, repeats: int, warmup: int, budget_s: float) -> tuple[float, int]:
+def median_time(calls: list, repeats: int, warmup: int, budget_s: float, done=lambda: None) -> tuple[float, int]:
     """Median seconds per call over repeats of one pass through `calls` (after warm-up passes).
+    `done()` ends each pass (a GPU sync: the pass's queued work counts, one sync per pass).
     Repeats are cut to fit about budget_s, but never below 3."""
     for _ in range(warmup):
         for call in calls:
             call()
+    done()
     times = []
     while len(times) < repeats:
         t = time.perf_counter()
         for call in calls:
             call()
+        done()
         times.append((time.perf_counter() - t) / len(calls))
         if len(times) >= 3 and sum(times) * len(calls) > budget_s:
             break
@@ -115,7 +124,8 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
                 llc: int | None = None) -> dict:
     """One point: dense nn.Linear vs BlockCirculantLinear (spectra cached), hot and cold."""
     torch.manual_seed(seed)
-    llc = llc or llc_bytes()
+    cuda = torch.device(device).type == "cuda"
+    llc = llc or (gpu_l2_bytes(device) if cuda else llc_bytes())
     dense_cost = costs.dense_costs(out_features, in_features, bytes_per_param=torch.tensor([], dtype=dtype).element_size())
     circ_cost = costs.circulant_costs(out_features, in_features, block_size)
     # Enough distinct weights that one pass reads over twice the last-level cache (capped for
@@ -130,15 +140,15 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
             layer.spectra()  # built once, as at model load
     x = torch.randn(tokens, in_features, device=device, dtype=dtype)
     def calls(layers, n):
-        if torch.device(device).type == "cuda":
-            return [(lambda m=layers[i % len(layers)]: (m(x), sync(device))) for i in range(n)]
         return [functools.partial(layers[i % len(layers)], x) for i in range(n)]
 
+    # GPU: kernels queue up; one sync per pass, and hot passes of 16 calls so the sync does not dominate
+    hot, done = (16, functools.partial(sync, device)) if cuda else (1, lambda: None)
     with torch.inference_mode():  # (layers are built outside it: their caches check version counters)
-        t_dense_hot, _ = median_time(calls(dense[:1], 1), repeats, warmup, budget_s)
-        t_circ_hot, _ = median_time(calls(circ[:1], 1), repeats, warmup, budget_s)
-        t_dense, r_dense = median_time(calls(dense, max(n_dense, 2)), repeats, 1, budget_s)
-        t_circ, r_circ = median_time(calls(circ, n_circ), repeats, 1, budget_s)
+        t_dense_hot, _ = median_time(calls(dense[:1], hot), repeats, warmup, budget_s, done)
+        t_circ_hot, _ = median_time(calls(circ[:1], hot), repeats, warmup, budget_s, done)
+        t_dense, r_dense = median_time(calls(dense, max(n_dense, 2)), repeats, 1, budget_s, done)
+        t_circ, r_circ = median_time(calls(circ, n_circ), repeats, 1, budget_s, done)
     return {
         "shape": f"{out_features}x{in_features}", "out_features": out_features, "in_features": in_features,
         "block_size": block_size, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
@@ -182,6 +192,7 @@ def _greedy_decode(model, ids: torch.Tensor, new_tokens: int) -> float:
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(ids, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
+    sync(ids.device)  # the untimed prefill may still be running on a GPU
     t = time.perf_counter()
     for _ in range(new_tokens):
         out = model(token, use_cache=True, **{cache_arg: out["cache" if "cache" in out else "past_key_values"]})

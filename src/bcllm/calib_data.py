@@ -20,6 +20,7 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from .errors import InputError
 from .models import cache_dir
 
 SOURCES = ("self-chat", "self-seed", "pydoc")
@@ -81,12 +82,12 @@ def self_generated(model, tokenizer, n: int, kind: str = "self-chat", max_new_to
     """n calibration samples written by the model itself, cached on disk (same model, kind, n,
     length and seed -> same file). self-chat needs a chat template; self-seed works on any model."""
     if kind not in ("self-chat", "self-seed"):
-        raise ValueError(f"unknown self-generated kind {kind!r}; allowed: self-chat, self-seed")
+        raise InputError(f"unknown self-generated kind {kind!r}; allowed: self-chat, self-seed", "calib")
     if n < 1:
-        raise ValueError(f"number of calibration samples must be >= 1, got {n}")
+        raise InputError(f"number of calibration samples must be >= 1, got {n}", "calib_samples")
     if kind == "self-chat" and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("self-chat calibration needs a chat template; this tokenizer has none: use self-seed")
-    from .evaluate import model_fingerprint
+        raise InputError("self-chat calibration needs a chat template; this tokenizer has none: use self-seed", "calib")
+    from .models import model_fingerprint
 
     key = hashlib.sha256(json.dumps([model_id, model_fingerprint(model), kind, n, max_new_tokens, seed]).encode())
     path = cache_dir() / "calib" / f"{kind}-{n}-{max_new_tokens}-{seed}-{key.hexdigest()[:16]}.json"
@@ -140,9 +141,9 @@ def check_overlap(samples: list[str], prompts: list[str], ngram: int = 10, force
                 any(" ".join(words[k:k + ngram]) in grams for k in range(len(words) - ngram + 1)):
             bad.append(i)
     if bad and not force:
-        raise ValueError(f"{len(bad)} calibration samples overlap the evaluation prompts (first: line "
+        raise InputError(f"{len(bad)} calibration samples overlap the evaluation prompts (first: line "
                          f"{bad[0] + 1}: {samples[bad[0]][:60]!r}); calibrating on evaluation text flatters the "
-                         f"figures. Use other calibration text, or force it (--force-overlap)")
+                         f"figures. Use other calibration text, or force it (force_overlap)", "force_overlap")
     return len(bad)
 
 
@@ -151,7 +152,7 @@ def make_batches(tokenizer, samples: list[str], batch_size: int = 8, max_length:
     """Right-padded token batches {input_ids, attention_mask}, samples cut to max_length tokens.
     Samples are sorted by length first so that batches carry little padding."""
     if not samples:
-        raise ValueError("no calibration samples")
+        raise InputError("no calibration samples")
     ids = [tokenizer(s, truncation=True, max_length=max_length)["input_ids"] for s in samples]
     ids = sorted((i for i in ids if len(i) >= 2), key=len)
     batches = []

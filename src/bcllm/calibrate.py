@@ -7,55 +7,25 @@ Every fit in bcllm (any structure) minimises, over calibration tokens n,
 where x_s is the input the compressed layer sees and x_t the input the original
 layer sees at the same position (x_s == x_t unless the fit is sequential). That
 objective depends on the data only through two (in, in) matrices, accumulated
-over batches (memory independent of the number of tokens):
+over batches (memory independent of the number of tokens): stats.InputStats.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .modules import linear_weight
+from .errors import InputError
+from .modules import StructuredLinear, linear_weight
+from .stats import InputStats  # noqa: F401 (the fits' statistics; re-exported)
 from .surgery import decoder_layers, layer_index
 
 
-@dataclass
-class InputStats:
-    """Second moments of one layer's calibration inputs, float64.
-
-    xx: (in, in) sum_n x_s,n x_s,n^T
-    xt: (in, in) sum_n x_s,n x_t,n^T  (equals xx when the inputs are the same)
-    n:  number of tokens accumulated
-    The objective above is tr(W_hat xx W_hat^T) - 2 tr(W_hat xt W^T) + const.
-    """
-
-    xx: torch.Tensor
-    xt: torch.Tensor
-    n: int
-
-    @classmethod
-    def zeros(cls, in_features: int, shared: bool = True, device=None) -> "InputStats":
-        """Empty statistics; shared=True makes xt the same tensor as xx (x_s == x_t)."""
-        xx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
-        return cls(xx, xx if shared else torch.zeros_like(xx), 0)
-
-    def add_(self, x_s: torch.Tensor, x_t: torch.Tensor | None = None) -> None:
-        """Accumulate rows (N, in). Products in float32 (float64 inputs stay float64), sums in float64."""
-        dtype = torch.float64 if x_s.dtype == torch.float64 else torch.float32
-        x_s = x_s.to(dtype)
-        self.xx += (x_s.T @ x_s).to(torch.float64)
-        if self.xt is not self.xx:
-            self.xt += (x_s.T @ x_t.to(dtype)).to(torch.float64)
-        self.n += x_s.shape[0]
-
-
 def fitted_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """{name: module} of the structured modules of a student: every module with a `fit_` method,
+    """{name: module} of the structured modules of a student: every modules.StructuredLinear,
     except the parts of a composite (the hybrid's circulant and low-rank), which their owner fits."""
-    found = {n: m for n, m in model.named_modules() if callable(getattr(m, "fit_", None))}
+    found = {n: m for n, m in model.named_modules() if isinstance(m, StructuredLinear)}
     return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found)}
 
 
@@ -98,11 +68,11 @@ def check_pair(student: nn.Module, teacher: nn.Module) -> dict[str, nn.Module]:
     """The student's structured modules; each must exist as a linear layer in the teacher."""
     modules = fitted_modules(student)
     if not modules:
-        raise ValueError("the student has no structured module with a fit_ method: compress it first")
+        raise InputError("the student has no structured module with a fit_ method: compress it first")
     teacher_names = dict(teacher.named_modules())
     missing = [n for n in modules if n not in teacher_names]
     if missing:
-        raise ValueError(f"teacher has no module named {missing[0]!r}: the student must be a compressed "
+        raise InputError(f"teacher has no module named {missing[0]!r}: the student must be a compressed "
                          f"copy of the teacher")
     return modules
 
@@ -201,7 +171,7 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
     layers_s = student.get_submodule(prefix)
     outside = [n for n in modules if layer_index(n, prefix) is None]
     if outside:
-        raise ValueError(f"sequential fit handles modules inside decoder layers only; {outside[0]!r} is "
+        raise InputError(f"sequential fit handles modules inside decoder layers only; {outside[0]!r} is "
                          f"outside: use the aware fit")
     batches = list(batches)
     masks = [b.get("attention_mask") for b in batches]
@@ -244,43 +214,3 @@ def _first_group_stats(layer_s, layer_t, h_s, h_t, extra, masks, todo):
         cap_s.remove()
         cap_t.remove()
     return stats, group
-
-
-FITS = ("frobenius", "aware", "sequential")
-
-
-def calibrate_student(student: nn.Module, teacher: nn.Module, tokenizer, samples: list[str], fit: str = "aware",
-                      ridge: float = 1e-4, max_length: int = 128, batch_size: int = 8, distill=None,
-                      held_out_fraction: float = 0.1, distill_dir=None, resume: bool = False,
-                      progress: bool = True) -> dict:
-    """Fit (fit: frobenius = keep the projection, aware, sequential) and then optionally distil
-    (distill: a distill.DistillConfig) the structured modules of `student` on calibration text.
-    Distillation holds out the last `held_out_fraction` of the samples for its held-out KL."""
-    import time
-
-    from .calib_data import make_batches
-    from .distill import distill_, trainable_parameters
-
-    if fit not in FITS:
-        raise ValueError(f"unknown fit {fit!r}; allowed: {', '.join(FITS)}")
-    device = next(student.parameters()).device
-    info = {"fit": fit, "samples": len(samples), "ridge": ridge, "max_length": max_length}
-    n_held = int(len(samples) * held_out_fraction) if distill is not None else 0
-    train = make_batches(tokenizer, samples[:len(samples) - n_held], batch_size, max_length, device)
-    info["tokens"] = int(sum(b["attention_mask"].sum() for b in train))
-    start = time.perf_counter()
-    if fit == "aware":
-        fit_aware_(student, teacher, train, ridge, progress)
-    elif fit == "sequential":
-        fit_sequential_(student, teacher, train, ridge, progress)
-    info["fit_s"] = time.perf_counter() - start
-    if distill is not None:
-        held = make_batches(tokenizer, samples[len(samples) - n_held:], batch_size, max_length, device) if n_held else []
-        start = time.perf_counter()
-        result = distill_(student, teacher, train, held, distill, checkpoint_dir=distill_dir, resume=resume,
-                          progress=progress)
-        info["distill_s"] = time.perf_counter() - start
-        info["distill"] = {k: v for k, v in result.items() if k not in ("loss", "trainable")}
-        inside = tuple(f"{n}." for n in fitted_modules(student))
-        info["extra_params"] = [n for n in trainable_parameters(student, distill.train_norms) if not n.startswith(inside)]
-    return info

@@ -6,7 +6,7 @@ A folder holds
   fitted.json         the config (its class name and fields), the module names and types, the
                       fingerprint of the original weights, and how the fit was made.
 Loading rebuilds the modules on a fresh original model with `compress_(model, config)` (any
-structure: the config class is looked up by name), then loads the saved tensors over them.
+structure: the config class is looked up in the structures registry), then loads the saved tensors over them.
 """
 
 from __future__ import annotations
@@ -18,31 +18,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError, InputFileError
 from .calibrate import fitted_modules
+from .structures import config_class
+from .surgery import compress_
 from .results import command_line, versions, write_json
 
 FORMAT = 1
 
 
-def _config_class(name: str):
-    from . import structures, surgery
-
-    for module in (surgery, structures):
-        cls = getattr(module, name, None)
-        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
-            return cls
-    raise ValueError(f"saved config type {name!r} is not a config class of this bcllm version")
-
-
-def save_fitted(student, folder, config, original_fingerprint: str = "", extra_params=(), info=None) -> Path:
-    """Write the structured modules of `student` (plus named `extra_params`) to `folder`."""
+def save_fitted(student, folder, config, original_fingerprint: str = "", extra_params=(), info=None,
+                base: dict | None = None) -> Path:
+    """Write the structured modules of `student` (plus named `extra_params`) to `folder`; `base` is the
+    record of the base model (bcllm.artifact.base_record), which lets load_student find it again."""
     if not dataclasses.is_dataclass(config):
-        raise TypeError(f"config must be a dataclass config (CirculantConfig, ...), got {type(config).__name__}")
+        raise InputError(f"config must be a dataclass config (CirculantConfig, ...), got {type(config).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     modules = fitted_modules(student)
     if not modules:
-        raise ValueError("the student has no structured module to save: compress it first")
+        raise InputError("the student has no structured module to save: compress it first")
     tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items()
                for k, v in m.state_dict().items()}
     params = dict(student.named_parameters())
@@ -54,7 +49,7 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
     write_json(folder / "fitted.json", {
         "format": FORMAT, "config_type": type(config).__name__, "config": dataclasses.asdict(config),
         "modules": {name: type(m).__name__ for name, m in modules.items()}, "extra_params": list(extra_params),
-        "original_fingerprint": original_fingerprint, "info": info or {}, "versions": versions(),
+        "original_fingerprint": original_fingerprint, "info": info or {}, "base": base, "versions": versions(),
         "command": command_line()})
     return folder
 
@@ -62,33 +57,33 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
 def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
     """Turn a fresh original `model` into the saved student, in place; returns compress_'s summary
     plus the saved "info". Refuses a folder saved from other original weights."""
-    from .evaluate import model_fingerprint
-    from .surgery import compress_
+    from .models import model_fingerprint
 
     folder = Path(folder)
     meta_path = folder / "fitted.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} holds no fitted student (no fitted.json); save one with --save")
+        raise InputFileError(f"{str(folder)!r} holds no fitted student (no fitted.json); save one with "
+                             f"checkpoint.save_fitted (the save option)", "load")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{str(meta_path)!r} has format {meta.get('format')}, this bcllm reads {FORMAT}")
+        raise InputError(f"{str(meta_path)!r} has format {meta.get('format')}, this bcllm reads {FORMAT}")
     if check_fingerprint and meta.get("original_fingerprint"):
         if model_fingerprint(model) != meta["original_fingerprint"]:
-            raise ValueError(f"{str(folder)!r} was fitted on other original weights than this model's; "
+            raise InputError(f"{str(folder)!r} was fitted on other original weights than this model's; "
                              f"load it on the model it was made from")
-    config = _config_class(meta["config_type"])(**meta["config"])
+    config = config_class(meta["config_type"])(**meta["config"])
     summary = compress_(model, config)
     built = {name: type(m).__name__ for name, m in fitted_modules(model).items()}
     if built != meta["modules"]:
-        raise ValueError(f"rebuilding {str(folder)!r} gave other modules than were saved "
+        raise InputError(f"rebuilding {str(folder)!r} gave other modules than were saved "
                          f"({len(built)} vs {len(meta['modules'])}): the model does not match")
     tensors = load_file(str(folder / "fitted.safetensors"), device=str(next(model.parameters()).device))
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, tensor in tensors.items():
         if name not in state:
-            raise ValueError(f"saved tensor {name!r} has no place in this model")
+            raise InputError(f"saved tensor {name!r} has no place in this model")
         if state[name].shape != tensor.shape:
-            raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model shape {tuple(state[name].shape)}")
+            raise InputError(f"{name}: saved shape {tuple(tensor.shape)} != model shape {tuple(state[name].shape)}")
     with torch.no_grad():  # in place, so version counters move and cached spectra are rebuilt
         for name, tensor in tensors.items():
             state[name].copy_(tensor)

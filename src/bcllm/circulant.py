@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from .errors import InputError
+
 
 def grid_shape(out_features: int, in_features: int, block_size: int) -> tuple[int, int]:
     """(p, q): number of block rows and block columns, padding included."""
@@ -44,7 +46,7 @@ def project_frobenius(weight: torch.Tensor, block_size: int) -> torch.Tensor:
     that exist (padding excluded). One index_add over all b*b entries, no Python loop.
     """
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        raise InputError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
     w = weight.detach().to(torch.float64)
     idx = _diagonal_index(block_size, w.device)
     blocks = _to_blocks(w, block_size)
@@ -149,9 +151,15 @@ def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
                      block_size: int) -> torch.Tensor:
     """y = x @ W.T for the block-circulant W with frequency-major spectra `spec` (F, q, p).
 
-    x: (N, in) float32. Returns (N, out) float32 (a view: may be non-contiguous when
-    out is not a multiple of b). Picks the faster formulation by row count.
+    x: (N, in), computed in float32 whatever its dtype (no 16-bit FFT on the CPU, none for bf16
+    on CUDA, fp16 there only for powers of two). Returns (N, out) float32 (a view: may be
+    non-contiguous when out is not a multiple of b). Picks the faster formulation by row count.
     """
+    if x.dtype != torch.float32:
+        x = x.float()
+    if torch.is_autocast_enabled(x.device.type):  # else the real path's matmuls (not the complex) drop to 16 bits
+        with torch.autocast(x.device.type, enabled=False):
+            return circulant_matmul(x, spec, out_features, in_features, block_size)
     if x.shape[0] > REAL_PATH_MAX_ROWS:
         return circulant_matmul_complex(x, spec, out_features, in_features, block_size)
     if x.device.type == "cpu" and spec.numel() * 8 <= SINGLE_THREAD_MAX_BYTES and torch.get_num_threads() > 1:
@@ -182,7 +190,7 @@ def fit_aware(weight: torch.Tensor, xx: torch.Tensor, xt: torch.Tensor, block_si
     domain over the rows that exist.
     """
     if weight.dim() != 2 or xx.shape != (weight.shape[1],) * 2 or xt.shape != xx.shape:
-        raise ValueError(f"fit_aware: weight (out, in) needs xx and xt of shape (in, in); got weight "
+        raise InputError(f"fit_aware: weight (out, in) needs xx and xt of shape (in, in); got weight "
                          f"{tuple(weight.shape)}, xx {tuple(xx.shape)}, xt {tuple(xt.shape)}")
     out_features, in_features = weight.shape
     b = block_size

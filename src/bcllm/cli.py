@@ -1,19 +1,41 @@
 """The `bcllm` command line. Each subcommand is a `cmd_*` function; options shared
 by several commands are added by the `add_*_args` helpers so they read the same
-everywhere."""
+everywhere. Arguments become a pipeline.StudentSpec (what the student is) and a
+pipeline.StudentIO (where its files go); the library does the rest. Bad input is an
+errors.InputError naming a library parameter: `main` turns it into the flag and exit
+status 2; every other exception keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 
 from . import __version__
+from .errors import InputError
+
+# Library parameter -> the flag that sets it, where the flag is not simply --param-name.
+PARAM_FLAGS = {"budget_block_size": "--param-budget", "num_blocks": "--param-budget", "grid_file": "--grid-file",
+               "budget": "--budget", "out": "--out", "student_dir": "STUDENT_DIR", "out_dir": "OUT_DIR",
+               "folder": "--load"}
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+def flag_for(param: str) -> str:
+    return PARAM_FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def usage_message(error: InputError) -> str:
+    """The library's message with its parameter named as the flag that sets it."""
+    message = str(error)
+    if not error.param:
+        return message
+    flag = flag_for(error.param)
+    if re.match(rf"{re.escape(error.param)}\b", message):
+        return flag + message[len(error.param):]
+    return f"{flag}: {message}"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +47,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_compress_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--structure", default="circulant", choices=["circulant", "lowrank", "blockdiag", "hybrid"],
+    from .structures import STRUCTURES
+
+    p.add_argument("--structure", default="circulant", choices=list(STRUCTURES),
                    help="what replaces each dense layer: block-circulant, low-rank U V, block-diagonal, or "
                         "circulant + low-rank; the others get the parameter count of circulant --block-size")
     p.add_argument("--block-size", type=int, default=16, help="circulant block size b")
@@ -65,11 +89,22 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load", metavar="DIR", help="load a student saved with --save instead of fitting one")
 
 
-def config_from_args(args):
-    from .structures import config_for
+def spec_from_args(args):
+    """The StudentSpec and StudentIO that parsed arguments describe, checked before any model loads."""
+    from .pipeline import StudentIO, StudentSpec, config_for
 
-    return config_for(args.structure, block_size=args.block_size, rank=args.rank, param_budget=args.param_budget,
-                      targets=args.targets, layers=args.layers)
+    spec = StudentSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudentSpec)})
+    io = StudentIO(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudentIO)})
+    config_for(spec)  # the size options must make a config
+    return spec, io
+
+
+def student_from_args(args, spec_io, model, tokenizer, eval_prompts=None):
+    """(student, summary) of the parsed arguments: pipeline.build_student."""
+    from .pipeline import build_student
+
+    spec, io = spec_io
+    return build_student(model, tokenizer, spec, io, eval_prompts=eval_prompts, model_id=args.model)
 
 
 def print_summary(summary: dict) -> None:
@@ -77,9 +112,11 @@ def print_summary(summary: dict) -> None:
           f"{summary['circulant_params']:,} ({summary['ratio']:.1f}x fewer); "
           f"model {summary['model_params_before']:,} -> {summary['model_params_after']:,}")
     config = summary.get("config", {})
-    if config.get("budget_params"):  # a non-circulant structure sized to a circulant's parameter count
-        print(f"{config['structure']} sizes {config['sizes']}: {summary['circulant_params']:,} parameters, budget "
-              f"{config['budget_params']:,} (circulant block size {config['budget_block_size']})")
+    if summary.get("budget_params"):  # a non-circulant structure sized to a circulant's parameter count
+        sizes = sorted({tuple(s.items()) for s in summary["sizes"].values()})
+        shown = "; ".join(", ".join(f"{k} {v}" for k, v in s) for s in sizes)
+        print(f"{config['structure']} sizes ({shown}): {summary['circulant_params']:,} parameters, budget "
+              f"{summary['budget_params']:,} (circulant block size {config['budget_block_size']})")
     cal = summary.get("calibration")
     if cal:
         line = f"fit {cal['fit']} on {cal['samples']} {cal['calib']} samples ({cal['tokens']:,} tokens): {cal['fit_s']:.1f} s"
@@ -98,67 +135,16 @@ def cmd_compress(args) -> None:
     from .models import load_model
 
     torch.manual_seed(args.seed)
+    spec_io = spec_from_args(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     t = time.perf_counter()
-    _, summary = make_student(args, model, tokenizer)  # with --fit/--distill-steps/--save: calibrate and save
+    _, summary = student_from_args(args, spec_io, model, tokenizer)  # with --fit/--distill-steps/--save: calibrate and save
     print_summary(summary)
     print(f"building the student took {time.perf_counter() - t:.2f} s")
 
 
 # eval/generate default to one middle layer: a quick, readable first measurement (see README).
 EVAL_DEFAULT_LAYERS = "12"
-
-
-def make_student(args, model, tokenizer):
-    """(student, compression summary): the compressed copy of `model` that the parsed args describe.
-    The one place where a student is built; `model` itself is left unchanged."""
-    import copy
-
-    from .surgery import compress_
-
-    student = copy.deepcopy(model)
-    if getattr(args, "load", None):  # a saved student: its own config, no fitting
-        from .checkpoint import load_fitted
-
-        return student, load_fitted(student, args.load)
-    config = config_from_args(args)
-    summary = compress_(student, config)  # frobenius: compress_ projects each weight
-    summary["fit"] = args.fit
-    distill_steps = getattr(args, "distill_steps", 0)
-    if args.fit != "frobenius" or distill_steps:
-        summary["calibration"] = calibrate_from_args(args, student, model, tokenizer)
-    if getattr(args, "save", None):
-        from .checkpoint import save_fitted
-        from .evaluate import model_fingerprint
-
-        save_fitted(student, args.save, config, model_fingerprint(model),
-                    summary.get("calibration", {}).get("extra_params", []), info=summary)
-    return student, summary
-
-
-def calibrate_from_args(args, student, model, tokenizer) -> dict:
-    """Calibration text from --calib (checked against the evaluation prompts), then fit and distil."""
-    from .calib_data import check_overlap, load_calibration
-    from .calibrate import calibrate_student
-    from .distill import DistillConfig
-    from .prompts import load_prompts
-
-    if args.calib_samples < 1 or args.calib_tokens < 2:
-        raise UsageError(f"--calib-samples must be >= 1 and --calib-tokens >= 2, got {args.calib_samples} "
-                         f"and {args.calib_tokens}")
-    if args.resume and not args.distill_dir:
-        raise UsageError("--resume needs --distill-dir (where the interrupted run left its checkpoint)")
-    samples = load_calibration(args.calib, model, tokenizer, args.calib_samples, args.calib_tokens, args.seed,
-                               args.model)
-    check_overlap(samples, load_prompts(getattr(args, "prompts", None)), force=args.force_overlap)
-    distill = None
-    if args.distill_steps:
-        distill = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, hidden_mse=args.hidden_mse,
-                                train_norms=args.train_norms, seed=args.seed)
-    info = calibrate_student(student, model, tokenizer, samples, args.fit, args.ridge, args.calib_tokens + 64,
-                             args.distill_batch, distill, distill_dir=args.distill_dir, resume=args.resume)
-    info["calib"] = args.calib
-    return info
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -175,7 +161,7 @@ def plain_warnings() -> None:
 
 def check_max_new_tokens(n: int) -> None:
     if n < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {n}")
+        raise InputError(f"--max-new-tokens must be >= 0, got {n}")
 
 
 def check_device(name: str) -> None:
@@ -185,9 +171,9 @@ def check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}: use cpu, cuda, cuda:N or mps") from None
+        raise InputError(f"unknown --device {name!r}: use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available to this torch ({torch.__version__})")
+        raise InputError(f"--device {name}: CUDA is not available to this torch ({torch.__version__})")
 
 
 def cmd_eval(args) -> None:
@@ -207,9 +193,10 @@ def cmd_eval(args) -> None:
     check_device(args.device)
     prompts = load_prompts(args.prompts)
     torch.manual_seed(args.seed)
+    spec_io = spec_from_args(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     t_load = time.perf_counter()
-    student, summary = make_student(args, model, tokenizer)
+    student, summary = student_from_args(args, spec_io, model, tokenizer, eval_prompts=prompts)
     t_student = time.perf_counter()
     teacher = TeacherCache.build(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=args.chat,
                                  model_id=model_file_identity(args.model))
@@ -266,8 +253,9 @@ def cmd_generate(args) -> None:
     check_max_new_tokens(args.max_new_tokens)
     check_device(args.device)
     torch.manual_seed(args.seed)
+    spec_io = spec_from_args(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    student, summary = make_student(args, model, tokenizer)
+    student, summary = student_from_args(args, spec_io, model, tokenizer)
     print_summary(summary)
     context = context_length(model)
     ids = tokenize_prompts(tokenizer, [args.prompt], context - args.max_new_tokens if context else None, args.chat)
@@ -294,15 +282,9 @@ def cmd_generate(args) -> None:
           f"of {args.max_new_tokens} tokens")
 
 
-# The option helpers whose options shape a student: a scan or sweep point is a dict of their options.
-def point_helpers() -> list:
-    return [add_compress_args]
-
-
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    for helper in point_helpers():
-        helper(p)
+    add_compress_args(p)
     p.add_argument("--out", required=True, help="results directory: created on first use; a rerun skips "
                    "the points already measured there; refused when it holds results for another model")
     add_eval_args(p)
@@ -310,16 +292,26 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="evaluation prompts, one a line (default: the bundled 100 prompts)")
 
 
-def cmd_sweep(args) -> None:
-    from .experiments import point_options, sweep_command
+def settings_from_args(args):
+    from .experiments import EvalSettings
 
-    sweep_command(args, point_options(*point_helpers()))
+    return EvalSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSettings)})
+
+
+def cmd_sweep(args) -> None:
+    from .experiments import grid_axes, sweep
+
+    axes = grid_axes(args.grid_file, args.grid)  # fail before loading the model
+    spec, io = spec_from_args(args)
+    sweep(settings_from_args(args), args.out, spec, axes, io)
 
 
 def cmd_scan(args) -> None:
-    from .experiments import point_options, scan_command
+    from .experiments import parse_budget, scan
 
-    scan_command(args, point_options(*point_helpers()))
+    budgets = [parse_budget(b) for b in args.budget or []]  # fail before loading the model
+    spec, io = spec_from_args(args)
+    scan(settings_from_args(args), args.out, spec, args.per, budgets, io)
 
 
 def cmd_report(args) -> None:
@@ -355,12 +347,13 @@ def start_bench(args) -> dict:
 
     if args.json:
         check_writable(args.json)  # fail before the long work
+    check_device(args.device)
     if args.threads is not None:
         if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+            raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.repeats < 1:
-        raise UsageError(f"--repeats must be >= 1, got {args.repeats}")
+        raise InputError(f"--repeats must be >= 1, got {args.repeats}")
     torch.manual_seed(args.seed)
     return {"versions": versions(), "command": command_line(),
             "config": {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}}
@@ -386,7 +379,7 @@ def cmd_bench_layer(args) -> None:
         shapes += [s for s in EXTRA_SHAPES if s not in shapes]
     points = [(s, b, n) for s, b, n in itertools.product(shapes, block_sizes, tokens) if b <= min(s)]
     if not points:
-        raise UsageError(f"every block size {block_sizes} exceeds the smaller dimension of every shape")
+        raise InputError(f"every block size {block_sizes} exceeds the smaller dimension of every shape")
     rows = []
     for (out_f, in_f), b, n in tqdm(points, desc="bench layer", unit="point"):
         rows.append(bench_layer(out_f, in_f, b, n, dtype=resolve_dtype(args.dtype), device=args.device,
@@ -407,10 +400,11 @@ def cmd_bench_model(args) -> None:
 
     results = start_bench(args)
     if args.num_prompts < 1 or args.new_tokens < 1:
-        raise UsageError(f"--num-prompts and --new-tokens must be >= 1, got {args.num_prompts} and {args.new_tokens}")
+        raise InputError(f"--num-prompts and --new-tokens must be >= 1, got {args.num_prompts} and {args.new_tokens}")
     prompts = load_prompts(args.prompts)[:args.num_prompts]
+    spec_io = spec_from_args(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    student, summary = make_student(args, model, tokenizer)
+    student, summary = student_from_args(args, spec_io, model, tokenizer)
     summary["fused_mlps"] = 0 if args.no_fuse else len(fuse_circulant_mlp_(student))
     ids = tokenize_prompts(tokenizer, prompts)
     with tqdm(total=args.repeats * 2, desc="bench model", unit="run") as bar:
@@ -420,12 +414,7 @@ def cmd_bench_model(args) -> None:
     write_bench(args, results, model_table(results))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bcllm", description="Block-circulant (FFT) compression of causal "
-                                     "LMs, measured against the original: fidelity and speed.")
-    parser.add_argument("--version", action="version", version=f"bcllm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_student_commands(sub) -> None:
     p = sub.add_parser("compress", help="compress a model and print what was replaced")
     add_model_args(p)
     add_compress_args(p)
@@ -448,6 +437,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     p.set_defaults(func=cmd_generate, layers=EVAL_DEFAULT_LAYERS)
 
+    p = sub.add_parser("export", help="write a student saved with --save as a self-contained Hugging Face folder "
+                       "(weights, config, tokenizer, modeling code) that loads without bcllm")
+    p.add_argument("student_dir", help="folder written by --save")
+    p.add_argument("out_dir", help="new or empty folder for the Hugging Face model")
+    p.add_argument("--model", default=None, help="the base model, for folders saved before bcllm recorded it")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> None:
+    from .artifact import export_student
+
+    out = export_student(args.student_dir, args.out_dir, model=args.model)
+    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
+def add_experiment_commands(sub) -> None:
     p = sub.add_parser("scan", help="per-layer sensitivity: patch one layer (or module) at a time, each of "
                        "--layers; --budget then picks layers for a parameter or fidelity budget")
     add_experiment_args(p)
@@ -461,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="measure a grid of configurations; resumable, one JSONL record per point")
     add_experiment_args(p)
     p.add_argument("--grid", nargs="+", action="append", metavar=("KEY", "VALUE"),
-                   help="an axis of the grid: an option name and its values, e.g. --grid block_size 4 8 16 "
+                   help="an axis of the grid: a student setting and its values, e.g. --grid block_size 4 8 16 "
                         "--grid layers 12 10-19 all; repeatable; replaces the same axis of --grid-file")
     p.add_argument("--grid-file", help="TOML file: `key = [v1, v2]` is an axis, `key = v` a fixed setting")
     p.set_defaults(func=cmd_sweep)
@@ -472,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bench", nargs="*", default=[], help="bcllm bench JSON files for the speed section")
     p.set_defaults(func=cmd_report)
 
+
+def add_bench_commands(sub) -> None:
     bench = sub.add_parser("bench", help="speed against dense, measured in the same run: per layer or whole model")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     p = bench_sub.add_parser("layer", help="dense nn.Linear vs BlockCirculantLinear, hot and cold cache")
@@ -490,6 +497,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true", help="keep gate_proj and up_proj as separate products")
     add_bench_args(p)
     p.set_defaults(func=cmd_bench_model, repeats=3)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bcllm", description="Block-circulant (FFT) compression of causal "
+                                     "LMs, measured against the original: fidelity and speed.")
+    parser.add_argument("--version", action="version", version=f"bcllm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_student_commands(sub)
+    add_experiment_commands(sub)
+    add_bench_commands(sub)
     return parser
 
 
@@ -497,11 +514,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as e:
-        # Our own checks raise these with a message meant for the user; BCLLM_DEBUG=1 shows the traceback.
+    except InputError as e:
+        # Bad input, said in the library's words with the flag named; BCLLM_DEBUG=1 shows the traceback.
+        # Any other exception is a bug and keeps its traceback.
         if os.environ.get("BCLLM_DEBUG"):
             raise
-        print(f"bcllm {args.command}: error: {e}", file=sys.stderr)
+        print(f"bcllm {args.command}: error: {usage_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished results are on disk", file=sys.stderr)

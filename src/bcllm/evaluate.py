@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .models import cache_dir, resolve_spec
+from .errors import InputError
+from .models import cache_dir, model_file_identity, model_fingerprint  # noqa: F401 (re-exported)
 from .prompts import context_length, tokenize_prompts
 
 CACHE_FORMAT = 2  # bump when the cache layout or what it holds changes
@@ -228,27 +229,6 @@ def model_device(model) -> torch.device:
 
 # ---- the teacher cache ----
 
-def model_file_identity(spec: str) -> str:
-    """A model spec plus the size and mtime of its files: a changed file gives a new cache key."""
-    _, path = resolve_spec(spec)
-    if path is None:  # a cached Hugging Face id: the parameter fingerprint stands for the files
-        return spec
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return spec + ";" + ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
-
-
-@torch.no_grad()
-def model_fingerprint(model) -> str:
-    """Cheap identity of the weights: names, shapes, dtypes and a strided sample of each parameter.
-    (No sums: a parallel sum's rounding depends on the thread count, and the key must not.)"""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(flat[::max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 @dataclass
 class TeacherCache:
     """The teacher's outputs on a prompt set: full-vocab logits of every position (float32 memmap,
@@ -276,7 +256,7 @@ class TeacherCache:
         path = Path(path)
         meta = json.loads((path / "meta.json").read_text())
         if meta.get("format") != CACHE_FORMAT:
-            raise ValueError(f"teacher cache {str(path)!r} has format {meta.get('format')}, expected {CACHE_FORMAT}")
+            raise InputError(f"teacher cache {str(path)!r} has format {meta.get('format')}, expected {CACHE_FORMAT}")
         return cls(path, meta["token_ids"], meta["generations"], meta["settings"])
 
     @classmethod
@@ -291,11 +271,11 @@ class TeacherCache:
         so an interrupted run leaves no cache rather than a corrupt one.
         """
         if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         context = context_length(model)
         max_length = None if context is None else context - max_new_tokens
         if max_length is not None and max_length < 1:
-            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model "
+            raise InputError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model "
                              f"context of {context} tokens")
         token_ids = tokenize_prompts(tokenizer, prompts, max_length, chat)
         param = next(model.parameters())
@@ -375,14 +355,14 @@ def evaluate(student, tokenizer, prompts: list[str], teacher, *, progress: bool 
     "kl_mean": [lo, hi], ...}, "per_prompt": [...], "num_prompts", "num_positions", ...}.
     """
     if not isinstance(teacher, TeacherCache):
-        raise TypeError(f"teacher must be a TeacherCache (TeacherCache.build(model, tokenizer, prompts)), "
+        raise InputError(f"teacher must be a TeacherCache (TeacherCache.build(model, tokenizer, prompts)), "
                         f"got {type(teacher).__name__}")
     settings = teacher.settings
     with warnings.catch_warnings():  # the truncation warning was already given when the teacher was built
         warnings.simplefilter("ignore")
         token_ids = tokenize_prompts(tokenizer, prompts, settings["max_length"], settings["chat"])
     if token_ids != teacher.token_ids:
-        raise ValueError("the teacher cache was built on other prompts (or another tokenizer or chat setting)")
+        raise InputError("the teacher cache was built on other prompts (or another tokenizer or chat setting)")
     device = model_device(student)
     n_new = settings["max_new_tokens"]
     stats: list = [None] * len(token_ids)

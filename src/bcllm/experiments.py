@@ -1,9 +1,9 @@
 """Experiments: per-layer sensitivity scans, budgeted layer selection and grid sweeps.
 
-A *point* is a dict of compression settings: the `bcllm` options that the compression
-helpers of cli.py define (block_size, layers, targets, fit, structure, ...). The sweep
-knows nothing about any one structure: each point's student is built by cli.make_student
-and measured by evaluate() against teacher outputs computed once per run.
+A *point* is a dict of student settings: fields of pipeline.StudentSpec (block_size, layers,
+targets, fit, structure, ...). The sweep knows nothing about any one structure: each point's
+student is built by pipeline.build_student and measured by evaluate() against teacher
+outputs computed once per run. Output options (pipeline.StudentIO) are never point settings.
 
 A results directory holds
   manifest.json  model, prompts and evaluation settings (a directory never mixes models)
@@ -14,13 +14,17 @@ Scan, budget and sweep share results.jsonl: a point measured by any of them is n
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputError
+from .models import DEFAULT_MODEL
+from .pipeline import KEY_DEFAULTS, POINT_FIELDS, StudentIO, StudentSpec, build_student, spec_value
 from .results import append_jsonl, command_line, read_jsonl, versions, write_json
 from .surgery import parse_layers
 
@@ -31,41 +35,7 @@ MANIFEST = "manifest.json"
 
 # ---------------------------------------------------------------- grid
 
-def point_options(*helpers) -> dict[str, argparse.Action]:
-    """{option dest: argparse action} of the options that `helpers` (add_*_args) define."""
-    parser = argparse.ArgumentParser(add_help=False)
-    for helper in helpers:
-        helper(parser)
-    return {a.dest: a for a in parser._actions}
-
-
-def convert(options: dict, key: str, value):
-    """One grid value, checked and converted the way its command-line option would be."""
-    key = key.replace("-", "_")
-    if key not in options:
-        raise ValueError(f"unknown grid key {key!r}; allowed: {', '.join(sorted(options))}")
-    action = options[key]
-    if isinstance(value, (list, dict)):
-        raise ValueError(f"grid key {key!r}: each value must be a number or a string, got {value!r}")
-    if action.nargs == 0:  # a flag such as --no-bias: true or false
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "false"):
-            return str(value).lower() == "true"
-        raise ValueError(f"grid key {key!r} is a flag: values must be true or false, got {value!r}")
-    if isinstance(value, bool):
-        raise ValueError(f"grid key {key!r}: got {value!r}, expected a value like {action.default!r}")
-    kind = action.type or str
-    try:
-        out = kind(str(value))
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
-        raise ValueError(f"grid key {key!r}: cannot read {value!r} as {getattr(kind, '__name__', kind)}") from None
-    if action.choices is not None and out not in action.choices:
-        raise ValueError(f"grid key {key!r}: {out!r} is not one of {', '.join(map(str, action.choices))}")
-    return out
-
-
-def read_grid_file(path, options: dict) -> dict[str, list]:
+def read_grid_file(path) -> dict[str, list]:
     """Axes {key: [values]} of a TOML grid file: `key = [v1, v2]` is an axis, `key = v` a fixed value."""
     import tomllib
 
@@ -73,29 +43,30 @@ def read_grid_file(path, options: dict) -> dict[str, list]:
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"grid file {str(path)!r} does not exist") from None
+        raise InputError(f"grid file {str(path)!r} does not exist", "grid_file") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"grid file {str(path)!r} is not valid TOML: {e}") from None
+        raise InputError(f"grid file {str(path)!r} is not valid TOML: {e}", "grid_file") from None
     axes = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            raise ValueError(f"grid file {str(path)!r}: [{key}] tables are not allowed; write "
-                             f"`key = value` or `key = [value, ...]` at top level")
+            raise InputError(f"grid file {str(path)!r}: [{key}] tables are not allowed; write "
+                             f"`key = value` or `key = [value, ...]` at top level", "grid_file")
         values = value if isinstance(value, list) else [value]
         if not values:
-            raise ValueError(f"grid file {str(path)!r}: {key!r} is an empty list")
-        axes[key.replace("-", "_")] = [convert(options, key, v) for v in values]
+            raise InputError(f"grid file {str(path)!r}: {key!r} is an empty list", "grid_file")
+        axes[key.replace("-", "_")] = [spec_value(key.replace("-", "_"), v) for v in values]
     return axes
 
 
-def grid_axes(options: dict, grid_file=None, grid_flags=()) -> dict[str, list]:
-    """Axes from a TOML file, then `--grid KEY V [V ...]` flags (a flag replaces the file's axis)."""
-    axes = read_grid_file(grid_file, options) if grid_file else {}
+def grid_axes(grid_file=None, grid_flags=()) -> dict[str, list]:
+    """Axes from a TOML file, then (KEY, V, ...) lists such as the CLI's `--grid` (a list
+    replaces the file's axis). Keys are StudentSpec fields; output options are refused."""
+    axes = read_grid_file(grid_file) if grid_file else {}
     for flag in grid_flags or ():
         key, *values = flag
         if not values:
-            raise ValueError(f"--grid {key}: give at least one value, e.g. --grid block_size 8 16 32")
-        axes[key.replace("-", "_")] = [convert(options, key, v) for v in values]
+            raise InputError(f"grid axis {key}: give at least one value, e.g. block_size 8 16 32", "grid")
+        axes[key.replace("-", "_")] = [spec_value(key.replace("-", "_"), v) for v in values]
     return axes
 
 
@@ -130,9 +101,9 @@ def canonical(point: dict, num_layers: int) -> dict:
     return point
 
 
-def point_key(point: dict, defaults: dict) -> str:
-    """Identity of a point: its settings that differ from the defaults (so an option added to
-    bcllm later, with its default, does not orphan the results already on disk)."""
+def point_key(point: dict, defaults: dict = KEY_DEFAULTS) -> str:
+    """Identity of a point: its settings that differ from pipeline.KEY_DEFAULTS (so a setting
+    added to bcllm later, with its default, does not orphan the results already on disk)."""
     return json.dumps({k: v for k, v in sorted(point.items()) if k not in defaults or v != defaults[k]},
                       sort_keys=True)
 
@@ -150,23 +121,23 @@ def open_results_dir(out, identity: dict) -> Path:
     made for another model or prompt set is refused, so results are never mixed."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; give a directory for the results")
+        raise InputError(f"out {str(out)!r} is a file; give a directory for the results", "out")
     if not out.parent.is_dir():
-        raise ValueError(f"cannot create {str(out)!r}: directory {str(out.parent)!r} does not exist")
+        raise InputError(f"cannot create {str(out)!r}: directory {str(out.parent)!r} does not exist", "out")
     out.mkdir(exist_ok=True)
     manifest = out / MANIFEST
     if manifest.exists():
         try:
             old = json.loads(manifest.read_text())["identity"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{manifest} is not a bcllm manifest; use another --out directory") from None
+            raise InputError(f"{manifest} is not a bcllm manifest; use another results directory", "out") from None
         for key in sorted(set(old) | set(identity)):
             if old.get(key) != identity.get(key):
-                raise ValueError(f"{str(out)!r} holds results for {key}={old.get(key)!r}, but this run has "
-                                 f"{key}={identity.get(key)!r}; use another --out directory")
+                raise InputError(f"{str(out)!r} holds results for {key}={old.get(key)!r}, but this run has "
+                                 f"{key}={identity.get(key)!r}; use another results directory", "out")
     elif any(out.iterdir()):
-        raise ValueError(f"{str(out)!r} is not empty and has no {MANIFEST}: not a bcllm results "
-                         f"directory; use an empty or new --out directory")
+        raise InputError(f"{str(out)!r} is not empty and has no {MANIFEST}: not a bcllm results "
+                         f"directory; use an empty or new results directory", "out")
     else:
         write_json(manifest, {"identity": identity, "versions": versions(), "command": command_line(),
                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
@@ -189,7 +160,8 @@ def end_torn_line(path) -> None:
                 f.write(b"\n")
 
 
-def run_points(points: list[dict], measure, results_path, defaults: dict, desc: str = "points") -> list[dict]:
+def run_points(points: list[dict], measure, results_path, defaults: dict = KEY_DEFAULTS,
+               desc: str = "points") -> list[dict]:
     """Measure each point not yet in results_path, appending its record at once; return the
     records of all `points` (finished ones read back, not recomputed)."""
     from tqdm import tqdm
@@ -230,16 +202,16 @@ def parse_budget(spec: str) -> tuple[str, float]:
     kind, sep, value = spec.partition("=")
     kind = kind.strip()
     if not sep or kind not in BUDGET_KINDS:
-        raise ValueError(f"budget {spec!r}: write KIND=VALUE with KIND one of "
+        raise InputError(f"budget {spec!r}: write KIND=VALUE with KIND one of "
                          + "; ".join(f"{k} ({v})" for k, v in BUDGET_KINDS.items()) + ", e.g. params=0.3")
     try:
         target = float(value)
     except ValueError:
-        raise ValueError(f"budget {spec!r}: {value!r} is not a number") from None
+        raise InputError(f"budget {spec!r}: {value!r} is not a number") from None
     if kind in ("params", "agreement") and not 0 < target <= 1:
-        raise ValueError(f"budget {spec!r}: {kind} must be in (0, 1]")
+        raise InputError(f"budget {spec!r}: {kind} must be in (0, 1]")
     if kind == "kl" and not target > 0:
-        raise ValueError(f"budget {spec!r}: kl must be > 0")
+        raise InputError(f"budget {spec!r}: kl must be > 0")
     return kind, target
 
 
@@ -274,11 +246,11 @@ def select_budget(table: list[dict], kind: str, target: float, model_params: int
             chosen.append(row)
     if kind == "params" and predict(chosen)["saved_params"] < target * model_params:
         reach = predict(table)["saved_params"] / model_params
-        raise ValueError(f"budget params={target} is out of reach: patching every scanned layer removes "
+        raise InputError(f"budget params={target} is out of reach: patching every scanned layer removes "
                          f"only {reach:.3f} of the model's parameters")
     if not chosen:
         best = order[0] if order else None
-        raise ValueError(f"budget {kind}={target} admits no layer: the least sensitive one alone gives "
+        raise InputError(f"budget {kind}={target} admits no layer: the least sensitive one alone gives "
                          + (f"token_agreement {best['token_agreement']:.3f}, kl_mean {best['kl_mean']:.3f}"
                             if best else "nothing (empty scan)"))
     return sorted(chosen, key=lambda r: r["layer"])
@@ -305,55 +277,67 @@ def pareto_front(records: list[dict], x: str, y: str, maximize_y: bool) -> list[
     return sorted(front, key=lambda r: r[x])
 
 
-# ---------------------------------------------------------------- commands (cli.py parses, these run)
+# ---------------------------------------------------------------- runs (cli.py parses, these run)
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What a run is measured on: the model, the prompts and the evaluation options, shared by all
+    its points (the results directory's identity)."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    prompts: str | None = None          # a prompt file; None: the bundled 100 prompts
+    max_new_tokens: int = 32
+    chat: bool = False
+
 
 class Session:
     """What a scan or sweep shares across its points: the model, prompts, teacher outputs and
-    results directory, all prepared once."""
+    results directory, all prepared once; `base` is the spec every point starts from."""
 
-    def __init__(self, args, options: dict):
+    def __init__(self, settings: EvalSettings, out, base: StudentSpec, io: StudentIO = StudentIO()):
         import torch
 
-        from .evaluate import TeacherCache, model_file_identity
-        from .models import load_model
+        from .evaluate import TeacherCache
+        from .models import load_model, model_file_identity
         from .prompts import load_prompts
         from .surgery import decoder_layers, num_params
 
         self.start = time.perf_counter()
-        self.args, self.options = args, options
-        self.defaults = {k: a.default for k, a in options.items()}
-        prompts_file = getattr(args, "prompts", None)
-        self.prompts = load_prompts(prompts_file)
-        torch.manual_seed(args.seed)
-        self.model, self.tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        self.settings, self.base, self.io = settings, base, dataclasses.replace(io, save=None, load=None)
+        self.prompts = load_prompts(settings.prompts)
+        torch.manual_seed(settings.seed)
+        self.model, self.tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
         self.num_layers = len(decoder_layers(self.model)[1])
         self.model_params = num_params(self.model)
-        max_new_tokens = getattr(args, "max_new_tokens", 32)
-        chat = bool(getattr(args, "chat", False))
-        identity = {"model": args.model, "dtype": args.dtype, "model_params": self.model_params,
-                    "num_layers": self.num_layers, "prompts": str(prompts_file or "bundled prompts_100.txt"),
+        identity = {"model": settings.model, "dtype": settings.dtype, "model_params": self.model_params,
+                    "num_layers": self.num_layers, "prompts": str(settings.prompts or "bundled prompts_100.txt"),
                     "prompts_sha256": hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16],
-                    "num_prompts": len(self.prompts), "max_new_tokens": max_new_tokens, "chat": chat}
-        self.out = open_results_dir(args.out, identity)
+                    "num_prompts": len(self.prompts), "max_new_tokens": settings.max_new_tokens,
+                    "chat": settings.chat}
+        self.out = open_results_dir(out, identity)
         self.results = self.out / RESULTS
         # The teacher runs once for all points (and is cached on disk across runs).
-        self.teacher = TeacherCache.build(self.model, self.tokenizer, self.prompts, max_new_tokens=max_new_tokens,
-                                          chat=chat, model_id=model_file_identity(args.model))
+        self.teacher = TeacherCache.build(self.model, self.tokenizer, self.prompts,
+                                          max_new_tokens=settings.max_new_tokens, chat=settings.chat,
+                                          model_id=model_file_identity(settings.model))
 
     def base_point(self) -> dict:
-        return canonical({k: getattr(self.args, k) for k in self.options}, self.num_layers)
+        return canonical({k: getattr(self.base, k) for k in POINT_FIELDS}, self.num_layers)
 
     def measure(self, point: dict) -> dict:
-        """Build the student for one point (cli.make_student) and evaluate it against the teacher."""
+        """Build the student for one point (pipeline.build_student) and evaluate it against the teacher."""
         import torch
 
-        from .cli import make_student
-        from .evaluate import evaluate
+        from . import evaluate as ev
 
-        torch.manual_seed(self.args.seed)
-        student, summary = make_student(argparse.Namespace(**{**vars(self.args), **point}), self.model,
-                                        self.tokenizer)
-        result = evaluate(student, self.tokenizer, self.prompts, teacher=self.teacher, progress=False)
+        torch.manual_seed(self.settings.seed)
+        spec = dataclasses.replace(self.base, **point)
+        student, summary = build_student(self.model, self.tokenizer, spec, self.io, eval_prompts=self.prompts,
+                                         model_id=self.settings.model, progress=False)
+        result = ev.evaluate(student, self.tokenizer, self.prompts, teacher=self.teacher, progress=False)
         return {"metrics": result["metrics"], "ci": result["ci"], "compression": summary,
                 "param_reduction": (summary["model_params_before"] - summary["model_params_after"])
                 / summary["model_params_before"],
@@ -365,17 +349,17 @@ class Session:
 
     def run(self, points: list[dict], name: str) -> list[dict]:
         points = [canonical(p, self.num_layers) for p in points]
-        records = run_points(points, self.measure, self.results, self.defaults, desc=name)
-        return records
+        return run_points(points, self.measure, self.results, desc=name)
 
 
-def sweep_command(args, options: dict) -> None:
-    axes = grid_axes(options, getattr(args, "grid_file", None), getattr(args, "grid", None))  # fail before loading
+def sweep(settings: EvalSettings, out, base: StudentSpec, axes: dict[str, list], io: StudentIO = StudentIO()):
+    """Measure every point of the grid `axes` (grid_axes) over `base`; returns the records."""
     if not axes:
-        raise ValueError("the sweep has no axes: give --grid KEY VALUE [VALUE ...] or --grid-file FILE.toml")
-    session = Session(args, options)
+        raise InputError("the sweep has no axes: give at least one grid axis (KEY VALUE [VALUE ...]) or a "
+                         "grid file", "grid")
+    session = Session(settings, out, base, io)
     points = [canonical(p, session.num_layers) for p in expand_grid(session.base_point(), axes)]
-    planned = list(dict.fromkeys(point_key(p, session.defaults) for p in points))
+    planned = list(dict.fromkeys(point_key(p) for p in points))
     # The plan is on disk before the first point, so a report of an unfinished sweep shows what is done.
     write_json(session.out / "sweep.json", {"keys": planned, "axes": axes, "command": command_line()})
     records = session.run(points, "sweep")
@@ -383,31 +367,34 @@ def sweep_command(args, options: dict) -> None:
                                             "command": command_line(), "wall_s": session.wall_s()})
     print_records(records, sorted(axes))
     print(f"results: {session.results}; report: bcllm report {session.out}")
+    return records
 
 
-def scan_command(args, options: dict) -> None:
-    budgets = [parse_budget(b) for b in getattr(args, "budget", None) or []]  # fail before loading
-    session = Session(args, options)
-    base = session.base_point()
+def scan(settings: EvalSettings, out, base: StudentSpec, per: str = "layer", budgets=(),
+         io: StudentIO = StudentIO()) -> list[dict]:
+    """One point per layer of base.layers (per="module": per layer and module suffix), then a
+    budgeted selection for each (kind, target) in `budgets` (parse_budget)."""
+    if budgets and per != "layer":
+        raise InputError("a budget selects whole layers: use it with per='layer'", "budget")
+    session = Session(settings, out, base, io)
+    point = session.base_point()
     suffixes = None
-    if args.per == "module":
+    if per == "module":
         from .surgery import select_modules
 
-        names = select_modules(session.model, args.targets, None)
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    layers = parse_layers(args.layers, session.num_layers) or list(range(session.num_layers))  # --layers: which to scan
-    records = session.run(scan_points(base, layers, suffixes), "scan")
-    write_json(session.out / "scan.json", {"keys": [r["key"] for r in records], "per": args.per,
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in select_modules(session.model, base.targets, None)})
+    layers = parse_layers(base.layers, session.num_layers) or list(range(session.num_layers))  # which to scan
+    records = session.run(scan_points(point, layers, suffixes), "scan")
+    write_json(session.out / "scan.json", {"keys": [r["key"] for r in records], "per": per,
                                            "command": command_line(), "wall_s": session.wall_s()})
     print_records(records, ["layers"] + (["targets"] if suffixes else []))
-    if budgets and suffixes:
-        raise ValueError("--budget selects whole layers: use it with --per layer")
     table = [{"layer": int(r["point"]["layers"]), "kl_mean": r["metrics"]["kl_mean"],
               "token_agreement": r["metrics"]["token_agreement"],
               "saved_params": r["compression"]["model_params_before"] - r["compression"]["model_params_after"]}
              for r in records]
     for kind, target in budgets:
-        budget_select(session, base, table, kind, target)
+        budget_select(session, point, table, kind, target)
+    return records
 
 
 def budget_select(session: Session, base: dict, table: list[dict], kind: str, target: float) -> dict:
@@ -420,7 +407,7 @@ def budget_select(session: Session, base: dict, table: list[dict], kind: str, ta
     measured, naive = by_layers[spec], [by_layers[w] for w in windows.values()]
     summary = lambda r: {"layers": r["point"]["layers"], "param_reduction": r["param_reduction"],
                          "token_agreement": r["metrics"]["token_agreement"], "kl_mean": r["metrics"]["kl_mean"]}
-    record = {"budget": f"{kind}={target}", "base": point_key(base, session.defaults), "layers": spec,
+    record = {"budget": f"{kind}={target}", "base": point_key(base), "layers": spec,
               "num_layers": len(chosen), "predicted": predict(chosen), "measured": summary(measured),
               "naive": {name: summary(r) for name, r in zip(windows, naive)}, "command": command_line()}
     append_jsonl(session.out / BUDGETS, record)

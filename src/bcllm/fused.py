@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import InputError
 from . import circulant
 from .modules import BlockCirculantLinear
 
@@ -45,7 +46,7 @@ class FusedCirculantMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj, self.up_proj
         if x.shape[-1] != gate.in_features:
-            raise ValueError(f"expected input with last dimension {gate.in_features}, got {tuple(x.shape)}")
+            raise InputError(f"expected input with last dimension {gate.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         up_start = gate.c.shape[0] * gate.block_size  # gate's padded rows come first
         y = circulant.circulant_matmul(x.reshape(-1, gate.in_features).float(), self.spectra(),

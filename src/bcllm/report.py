@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from .errors import InputError
 from .experiments import BUDGETS, MANIFEST, RESULTS, pareto_front
 from .results import read_jsonl
 
@@ -18,7 +19,7 @@ def load_run(run_dir) -> dict:
     run_dir = Path(run_dir)
     manifest = run_dir / MANIFEST
     if not manifest.is_file():
-        raise ValueError(f"{str(run_dir)!r} has no {MANIFEST}: give a directory written by bcllm scan or sweep")
+        raise InputError(f"{str(run_dir)!r} has no {MANIFEST}: give a directory written by bcllm scan or sweep")
     records = {r["key"]: r for r in read_jsonl(run_dir / RESULTS) if "key" in r}
     lists = {}
     for name in ("sweep", "scan"):
@@ -304,6 +305,22 @@ def speed_section(rows: list[dict], files: list, img: str) -> str:
                       f"![speedup against block size]({img}/speedup.png)", ""])
 
 
+def read_bench_files(bench_files) -> list[dict]:
+    """The rows of bench JSON files (bench_rows), with a clear error for a missing or foreign file."""
+    rows = []
+    for f in bench_files or ():
+        try:
+            found = bench_rows(json.loads(Path(f).read_text()))
+        except FileNotFoundError:
+            raise InputError(f"bench file {str(f)!r} does not exist", "bench") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"bench file {str(f)!r} is not JSON: {e}", "bench") from None
+        if not found:
+            raise InputError(f"bench file {str(f)!r} has no results with block_size and speedup", "bench")
+        rows += found
+    return rows
+
+
 def render(run_dirs, out_md, bench_files=()) -> list[Path]:
     """Write the markdown report and its PNGs (in a folder named after it); return the files written.
     run_dirs: one results directory or several of the same model (e.g. a sweep and a scan made with
@@ -314,11 +331,11 @@ def render(run_dirs, out_md, bench_files=()) -> list[Path]:
     runs = [load_run(d) for d in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     models = sorted({str(r["manifest"]["identity"].get("model")) for r in runs})
     if len(models) > 1:
-        raise ValueError(f"the results directories are for different models ({', '.join(models)}); "
+        raise InputError(f"the results directories are for different models ({', '.join(models)}); "
                          f"report one model at a time")
     out_md = Path(out_md)
     if not out_md.parent.is_dir():
-        raise ValueError(f"cannot write {str(out_md)!r}: directory {str(out_md.parent)!r} does not exist")
+        raise InputError(f"cannot write {str(out_md)!r}: directory {str(out_md.parent)!r} does not exist")
     img_dir = out_md.with_suffix("")
     img_dir.mkdir(exist_ok=True)
     img = img_dir.name
@@ -351,24 +368,13 @@ def render(run_dirs, out_md, bench_files=()) -> list[Path]:
         if run["budgets"]:
             parts.append(budget_section(run["budgets"]))
         found_any = found_any or bool(sweep or scan or run["budgets"])
-    rows, files = [], []
-    for f in bench_files or ():
-        try:
-            found = bench_rows(json.loads(Path(f).read_text()))
-        except FileNotFoundError:
-            raise ValueError(f"bench file {str(f)!r} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"bench file {str(f)!r} is not JSON: {e}") from None
-        if not found:
-            raise ValueError(f"bench file {str(f)!r} has no results with block_size and speedup")
-        rows += found
-        files.append(str(f))
+    rows, files = read_bench_files(bench_files), [str(f) for f in bench_files or ()]
     if rows:
         plot_speedup(rows, img_dir / "speedup.png")
         written.append(img_dir / "speedup.png")
         parts.append(speed_section(rows, files, img))
     if not (found_any or rows):
-        raise ValueError("no finished scan or sweep points yet in " + ", ".join(str(r["dir"]) for r in runs))
+        raise InputError("no finished scan or sweep points yet in " + ", ".join(str(r["dir"]) for r in runs))
     tmp = out_md.with_name(f".{out_md.name}.tmp")
     tmp.write_text("\n".join(parts))
     tmp.replace(out_md)

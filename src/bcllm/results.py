@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .errors import InputError
+
 
 def versions() -> dict:
     import torch
@@ -44,9 +46,9 @@ def check_writable(path) -> Path:
     """Fail early (before any long work) when a result path's directory does not exist."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise ValueError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+        raise InputError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
     if path.is_dir():
-        raise ValueError(f"cannot write {str(path)!r}: it is a directory")
+        raise InputError(f"cannot write {str(path)!r}: it is a directory")
     return path
 
 

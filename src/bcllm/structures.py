@@ -1,12 +1,13 @@
-"""Other structured replacements for nn.Linear, compared with block-circulant at equal parameter count.
+"""Structures: what replaces a dense nn.Linear, registered once by name.
 
-A structure is a config (which layers, what size; the protocol of surgery.CirculantConfig:
-`targets`, `layers`, `build`, `check`, `describe`) and a module with `from_linear` (plain fit
-to W), `fit_(weight, stats, ridge)` (activation-aware fit), `to_dense()`, `num_params` and
-`costs()` (FLOPs, weight bytes, parameters per token, as bcllm.costs counts them).
-`compress_(model, LowRankConfig(...))` works like the circulant config.
+A structure is a config dataclass (data only: sizes, `targets`, `layers`) registered with
+`@register("name")`, and a module (a modules.StructuredLinear) with `from_linear` (plain fit to W),
+`fit_(weight, stats, ridge)` (activation-aware fit), `to_dense()`, `sizes()` and `costs()`.
+The registry `STRUCTURES` is what the CLI's --structure choices, pipeline.config_for, checkpoint
+loading and the budget sizing read, so adding a structure touches one file (see the test with a
+diagonal structure). `compress_(model, config)` works the same for every one of them.
 
-Every activation-aware fit minimises the objective of calibrate.InputStats, ridge included:
+Every activation-aware fit minimises the objective of stats.InputStats, ridge included:
 
     f(W_hat) = tr(W_hat A W_hat^T) - 2 <W_hat, K>,   A = xx + lam I,  K = W xt^T,
     lam = ridge * mean(diag xx)       (the ridge adds lam ||W_hat||_F^2 to the data term)
@@ -19,20 +20,48 @@ of block size B on the same shape (rounded down to what the structure can expres
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from . import circulant
-from .calibrate import InputStats
 from .costs import layer_costs
-from .modules import BlockCirculantLinear, check_block_size, linear_weight
-from .surgery import CirculantConfig
+from .errors import InputError
+from .modules import BlockCirculantLinear, StructuredLinear, check_block_size, factory, linear_weight
+from .stats import InputStats
+from .surgery import matches
 
-STRUCTURES = ("circulant", "lowrank", "blockdiag", "hybrid")
+STRUCTURES: dict[str, type] = {}  # name -> config class
+
+
+def register(name: str):
+    """Class decorator: make a config class the structure `name` (CLI, spec, checkpoints)."""
+    def add(cls):
+        if name in STRUCTURES and STRUCTURES[name] is not cls:
+            raise InputError(f"structure {name!r} is already registered ({STRUCTURES[name].__name__})", "structure")
+        cls.structure = name
+        STRUCTURES[name] = cls
+        return cls
+    return add
+
+
+def structure_config(name: str) -> type:
+    if name not in STRUCTURES:
+        raise InputError(f"unknown structure {name!r}; allowed: {', '.join(STRUCTURES)}", "structure")
+    return STRUCTURES[name]
+
+
+def config_class(type_name: str) -> type:
+    """The registered config class with this class name (as a saved student records it)."""
+    for cls in STRUCTURES.values():
+        if cls.__name__ == type_name:
+            return cls
+    raise InputError(f"saved config type {type_name!r} is not a structure of this bcllm version; known: "
+                     f"{', '.join(c.__name__ for c in STRUCTURES.values())}")
 
 
 # ---------------------------------------------------------------- objective shared by all fits
@@ -59,7 +88,7 @@ def fit_objective(w_hat: torch.Tensor, weight: torch.Tensor, stats: InputStats, 
 def _cholesky(a: torch.Tensor) -> torch.Tensor:
     chol, info = torch.linalg.cholesky_ex(a)
     if info.any():
-        raise ValueError("calibration Gram matrix is singular (fewer tokens than inputs?); use ridge > 0")
+        raise InputError("calibration Gram matrix is singular (fewer tokens than inputs?); use ridge > 0", "ridge")
     return chol
 
 
@@ -69,17 +98,6 @@ def _weight_costs(module: nn.Module, weight_flops: int) -> dict:
     own = list(module.parameters(recurse=False))
     return {"flops": weight_flops + (bias.numel() if bias is not None else 0),
             "bytes": sum(p.numel() * p.element_size() for p in own), "params": sum(p.numel() for p in own)}
-
-
-def _copy_bias(layer: nn.Module, linear: nn.Module) -> None:
-    bias = getattr(linear, "bias", None)
-    if bias is not None:
-        layer.bias.copy_(bias)
-
-
-def _dense_shape(linear: nn.Module) -> tuple[int, int]:
-    out_features, in_features = linear_weight(linear).shape
-    return out_features, in_features
 
 
 # ---------------------------------------------------------------- low rank
@@ -100,25 +118,23 @@ def top_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def check_rank(rank, out_features: int, in_features: int) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {rank!r}")
+        raise InputError(f"rank must be an int, got {rank!r}", "rank")
     if not 1 <= rank <= min(out_features, in_features):
-        raise ValueError(f"rank must be in 1..{min(out_features, in_features)} for a "
-                         f"{out_features}x{in_features} layer, got {rank}")
+        raise InputError(f"rank must be in 1..{min(out_features, in_features)} for a "
+                         f"{out_features}x{in_features} layer, got {rank}", "rank")
     return rank
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(StructuredLinear):
     """W_hat = up @ down (rank r): y = up(down(x)) + bias, r * (in + out) weights."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None):
-        super().__init__()
-        check_rank(rank, out_features, in_features)
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        kw = dict(device=device, dtype=dtype or torch.float32)
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.rank = check_rank(rank, out_features, in_features)
+        kw = factory(device, dtype)
         self.down = nn.Parameter(torch.empty(rank, in_features, **kw).uniform_(-1, 1) / in_features ** 0.5)
         self.up = nn.Parameter(torch.empty(out_features, rank, **kw).uniform_(-1, 1) / rank ** 0.5)
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     def _set_svd(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
         """W_hat = u diag(s) vh (r triplets); sqrt(s) on each side keeps the factors balanced for training."""
@@ -133,13 +149,10 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, rank: int) -> "LowRankLinear":
         """Truncated SVD of the dense weight: the Frobenius optimum (Eckart-Young)."""
-        weight = linear_weight(linear)
-        out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, rank, bias=getattr(linear, "bias", None) is not None,
-                    device=weight.device, dtype=weight.dtype)
+        layer = cls(rank=rank, **cls.dense_args(linear))
         with torch.no_grad():
-            layer._set_truncation(weight)
-            _copy_bias(layer, linear)
+            layer._set_truncation(linear_weight(linear))
+        layer.copy_bias_(linear)
         return layer
 
     @torch.no_grad()
@@ -161,32 +174,27 @@ class LowRankLinear(nn.Module):
     def to_dense(self) -> torch.Tensor:
         return self.up @ self.down
 
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def costs(self) -> dict:
         """Per token, as costs.dense_costs counts them: FLOPs (2 per multiply-add, 1 per bias add),
         weight bytes read, parameters."""
         return _weight_costs(self, 2 * self.rank * (self.in_features + self.out_features))
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, bias={self.bias is not None}")
+    def sizes(self) -> dict:
+        return {"rank": self.rank}
 
 
 # ---------------------------------------------------------------- block diagonal
 
 def check_num_blocks(num_blocks, out_features: int, in_features: int) -> int:
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
-        raise TypeError(f"num_blocks must be an int, got {num_blocks!r}")
+        raise InputError(f"num_blocks must be an int, got {num_blocks!r}", "num_blocks")
     if not 1 <= num_blocks <= min(out_features, in_features):
-        raise ValueError(f"num_blocks must be in 1..{min(out_features, in_features)} for a "
-                         f"{out_features}x{in_features} layer, got {num_blocks}")
+        raise InputError(f"num_blocks must be in 1..{min(out_features, in_features)} for a "
+                         f"{out_features}x{in_features} layer, got {num_blocks}", "num_blocks")
     return num_blocks
 
 
-class BlockDiagonalLinear(nn.Module):
+class BlockDiagonalLinear(StructuredLinear):
     """k diagonal blocks: output group i depends only on input group i.
 
     Blocks are ceil(out/k) x ceil(in/k), stored as blocks[k, out_block, in_block]; when k does
@@ -195,14 +203,11 @@ class BlockDiagonalLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, num_blocks: int, bias: bool = True,
                  device=None, dtype=None):
-        super().__init__()
-        check_num_blocks(num_blocks, out_features, in_features)
-        self.in_features, self.out_features, self.num_blocks = in_features, out_features, num_blocks
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.num_blocks = check_num_blocks(num_blocks, out_features, in_features)
         self.out_block, self.in_block = math.ceil(out_features / num_blocks), math.ceil(in_features / num_blocks)
-        kw = dict(device=device, dtype=dtype or torch.float32)
-        self.blocks = nn.Parameter(torch.empty(num_blocks, self.out_block, self.in_block, **kw)
+        self.blocks = nn.Parameter(torch.empty(num_blocks, self.out_block, self.in_block, **factory(device, dtype))
                                    .uniform_(-1, 1) / self.in_block ** 0.5)
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     def _diagonal_blocks(self, matrix: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """The k diagonal (rows x cols) blocks of `matrix`, zero-padded to k*rows x k*cols."""
@@ -214,13 +219,10 @@ class BlockDiagonalLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, num_blocks: int) -> "BlockDiagonalLinear":
         """Keep W's diagonal blocks: the Frobenius optimum (least squares with identity input)."""
-        weight = linear_weight(linear)
-        out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, num_blocks, bias=getattr(linear, "bias", None) is not None,
-                    device=weight.device, dtype=weight.dtype)
+        layer = cls(num_blocks=num_blocks, **cls.dense_args(linear))
         with torch.no_grad():
-            layer.blocks.copy_(layer._diagonal_blocks(weight.detach(), layer.out_block, layer.in_block))
-            _copy_bias(layer, linear)
+            layer.blocks.copy_(layer._diagonal_blocks(linear_weight(linear).detach(), layer.out_block, layer.in_block))
+        layer.copy_bias_(linear)
         return layer
 
     @torch.no_grad()
@@ -242,40 +244,30 @@ class BlockDiagonalLinear(nn.Module):
         y = torch.bmm(x.reshape(-1, self.num_blocks, self.in_block).transpose(0, 1),
                       self.blocks.transpose(1, 2).to(x.dtype))                   # (k, N, out_block)
         y = y.transpose(0, 1).reshape(x.shape[0], -1)[:, :self.out_features]
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
+        return self.add_bias(y).reshape(*lead, self.out_features)
 
     def to_dense(self) -> torch.Tensor:
         return torch.block_diag(*self.blocks)[:self.out_features, :self.in_features]
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def costs(self) -> dict:
         """Per token, as LowRankLinear.costs (padding included: it is computed)."""
         return _weight_costs(self, 2 * self.blocks.numel())
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_blocks={self.num_blocks}, bias={self.bias is not None}")
+    def sizes(self) -> dict:
+        return {"num_blocks": self.num_blocks}
 
 
 # ---------------------------------------------------------------- circulant + low rank
 
-class CirculantPlusLowRankLinear(nn.Module):
+class CirculantPlusLowRankLinear(StructuredLinear):
     """W_hat = C + U V: a block-circulant part plus a low-rank part, one shared bias."""
 
     def __init__(self, in_features: int, out_features: int, block_size: int, rank: int, bias: bool = True,
                  device=None, dtype=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias, device, dtype)
         self.circulant = BlockCirculantLinear(in_features, out_features, block_size, bias=False,
                                               device=device, dtype=dtype)
         self.lowrank = LowRankLinear(in_features, out_features, rank, bias=False, device=device, dtype=dtype)
-        kw = dict(device=device, dtype=dtype or torch.float32)
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
 
     @property
     def block_size(self) -> int:
@@ -312,11 +304,8 @@ class CirculantPlusLowRankLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, block_size: int, rank: int, rounds: int = 4) -> "CirculantPlusLowRankLinear":
         """Alternating Frobenius fit: circulant projection of W - UV, truncated SVD of W - C."""
-        weight = linear_weight(linear)
-        out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, block_size, rank, bias=getattr(linear, "bias", None) is not None,
-                    device=weight.device, dtype=weight.dtype)
-        w = weight.detach().double()
+        layer = cls(block_size=block_size, rank=rank, **cls.dense_args(linear))
+        w = linear_weight(linear).detach().double()
         with torch.no_grad():
             layer._alternate(
                 w,
@@ -324,7 +313,7 @@ class CirculantPlusLowRankLinear(nn.Module):
                 layer.lowrank._set_truncation,
                 lambda w_hat: float(((w - w_hat.double()) ** 2).sum()),
                 rounds)
-            _copy_bias(layer, linear)
+        layer.copy_bias_(linear)
         return layer
 
     @torch.no_grad()
@@ -348,15 +337,10 @@ class CirculantPlusLowRankLinear(nn.Module):
             rounds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.circulant(x) + self.lowrank(x)
-        return y + self.bias.to(y.dtype) if self.bias is not None else y
+        return self.add_bias(self.circulant(x) + self.lowrank(x))
 
     def to_dense(self) -> torch.Tensor:
         return self.circulant.to_dense() + self.lowrank.to_dense()
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def costs(self) -> dict:
         """Per token: the circulant part as costs.circulant_costs counts it (its spectra are what is
@@ -364,9 +348,8 @@ class CirculantPlusLowRankLinear(nn.Module):
         parts = [layer_costs(self.circulant), self.lowrank.costs(), _weight_costs(self, 0)]
         return {k: sum(c[k] for c in parts) for k in ("flops", "bytes", "params")}
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"block_size={self.block_size}, rank={self.rank}, bias={self.bias is not None}")
+    def sizes(self) -> dict:
+        return {"block_size": self.block_size, "rank": self.rank}
 
 
 # ---------------------------------------------------------------- budgets
@@ -394,49 +377,99 @@ def num_blocks_for_budget(out_features: int, in_features: int, budget: int) -> i
     return 0
 
 
-def _budget(out_features: int, in_features: int, budget_block_size: int) -> int:
-    check_block_size(budget_block_size, out_features, in_features)
-    return circulant_params(out_features, in_features, budget_block_size)
-
-
-def _too_small(name, out_features, in_features, budget_block_size, what):
-    return ValueError(f"{name}: the budget of circulant block size {budget_block_size} "
+def _too_small(out_features, in_features, budget_block_size, what):
+    return InputError(f"the budget of circulant block size {budget_block_size} "
                       f"({circulant_params(out_features, in_features, budget_block_size):,} weights for "
-                      f"{out_features}x{in_features}) is too small for {what}; use a smaller budget block size")
+                      f"{out_features}x{in_features}) is too small for {what}; use a smaller budget block size",
+                      "budget_block_size")
 
 
 def _one_of(structure: str, **sizes) -> None:
     given = [k for k, v in sizes.items() if v is not None]
     if len(given) != 1:
-        raise ValueError(f"{structure}: give exactly one of {' or '.join(sizes)}, got "
-                         f"{', '.join(given) if given else 'neither'}")
+        raise InputError(f"{structure}: give exactly one of {' or '.join(sizes)}, got "
+                         f"{', '.join(given) if given else 'neither'}", list(sizes)[0])
 
 
-def _record(config, name: str, linear: nn.Module, size: int) -> None:
-    """Remember what build chose per module, so describe() (the compress_ summary) reports the
-    actual sizes and the parameter count of the circulant budget they were cut from."""
-    out_features, in_features = _dense_shape(linear)
-    bias = linear.bias.numel() if getattr(linear, "bias", None) is not None else 0
-    b = config.budget_block_size
-    config.built[name] = (size, circulant_params(out_features, in_features, b) + bias if b else None)
+# ---------------------------------------------------------------- configs
+
+class StructureConfig:
+    """What every registered config shares. A subclass is a dataclass with its size fields plus
+    `targets` and `layers` (as surgery.select_modules reads them), a `module` class, and
+    `size_for(name, out_features, in_features) -> dict` (the module's constructor sizes; raises
+    InputError when this shape cannot take them). Configs hold data only: what was built per
+    module is in compress_'s summary."""
+
+    module: type = None
+    takes_rank = False  # whether --rank / pipeline's `rank` option applies
+    budget_block_size = None
+
+    @classmethod
+    def from_options(cls, size: int, rank: int | None, budgeted: bool, **where) -> "StructureConfig":
+        """The config of the generic size options: circulant block size (or budget) `size`,
+        `rank` (structures with takes_rank), `budgeted`: `size` came from param_budget."""
+        raise NotImplementedError
+
+    def size_for(self, name: str, out_features: int, in_features: int) -> dict:
+        raise NotImplementedError
+
+    def check(self, name: str, linear: nn.Module) -> dict:
+        out_features, in_features = linear_weight(linear).shape
+        try:
+            return self.size_for(name, out_features, in_features)
+        except InputError as e:
+            raise InputError(f"{name}: {e}", e.param) from None
+
+    def build(self, name: str, linear: nn.Module) -> nn.Module:
+        return self.module.from_linear(linear, **self.check(name, linear))
+
+    def budget_params(self, linear: nn.Module) -> int | None:
+        """Parameter count (bias included) of the circulant budget this module is cut from, or None."""
+        if self.budget_block_size is None:
+            return None
+        out_features, in_features = linear_weight(linear).shape
+        bias = linear.bias.numel() if getattr(linear, "bias", None) is not None else 0
+        return circulant_params(out_features, in_features, self.budget_block_size) + bias
+
+    def describe(self) -> dict:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("targets", "layers")}
+        return {"structure": self.structure, **fields}
 
 
-def _built_summary(config) -> dict:
-    sizes = sorted({size for size, _ in config.built.values()})
-    budgets = [budget for _, budget in config.built.values()]
-    return {"sizes": sizes, "budget_params": sum(budgets) if budgets and None not in budgets else None}
-
-
-def _with_name(name: str, check) -> None:
-    try:
-        check()
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        raise type(e)(msg if msg.startswith(name) else f"{name}: {msg}") from None
-
-
+@register("circulant")
 @dataclass
-class LowRankConfig:
+class CirculantConfig(StructureConfig):
+    """Which linear layers become block-circulant, and with which block size.
+
+    block_size: default block size b.
+    targets: module-name suffixes, globs over full names, or shorthands 'mlp' / 'attn'.
+    layers: decoder-layer indices ('all', '10-19', '0,3,5', or a list); None = all.
+    block_sizes: per-module overrides {suffix or glob: block size}; first match wins.
+    """
+
+    block_size: int = 16
+    targets: Sequence[str] | str = ("mlp",)
+    layers: Iterable[int] | str | None = None
+    block_sizes: dict[str, int] = field(default_factory=dict)
+    module = BlockCirculantLinear
+
+    @classmethod
+    def from_options(cls, size, rank, budgeted, **where):
+        return cls(block_size=size, **where)
+
+    def block_size_for(self, name: str) -> int:
+        for pattern, b in self.block_sizes.items():
+            if matches(name, pattern):
+                return b
+        return self.block_size
+
+    def size_for(self, name, out_features, in_features):
+        return {"block_size": check_block_size(self.block_size_for(name), out_features, in_features)}
+
+
+@register("lowrank")
+@dataclass
+class LowRankConfig(StructureConfig):
     """Low-rank W_hat = U V for the selected layers (built by truncated SVD; `--fit aware` whitens).
 
     rank: the same rank everywhere; or budget_block_size B: per module the largest rank whose
@@ -448,41 +481,31 @@ class LowRankConfig:
     budget_block_size: int | None = None
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
+    module = LowRankLinear
+    takes_rank = True
 
     def __post_init__(self):
-        self.built = {}  # name -> (size, budget params), filled by build; not a field: checkpoints save the fields
         _one_of("LowRankConfig", rank=self.rank, budget_block_size=self.budget_block_size)
 
-    def rank_for(self, name: str, linear: nn.Module) -> int:
-        if self.rank is not None:
-            return self.rank
-        out_features, in_features = _dense_shape(linear)
-        return rank_for_budget(out_features, in_features,
-                               _budget(out_features, in_features, self.budget_block_size))
+    @classmethod
+    def from_options(cls, size, rank, budgeted, **where):
+        return cls(rank=rank, **where) if rank is not None else cls(budget_block_size=size, **where)
 
-    def check(self, name: str, linear: nn.Module) -> None:
-        out_features, in_features = _dense_shape(linear)
-
-        def run():
-            rank = self.rank_for(name, linear)
+    def size_for(self, name, out_features, in_features):
+        rank = self.rank
+        if rank is None:
+            budget = circulant_params(out_features, in_features,
+                                      check_block_size(self.budget_block_size, out_features, in_features))
+            rank = rank_for_budget(out_features, in_features, budget)
             if rank == 0:
-                raise _too_small(name, out_features, in_features, self.budget_block_size,
+                raise _too_small(out_features, in_features, self.budget_block_size,
                                  f"rank 1 ({out_features + in_features:,} weights)")
-            check_rank(rank, out_features, in_features)
-        _with_name(name, run)
-
-    def build(self, name: str, linear: nn.Module) -> nn.Module:
-        rank = self.rank_for(name, linear)
-        _record(self, name, linear, rank)
-        return LowRankLinear.from_linear(linear, rank)
-
-    def describe(self) -> dict:
-        return {"structure": "lowrank", "rank": self.rank, "budget_block_size": self.budget_block_size,
-                **_built_summary(self)}
+        return {"rank": check_rank(rank, out_features, in_features)}
 
 
+@register("blockdiag")
 @dataclass
-class BlockDiagonalConfig:
+class BlockDiagonalConfig(StructureConfig):
     """Block-diagonal W_hat with num_blocks diagonal blocks (built from W's diagonal blocks).
 
     num_blocks: the same number of blocks everywhere (each ceil(out/k) x ceil(in/k)); or
@@ -494,40 +517,29 @@ class BlockDiagonalConfig:
     budget_block_size: int | None = None
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
+    module = BlockDiagonalLinear
 
     def __post_init__(self):
-        self.built = {}  # name -> (size, budget params), filled by build; not a field: checkpoints save the fields
         _one_of("BlockDiagonalConfig", num_blocks=self.num_blocks, budget_block_size=self.budget_block_size)
 
-    def num_blocks_for(self, name: str, linear: nn.Module) -> int:
-        if self.num_blocks is not None:
-            return self.num_blocks
-        out_features, in_features = _dense_shape(linear)
-        return num_blocks_for_budget(out_features, in_features,
-                                     _budget(out_features, in_features, self.budget_block_size))
+    @classmethod
+    def from_options(cls, size, rank, budgeted, **where):
+        return cls(budget_block_size=size, **where)
 
-    def check(self, name: str, linear: nn.Module) -> None:
-        out_features, in_features = _dense_shape(linear)
-
-        def run():
-            k = self.num_blocks_for(name, linear)
-            if k == 0 and self.budget_block_size is not None:
-                raise _too_small(name, out_features, in_features, self.budget_block_size, "any block-diagonal")
-            check_num_blocks(k, out_features, in_features)
-        _with_name(name, run)
-
-    def build(self, name: str, linear: nn.Module) -> nn.Module:
-        k = self.num_blocks_for(name, linear)
-        _record(self, name, linear, k)
-        return BlockDiagonalLinear.from_linear(linear, k)
-
-    def describe(self) -> dict:
-        return {"structure": "blockdiag", "num_blocks": self.num_blocks, "budget_block_size": self.budget_block_size,
-                **_built_summary(self)}
+    def size_for(self, name, out_features, in_features):
+        k = self.num_blocks
+        if k is None:
+            budget = circulant_params(out_features, in_features,
+                                      check_block_size(self.budget_block_size, out_features, in_features))
+            k = num_blocks_for_budget(out_features, in_features, budget)
+            if k == 0:
+                raise _too_small(out_features, in_features, self.budget_block_size, "any block-diagonal")
+        return {"num_blocks": check_num_blocks(k, out_features, in_features)}
 
 
+@register("hybrid")
 @dataclass
-class HybridConfig:
+class HybridConfig(StructureConfig):
     """Block-circulant plus low-rank, fitted alternately.
 
     block_size and rank: explicit sizes; or budget_block_size B: per module a circulant part of
@@ -540,76 +552,38 @@ class HybridConfig:
     budget_block_size: int | None = None
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
+    module = CirculantPlusLowRankLinear
+    takes_rank = True
 
     def __post_init__(self):
-        self.built = {}  # name -> (size, budget params), filled by build; not a field: checkpoints save the fields
         if self.budget_block_size is None:
             if self.block_size is None or self.rank is None:
-                raise ValueError("HybridConfig: give block_size and rank, or budget_block_size")
+                raise InputError("HybridConfig: give block_size and rank, or budget_block_size", "budget_block_size")
         else:
             if self.rank is not None:
-                raise ValueError("HybridConfig: give rank or budget_block_size, not both "
-                                 "(the budget sets the rank)")
+                raise InputError("HybridConfig: give rank or budget_block_size, not both "
+                                 "(the budget sets the rank)", "rank")
             if self.block_size is None:
                 self.block_size = 2 * self.budget_block_size
 
-    def rank_for(self, name: str, linear: nn.Module) -> int:
-        if self.rank is not None:
-            return self.rank
-        out_features, in_features = _dense_shape(linear)
-        budget = _budget(out_features, in_features, self.budget_block_size)
+    @classmethod
+    def from_options(cls, size, rank, budgeted, **where):
+        if rank is not None:  # circulant part of block size `size` plus that rank
+            return cls(block_size=size, rank=rank, **where)
+        return cls(budget_block_size=size, **where)
+
+    def size_for(self, name, out_features, in_features):
         check_block_size(self.block_size, out_features, in_features)
-        rest = budget - circulant_params(out_features, in_features, self.block_size)
-        return rank_for_budget(out_features, in_features, max(rest, 0))
-
-    def check(self, name: str, linear: nn.Module) -> None:
-        out_features, in_features = _dense_shape(linear)
-
-        def run():
-            check_block_size(self.block_size, out_features, in_features)
-            rank = self.rank_for(name, linear)
+        rank = self.rank
+        if rank is None:
+            budget = circulant_params(out_features, in_features,
+                                      check_block_size(self.budget_block_size, out_features, in_features))
+            rest = budget - circulant_params(out_features, in_features, self.block_size)
+            rank = rank_for_budget(out_features, in_features, max(rest, 0))
             if rank == 0:
-                raise _too_small(name, out_features, in_features, self.budget_block_size,
+                raise _too_small(out_features, in_features, self.budget_block_size,
                                  f"a circulant of block size {self.block_size} plus rank 1")
-            check_rank(rank, out_features, in_features)
-        _with_name(name, run)
-
-    def build(self, name: str, linear: nn.Module) -> nn.Module:
-        _record(self, name, linear, self.rank_for(name, linear))
-        return CirculantPlusLowRankLinear.from_linear(linear, self.block_size, self.rank_for(name, linear))
-
-    def describe(self) -> dict:
-        """sizes: the ranks chosen."""
-        return {"structure": "hybrid", "block_size": self.block_size, "rank": self.rank,
-                "budget_block_size": self.budget_block_size, **_built_summary(self)}
-
-
-def config_for(structure: str, block_size: int = 16, rank: int | None = None, param_budget: int | None = None,
-               targets=("mlp",), layers=None):
-    """The config the CLI's --structure / --block-size / --rank / --param-budget describe.
-
-    --param-budget B gives every structure the parameter count of a block-circulant of block
-    size B (for circulant: block size B). Without it, --block-size is the circulant block size
-    and the budget of the other structures, unless --rank sets the rank (lowrank: the rank;
-    hybrid: circulant part of --block-size plus that rank).
-    """
-    if structure not in STRUCTURES:
-        raise ValueError(f"unknown structure {structure!r}; allowed: {', '.join(STRUCTURES)}")
-    if rank is not None and structure not in ("lowrank", "hybrid"):
-        raise ValueError(f"--rank applies to lowrank and hybrid, not {structure}")
-    if rank is not None and param_budget is not None:
-        raise ValueError("give --rank or --param-budget, not both (the budget sets the rank)")
-    budget = param_budget if param_budget is not None else block_size
-    where = dict(targets=targets, layers=layers)
-    if structure == "circulant":
-        return CirculantConfig(block_size=budget, **where)
-    if structure == "lowrank":
-        return LowRankConfig(rank=rank, **where) if rank is not None else LowRankConfig(budget_block_size=budget, **where)
-    if structure == "blockdiag":
-        return BlockDiagonalConfig(budget_block_size=budget, **where)
-    if rank is not None:
-        return HybridConfig(block_size=block_size, rank=rank, **where)
-    return HybridConfig(budget_block_size=budget, **where)
+        return {"block_size": self.block_size, "rank": check_rank(rank, out_features, in_features)}
 
 
 def budget_report(model: nn.Module, modules: Sequence[str], budget_block_size: int) -> dict:

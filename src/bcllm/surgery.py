@@ -1,6 +1,7 @@
 """Model surgery: find the linear layers a config selects and replace them in place.
 
-`compress_(model, CirculantConfig(...))` is the one verb. Selection follows the
+`compress_(model, config)` is the one verb; the config (a registered structure, see
+structures.py) decides what replaces each selected layer. Selection follows the
 PEFT `target_modules` habit: a target is a module-name suffix (`gate_proj`), a
 glob over the full name (`*.mlp.*`), or a shorthand (`mlp`, `attn`). `layers`
 restricts the match to decoder-layer indices.
@@ -10,13 +11,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
-
 import torch
 from torch import nn
 
-from .modules import BlockCirculantLinear, check_block_size, linear_weight
+from .errors import InputError
 
 # Shorthands: a linear layer inside a decoder layer belongs to `mlp` / `attn` when a
 # component of its name says so. Covers Llama/Qwen/Mistral/Gemma (mlp, self_attn),
@@ -42,19 +40,19 @@ def parse_layers(spec, num_layers: int) -> list[int] | None:
         for part in spec.replace(" ", "").split(","):
             m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
             if not m:
-                raise ValueError(f"cannot parse layers {spec!r}: use 'all', a range '10-19', "
-                                 f"a list '0,3,5' or a mix '0-3,8'")
+                raise InputError(f"cannot parse layers {spec!r}: use 'all', a range '10-19', "
+                                 f"a list '0,3,5' or a mix '0-3,8'", "layers")
             lo = int(m.group(1))
             hi = int(m.group(2)) if m.group(2) is not None else lo
             if hi < lo:
-                raise ValueError(f"layer range {part!r} is empty (end before start)")
+                raise InputError(f"layer range {part!r} is empty (end before start)", "layers")
             indices.extend(range(lo, hi + 1))
     else:
         indices = [int(i) for i in spec]
     bad = sorted({i for i in indices if not 0 <= i < num_layers})
     if bad:
-        raise ValueError(f"layer indices {bad} out of range: the model has {num_layers} decoder "
-                         f"layers, allowed 0..{num_layers - 1}")
+        raise InputError(f"layer indices {bad} out of range: the model has {num_layers} decoder "
+                         f"layers, allowed 0..{num_layers - 1}", "layers")
     return sorted(set(indices))
 
 
@@ -67,7 +65,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
                 if best is None or len(module) > len(best[1]):
                     best = (name, module)
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no ModuleList of decoder layers containing "
+        raise InputError(f"{type(model).__name__} has no ModuleList of decoder layers containing "
                          f"linear layers; bcllm needs a model whose decoder layers are a ModuleList")
     return best
 
@@ -95,43 +93,8 @@ def normalize_targets(targets) -> tuple[str, ...]:
         targets = [t for t in targets.replace(" ", "").split(",") if t]
     targets = tuple(targets)
     if not targets:
-        raise ValueError("targets is empty: give module-name suffixes, globs, 'mlp' or 'attn'")
+        raise InputError("targets is empty: give module-name suffixes, globs, 'mlp' or 'attn'", "targets")
     return targets
-
-
-@dataclass
-class CirculantConfig:
-    """Which linear layers become block-circulant, and with which block size.
-
-    block_size: default block size b.
-    targets: module-name suffixes, globs over full names, or shorthands 'mlp' / 'attn'.
-    layers: decoder-layer indices ('all', '10-19', '0,3,5', or a list); None = all.
-    block_sizes: per-module overrides {suffix or glob: block size}; first match wins.
-    """
-
-    block_size: int = 16
-    targets: Sequence[str] | str = ("mlp",)
-    layers: Iterable[int] | str | None = None
-    block_sizes: dict[str, int] = field(default_factory=dict)
-
-    def block_size_for(self, name: str) -> int:
-        for pattern, b in self.block_sizes.items():
-            if matches(name, pattern):
-                return b
-        return self.block_size
-
-    def build(self, name: str, linear: nn.Module) -> nn.Module:
-        return BlockCirculantLinear.from_linear(linear, self.block_size_for(name))
-
-    def check(self, name: str, linear: nn.Module) -> None:
-        out_features, in_features = linear_weight(linear).shape
-        try:
-            check_block_size(self.block_size_for(name), out_features, in_features)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"{name}: {e}") from None
-
-    def describe(self) -> dict:
-        return {"structure": "circulant", "block_size": self.block_size, "block_sizes": dict(self.block_sizes)}
 
 
 def select_modules(model: nn.Module, targets, layers=None) -> dict[str, nn.Module]:
@@ -153,12 +116,12 @@ def select_modules(model: nn.Module, targets, layers=None) -> dict[str, nn.Modul
             hits = [n for n in hits if is_linear(named[n])]
         if not hits:
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
-            raise ValueError(f"target {target!r} matches no module. Linear module names in this model "
-                             f"end in: {', '.join(suffixes)}; shorthands: {', '.join(SHORTHANDS)}")
+            raise InputError(f"target {target!r} matches no module. Linear module names in this model "
+                             f"end in: {', '.join(suffixes)}; shorthands: {', '.join(SHORTHANDS)}", "targets")
         for n in hits:
             if not is_linear(named[n]):
-                raise ValueError(f"target {target!r} matches {n!r}, a {type(named[n]).__name__}, "
-                                 f"not a linear layer (nn.Linear or Conv1D)")
+                raise InputError(f"target {target!r} matches {n!r}, a {type(named[n]).__name__}, "
+                                 f"not a linear layer (nn.Linear or Conv1D)", "targets")
             idx = layer_index(n, prefix)
             if wanted_layers is not None and idx not in wanted_layers:
                 continue
@@ -182,26 +145,31 @@ def compress_(model: nn.Module, config) -> dict:
     """Replace the selected linear layers of `model` in place; return a summary.
 
     The config type chooses the structure (config.build). Everything is checked
-    before anything is replaced, so a bad config leaves the model unchanged.
+    before anything is replaced, so a bad config leaves the model unchanged. The summary
+    holds each module's sizes, and with a budgeted config the parameter count of the
+    circulant budget the modules were cut from.
     """
     selected = select_modules(model, config.targets, config.layers)
     if not selected:
-        raise ValueError(f"targets {config.targets!r} with layers {config.layers!r} select no module")
+        raise InputError(f"targets {config.targets!r} with layers {config.layers!r} select no module", "layers")
     for name, linear in selected.items():
         config.check(name, linear)
+    budgets = [config.budget_params(linear) for linear in selected.values()]
     replaced = compressed = 0
-    modules = []
+    sizes = {}
     for name, linear in selected.items():
         new = config.build(name, linear)
         set_module(model, name, new)
         replaced += num_params(linear)
         compressed += num_params(new)
-        modules.append(name)
+        sizes[name] = new.sizes()
     after = num_params(model)
     return {
         "config": config.describe(),
-        "modules": modules,
-        "num_modules": len(modules),
+        "modules": list(sizes),
+        "num_modules": len(sizes),
+        "sizes": sizes,
+        "budget_params": None if None in budgets else sum(budgets),
         "replaced_params": replaced,
         "circulant_params": compressed,
         "ratio": replaced / max(compressed, 1),

@@ -1,0 +1,185 @@
+"""Fitted students as artifacts: the base-model record, load_student, and the Hugging Face export
+that loads without bcllm (in a subprocess where `import bcllm` fails) with the same logits."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcllm import BlockDiagonalConfig, CirculantConfig, HybridConfig, InputError, LowRankConfig, compress_
+from bcllm.artifact import base_record, export_student, load_student
+from bcllm.calibrate import fitted_modules
+from bcllm.checkpoint import save_fitted
+from bcllm.models import model_fingerprint
+from conftest import tiny_model
+
+CASES = {  # name: (arch, config)
+    "llama-circulant": ("llama", lambda: CirculantConfig(block_size=16)),
+    "llama-circulant-padded": ("llama", lambda: CirculantConfig(block_size=10, targets=("mlp", "attn"))),
+    "llama-lowrank": ("llama", lambda: LowRankConfig(rank=8)),
+    "llama-blockdiag": ("llama", lambda: BlockDiagonalConfig(num_blocks=5)),
+    "llama-hybrid": ("llama", lambda: HybridConfig(block_size=16, rank=4)),
+    "llama-tied-head": ("llama", lambda: CirculantConfig(block_size=16, targets=("lm_head", "down_proj"))),
+    "qwen2-circulant-padded": ("qwen2", lambda: CirculantConfig(block_size=12, targets=("mlp", "attn"))),
+    "gemma3-hybrid": ("gemma3", lambda: HybridConfig(block_size=10, rank=3, targets=("mlp", "attn"))),
+}
+INPUTS = {"batch": torch.arange(24).reshape(2, 12) * 5 % 128,   # 24 rows: bcllm's complex FFT path
+          "decode": torch.tensor([[3, 17, 99]])}                 # 3 rows: bcllm's real path
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 128)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def base_folder(arch, path):
+    """A tiny random model saved as a Hugging Face folder (a valid base spec); Llama with tied
+    embeddings like SmolLM2."""
+    model = tiny_model(arch, layers=2)
+    if arch == "llama":
+        from transformers import AutoModelForCausalLM
+
+        model.config.tie_word_embeddings = True
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(model.config).eval()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def make_student(arch, config, root):
+    """(student dir, bcllm student) fitted on a tiny base folder under root."""
+    from bcllm.models import load_model
+
+    base = base_folder(arch, root / f"base-{arch}")
+    student, _ = load_model(base)
+    fingerprint = model_fingerprint(student)
+    compress_(student, config)
+    with torch.no_grad():  # move every structured parameter off its projection, biases included
+        for name, p in student.named_parameters():
+            if not name.endswith("weight"):
+                p.add_(0.01 * torch.randn_like(p))
+    folder = save_fitted(student, root / "student", config, fingerprint, base=base_record(base))
+    return folder, student
+
+
+LOAD = r"""
+import json, sys, torch
+sys.modules["bcllm"] = None  # the export must not need bcllm
+from transformers import AutoModelForCausalLM
+dirs, inputs, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+results = {}
+for name, d in dirs.items():
+    model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True).eval()
+    with torch.no_grad():
+        results[name] = {k: model(torch.tensor(ids)).logits for k, ids in inputs.items()}
+    if name == "llama-circulant":  # generation, a re-saved copy, and a refusal without remote code
+        ids = torch.tensor(inputs["decode"])
+        results["generate"] = model.generate(ids, max_new_tokens=4, do_sample=False)
+        model.save_pretrained(out + ".resaved")
+        again = AutoModelForCausalLM.from_pretrained(out + ".resaved", trust_remote_code=True)
+        results["resaved"] = again(ids).logits
+        try:
+            AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False)
+            results["refused"] = False
+        except ValueError:
+            results["refused"] = True
+assert not any(m.startswith("bcllm") for m in sys.modules if sys.modules[m] is not None)
+torch.save(results, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every case exported, then loaded once in a subprocess without bcllm: (students, results)."""
+    root = tmp_path_factory.mktemp("export")
+    students, dirs = {}, {}
+    for name, (arch, config) in CASES.items():
+        folder, student = make_student(arch, config(), root / name)
+        dirs[name] = str(export_student(folder, root / name / "hf"))
+        students[name] = student
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(root / "modules"))
+    out = root / "logits.pt"
+    inputs = {k: v.tolist() for k, v in INPUTS.items()}
+    subprocess.run([sys.executable, "-c", LOAD, json.dumps(dirs), json.dumps(inputs), str(out)],
+                   env=env, cwd=root, check=True, timeout=600)
+    return students, dirs, torch.load(out)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_loads_without_bcllm_with_same_logits(exported, name):
+    students, dirs, results = exported
+    for key, ids in INPUTS.items():
+        with torch.no_grad():
+            expected = students[name](ids).logits
+        torch.testing.assert_close(results[name][key], expected, rtol=0, atol=1e-5)
+    config = json.loads((Path(dirs[name]) / "config.json").read_text())
+    assert config["model_type"] == "bcllm" and config["bcllm_base_model_type"].startswith(CASES[name][0])
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_bcllm.BcllmForCausalLM"
+    assert set(config["bcllm_modules"]) == set(fitted_modules(students[name]))
+
+
+def test_export_generates_resaves_and_refuses_without_remote_code(exported):
+    students, _, results = exported
+    student, ids = students["llama-circulant"], INPUTS["decode"]
+    with torch.no_grad():
+        expected = student.generate(ids, max_new_tokens=4, do_sample=False)
+        torch.testing.assert_close(results["resaved"], student(ids).logits, rtol=0, atol=1e-5)
+    assert torch.equal(results["generate"], expected)
+    assert results["refused"]
+
+
+def test_load_student_round_trip(tmp_path):
+    folder, student = make_student("llama", LowRankConfig(rank=8), tmp_path)
+    meta = json.loads((folder / "fitted.json").read_text())
+    assert meta["base"]["kind"] == "folder" and os.path.isabs(meta["base"]["spec"])
+    loaded, tokenizer, summary = load_student(folder)
+    assert summary["base"] == meta["base"] and tokenizer.eos_token == "<eos>"
+    ids = INPUTS["batch"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, student(ids).logits, rtol=0, atol=0)
+
+
+def test_load_student_without_base_needs_the_model(tmp_path):
+    folder, _ = make_student("llama", CirculantConfig(block_size=16), tmp_path)
+    meta = json.loads((folder / "fitted.json").read_text())
+    spec = meta.pop("base")["spec"]
+    (folder / "fitted.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=f"{folder}.*does not record its base model.*model=") as err:
+        load_student(folder)
+    assert err.value.param == "model"
+    _, _, summary = load_student(folder, model=spec)
+    assert summary["base"]["kind"] == "folder" and summary["num_modules"] == 6
+
+
+def test_base_record_kinds_and_gguf_check(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 5000)
+    record = base_record(str(gguf))
+    assert record == {"spec": str(gguf.resolve()), "kind": "gguf", "hf_revision": None,
+                      "gguf_sha256": hashlib.sha256(gguf.read_bytes()).hexdigest()}
+    assert base_record("nobody/not-cached") == {"spec": "nobody/not-cached", "kind": "hf",
+                                                "gguf_sha256": None, "hf_revision": None}
+    folder = tmp_path / "student"
+    folder.mkdir()
+    (folder / "fitted.json").write_text(json.dumps({"format": 1, "base": dict(record, gguf_sha256="0" * 64)}))
+    with pytest.raises(InputError, match=f"{gguf.resolve()}.*sha256.*{folder}"):
+        load_student(folder)
+
+
+def test_export_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        export_student(tmp_path / "student", tmp_path / "out")

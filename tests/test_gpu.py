@@ -1,0 +1,122 @@
+"""CUDA: cuFFT / cuBLAS products against explicit dense references, in float32 and 16-bit.
+Skipped where torch sees no GPU; scripts/gpu_check.sh runs them when one is lent."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from bcllm import CirculantConfig, circulant, compress_
+from bcllm.fused import FusedCirculantMLP, fuse_circulant_mlp_
+from bcllm.modules import BlockCirculantLinear
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CUDA = "cuda"
+# relative error allowed per input dtype: float32 products vs a float64 reference; 16-bit ones
+# differ by the rounding of their inputs' product to the output dtype (2^-8 bf16, 2^-11 fp16)
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+SHAPES = [(256, 192, 1), (256, 192, 8), (256, 192, 16), (256, 192, 64),
+          (200, 130, 16), (130, 210, 20)]  # last two: b divides neither side; 20 is not a power of two
+ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 512]  # real path up to REAL_PATH_MAX_ROWS, complex path beyond
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def layer_on_cuda(out_f, in_f, b, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    layer = BlockCirculantLinear(in_f, out_f, b, device=CUDA, dtype=dtype)
+    with torch.no_grad():
+        layer.bias.normal_()
+    return layer
+
+
+def reference(layer, x):
+    """x @ W.T + bias in float64 from the layer's own (possibly 16-bit) parameters."""
+    return x.double() @ circulant.to_dense(layer.c.double(), layer.out_features, layer.in_features).T \
+        + layer.bias.double()
+
+
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("out_f,in_f,b", SHAPES)
+@pytest.mark.parametrize("n", ROWS)
+def test_product_matches_dense(out_f, in_f, b, n, dtype):
+    layer = layer_on_cuda(out_f, in_f, b, dtype)
+    x = torch.randn(n, in_f, device=CUDA, dtype=dtype)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.device.type == "cuda" and y.dtype == dtype and y.shape == (n, out_f)
+    assert rel_err(y, reference(layer, x)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("n", [1, 8, 9, 512])
+def test_both_paths_on_cuda(n):
+    torch.manual_seed(0)
+    c = torch.randn(24, 17, 16, device=CUDA)
+    spec = circulant.spectra(c)
+    x = torch.randn(n, 270, device=CUDA)
+    ref = x.double() @ circulant.to_dense(c.double(), 380, 270).T
+    for path in (circulant.circulant_matmul_real, circulant.circulant_matmul_complex):
+        assert rel_err(path(x, spec, 380, 270, 16), ref) < 1e-4, path.__name__
+
+
+def test_autocast_runs():
+    layer = layer_on_cuda(256, 192, 16)
+    for n in (1, 64):  # both paths; float32 parameters under bf16 autocast
+        x = torch.randn(n, 192, device=CUDA)
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+            y = layer(x)
+        assert rel_err(y, reference(layer, x)) < 1e-2  # 16-bit matmuls on the real path (rows <= 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [3, 40])
+def test_gradients_flow(n, dtype):
+    layer = layer_on_cuda(130, 210, 20, dtype)
+    x = torch.randn(n, 210, device=CUDA, dtype=dtype, requires_grad=True)
+    w = torch.randn(n, 130, device=CUDA, dtype=torch.float64)
+    (layer(x).double() * w).sum().backward()
+    c64 = layer.c.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    (x64 @ circulant.to_dense(c64, 130, 210).T * w).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert layer.c.grad.dtype == dtype and layer.c.grad.device.type == "cuda"
+    assert rel_err(layer.c.grad, c64.grad) < tol
+    assert rel_err(x.grad, x64.grad) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_mlp_equals_unfused(dtype):
+    model = tiny_model("llama")
+    compress_(model, CirculantConfig(block_size=16, targets="mlp"))
+    model.to(CUDA, dtype)
+    fused = copy.deepcopy(model)
+    assert len(fuse_circulant_mlp_(fused)) == 4
+    assert isinstance(fused.model.layers[0].mlp, FusedCirculantMLP)
+    ids = torch.randint(0, 128, (2, 7), device=CUDA)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    with torch.inference_mode():
+        assert rel_err(fused(ids).logits, model(ids).logits) < tol          # prefill: complex path
+        assert rel_err(fused(ids[:1, :1]).logits, model(ids[:1, :1]).logits) < tol  # one row: real path
+        if dtype == torch.float32:
+            a = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+            f = fused.generate(ids[:1], max_new_tokens=6, do_sample=False)
+            assert torch.equal(a, f)
+
+
+def test_compressed_tiny_llama_same_logits_on_cuda_as_on_cpu():
+    model = tiny_model("llama")
+    compress_(model, CirculantConfig(block_size=16, targets="mlp"))
+    fuse_circulant_mlp_(model)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.inference_mode():
+        cpu_logits = (model(ids).logits, model(ids[:1, :1]).logits)  # spectra now cached on the CPU
+    model.to(CUDA)  # the caches must follow the parameters (outside inference mode: see bench_layer)
+    with torch.inference_mode():
+        gpu_logits = (model(ids.to(CUDA)).logits, model(ids[:1, :1].to(CUDA)).logits)
+    for cpu, gpu in zip(cpu_logits, gpu_logits):
+        assert gpu.device.type == "cuda"
+        assert rel_err(gpu.cpu(), cpu) < 1e-4
