@@ -183,3 +183,16 @@ def test_export_refuses_a_non_empty_folder(tmp_path):
     (tmp_path / "out" / "x").write_text("x")
     with pytest.raises(InputError, match="not empty"):
         export_student(tmp_path / "student", tmp_path / "out")
+
+
+def test_cli_export_writes_the_folder_and_names_its_arguments(tmp_path, capsys):
+    from bcllm.cli import main
+
+    folder, student = make_student("llama", CirculantConfig(block_size=16), tmp_path)
+    assert main(["export", str(folder), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "modeling_bcllm.py").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["export", str(folder), str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err

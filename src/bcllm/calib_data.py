@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from .errors import InputError
 from .models import cache_dir
 
-SOURCES = ("self-chat", "self-seed", "pydoc")
+SOURCES = ("mix", "self-chat", "self-seed", "pydoc", "pydoc-all")
+MIX_SELF = 96  # self-generated samples in the "mix" source
 
 # Topics for the teacher's own instructions: everyday, school and technical subjects, chosen to be
 # unlike the default evaluation prompts (which are about FFT, circulant matrices and LLMs).
@@ -57,6 +58,31 @@ def pydoc_samples(n: int | None = None, seed: int = 0, min_words: int = 20, max_
     paragraphs = sorted(set(paragraphs))
     random.Random(seed).shuffle(paragraphs)
     return paragraphs if n is None else paragraphs[:n]
+
+
+def pydoc_chunks(n: int | None = None, seed: int = 0, words: int = 80) -> list[str]:
+    """All of the Python reference topics, prose and code examples alike (about 65k words, 110k
+    SmolLM2 tokens), cut at paragraph breaks into chunks of at most `words` words, shuffled."""
+    from pydoc_data.topics import topics
+
+    chunks = []
+    for key in sorted(topics):
+        current: list[str] = []
+        for para in re.split(r"\n\s*\n", topics[key]):
+            para_words = para.split()
+            if current and len(" ".join(current).split()) + len(para_words) > words:
+                chunks.append("\n\n".join(current))
+                current = []
+            while len(para_words) > words:  # a long paragraph: cut it into runs of words
+                chunks.append(" ".join(para_words[:words]))
+                para_words = para_words[words:]
+            if para_words:
+                current.append(para.strip() if len(para.split()) <= words else " ".join(para_words))
+        if current:
+            chunks.append("\n\n".join(current))
+    chunks = [c for c in dict.fromkeys(chunks) if len(c.split()) >= 8]
+    random.Random(seed).shuffle(chunks)
+    return chunks if n is None else chunks[:n]
 
 
 def _sample(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float, seed: int,
@@ -166,6 +192,20 @@ def make_batches(tokenizer, samples: list[str], batch_size: int = 8, max_length:
     return batches
 
 
+def mixed(model, tokenizer, n: int, max_new_tokens: int = 48, seed: int = 0, model_id: str = "",
+          progress: bool = True) -> list[str]:
+    """n samples: MIX_SELF (at most n // 4) written by the model itself (self-chat through its chat
+    template, or self-seed for a model without one), the rest all of pydoc (prose and code),
+    shuffled together: chat-like and technical text, code, at scale without the model's generation
+    being the bottleneck."""
+    kind = "self-chat" if getattr(tokenizer, "chat_template", None) else "self-seed"
+    n_self = min(MIX_SELF, n // 4)
+    own = self_generated(model, tokenizer, n_self, kind, max_new_tokens, seed, model_id, progress=progress) if n_self else []
+    samples = own + pydoc_chunks(n - n_self, seed)
+    random.Random(seed).shuffle(samples)
+    return samples
+
+
 def load_calibration(source: str, model=None, tokenizer=None, n: int = 100, max_new_tokens: int = 64,
                      seed: int = 0, model_id: str = "", progress: bool = True) -> list[str]:
     """Calibration samples from a source name (SOURCES) or a text file path, one sample a line."""
@@ -173,6 +213,10 @@ def load_calibration(source: str, model=None, tokenizer=None, n: int = 100, max_
         return self_generated(model, tokenizer, n, source, max_new_tokens, seed, model_id, progress=progress)
     if source == "pydoc":
         return pydoc_samples(n, seed)
+    if source == "pydoc-all":
+        return pydoc_chunks(n, seed)
+    if source == "mix":
+        return mixed(model, tokenizer, n, max_new_tokens, seed, model_id, progress)
     from .prompts import load_prompts
 
     samples = load_prompts(source)

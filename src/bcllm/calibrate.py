@@ -12,6 +12,8 @@ over batches (memory independent of the number of tokens): stats.InputStats.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -123,17 +125,17 @@ def fit_aware_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1
 
 
 
-def _decoder_inputs(model: nn.Module, prefix: str, batches, last: int) -> tuple[list, list]:
-    """Per batch, the hidden state entering decoder layer 0, and per layer (up to `last`) and batch the other
-    (args, kwargs) the model passes that layer (masks, rotary embeddings; these differ per
-    layer type in some models, e.g. Gemma 3 sliding/global attention)."""
+def _decoder_inputs(model: nn.Module, prefix: str, batches, last: int, first: int = 0) -> tuple[list, list]:
+    """Per batch, the hidden state entering decoder layer `first`, and per layer (up to `last`) and
+    batch the other (args, kwargs) the model passes that layer (masks, rotary embeddings; these
+    differ per layer type in some models, e.g. Gemma 3 sliding/global attention)."""
     layers = model.get_submodule(prefix)
     hidden, extra = [], [[] for _ in layers]
 
     def pre_hook(index):
         def hook(module, args, kwargs):
-            if index == 0:
-                hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+            if index == first:
+                hidden.append(args[0] if args else kwargs["hidden_states"])
             extra[index].append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
             if index == last:  # later layers are not needed
                 raise _Stop
@@ -161,45 +163,117 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, extra) -> torch.Tensor:
 
 @torch.no_grad()
 def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1e-4,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, refine=None) -> dict:
     """Error-compensating fit: decoder layers in forward order; each structured module sees the
     inputs x_s of the already-fitted student and targets W x_t of the teacher at the same
     positions. Within a layer, modules are fitted in forward order, one shared-input group at a
-    time. Only one group's statistics are alive at a time."""
+    time. Only one group's statistics are alive at a time.
+
+    refine(SequentialLayer) is called after each layer's closed form, before the student's hidden
+    states move on (block reconstruction trains the layer further there); its dicts are collected
+    in the result's "layers"."""
     modules = check_pair(student, teacher)
     prefix, layers_t = decoder_layers(teacher)  # (the student's may hold no linear layer any more)
     layers_s = student.get_submodule(prefix)
     outside = [n for n in modules if layer_index(n, prefix) is None]
     if outside:
         raise InputError(f"sequential fit handles modules inside decoder layers only; {outside[0]!r} is "
-                         f"outside: use the aware fit")
+                         f"outside: use the aware fit", "fit")
     batches = list(batches)
     masks = [b.get("attention_mask") for b in batches]
-    last = max(layer_index(n, prefix) for n in modules)
-    # the student differs from the teacher inside decoder layers only: same inputs to layer 0
-    h_t, extra = _decoder_inputs(teacher, prefix, batches, last)
+    indices = [layer_index(n, prefix) for n in modules]
+    first, last = min(indices), max(indices)
+    # the student equals the teacher up to its first structured module: same inputs to that layer
+    h_t, extra = _decoder_inputs(teacher, prefix, batches, last, first)
     h_s = h_t
-    tokens = 0
-    for li in tqdm(range(last + 1), desc="sequential fit", disable=not progress, leave=False):
+    tokens, refined = 0, []
+    for li in tqdm(range(first, last + 1), desc="sequential fit", disable=not progress, leave=False):
         layer_prefix = f"{prefix}.{li}."
-        todo = [n[len(layer_prefix):] for n in modules if n.startswith(layer_prefix)]
-        while todo:
-            stats, group = _first_group_stats(layers_s[li], layers_t[li], h_s, h_t, extra[li], masks, todo)
-            for rel in group:
-                layers_s[li].get_submodule(rel).fit_(linear_weight(layers_t[li].get_submodule(rel)), stats, ridge)
-            todo = [n for n in todo if n not in group]
-            tokens = stats.n
-        same = h_s is h_t and not any(n.startswith(layer_prefix) for n in modules)
-        h_t = [_run_layer(layers_t[li], h, e) for h, e in zip(h_t, extra[li])]
-        h_s = h_t if same else [_run_layer(layers_s[li], h, e) for h, e in zip(h_s, extra[li])]
-    return {"fit": "sequential", "modules": len(modules), "tokens": tokens, "ridge": ridge}
+        names = [n[len(layer_prefix):] for n in modules if n.startswith(layer_prefix)]
+        unit, x_s = unit_name(names), None
+        if names:
+            # Only the smallest module holding the layer's structured modules (the MLP) runs per group:
+            # its inputs do not depend on them, so they are captured once.
+            x_s = unit_inputs(layers_s[li], unit, h_s, extra[li])
+            x_t = x_s if h_s is h_t else unit_inputs(layers_t[li], unit, h_t, extra[li])
+            tokens = _fit_unit(layers_s[li].get_submodule(unit), layers_t[li].get_submodule(unit), names, unit,
+                               x_s, x_t, extra[li] if not unit else None, masks, ridge)
+        next_t = [_run_layer(layers_t[li], h, e) for h, e in zip(h_t, extra[li])]
+        if refine is not None and names:
+            refined.append(refine(SequentialLayer(li, layers_s[li], layers_t[li], names, h_s, h_t, next_t,
+                                                  extra[li], masks, unit, x_s)))
+        same = h_s is h_t and not names
+        h_s = next_t if same else [_run_layer(layers_s[li], h, e) for h, e in zip(h_s, extra[li])]
+        h_t = next_t
+    return {"fit": "sequential", "modules": len(modules), "tokens": tokens, "ridge": ridge, "layers": refined}
+
+
+@dataclass
+class SequentialLayer:
+    """One decoder layer during the sequential fit: the student's and teacher's layer, the names
+    (relative to the layer) of its structured modules, per batch the hidden states entering it
+    (student h_s, teacher h_t), the teacher's output next_t, the layer's other arguments and masks."""
+
+    index: int
+    layer_s: nn.Module
+    layer_t: nn.Module
+    names: list
+    h_s: list
+    h_t: list
+    next_t: list
+    extra: list
+    masks: list
+    unit: str = ""          # the module (relative to the layer) holding all `names`; "" = the layer
+    x_s: list | None = None  # per batch the student's input to that unit
+
+
+def unit_name(names: list[str]) -> str:
+    """The smallest module (relative to the decoder layer) holding all `names`; "" = the layer itself."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def unit_inputs(layer: nn.Module, unit: str, hidden: list, extra: list) -> list:
+    """Per batch the input of `layer`'s submodule `unit` ("" = the layer: its hidden states)."""
+    if not unit:
+        return hidden
+    seen, out = {}, []
+    handle = layer.get_submodule(unit).register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    try:
+        for h, e in zip(hidden, extra):
+            _run_layer(layer, h, e)
+            out.append(seen.pop("x"))
+    finally:
+        handle.remove()
+    return out
+
+
+def _fit_unit(unit_s, unit_t, names, unit, x_s, x_t, extra, masks, ridge) -> int:
+    """Closed-form fits of `names` (relative to the layer) inside one unit, one shared-input group
+    at a time in forward order; extra: the layer's other arguments when the unit is the layer."""
+    prefix = f"{unit}." if unit else ""
+    todo = [n[len(prefix):] for n in names]
+    extra = extra if extra is not None else [((), {})] * len(x_s)
+    tokens = 0
+    while todo:
+        stats, group = _first_group_stats(unit_s, unit_t, x_s, x_t, extra, masks, todo)
+        for rel in group:
+            unit_s.get_submodule(rel).fit_(linear_weight(unit_t.get_submodule(rel)), stats, ridge)
+        todo = [n for n in todo if n not in group]
+        tokens = stats.n
+    return tokens
 
 
 def _first_group_stats(layer_s, layer_t, h_s, h_t, extra, masks, todo):
     """InputStats (x_s from the student layer, x_t from the teacher layer) of the first modules
     among `todo` to run in forward order, with the names that share that input."""
     cap_s, cap_t = _InputCapture(layer_s, todo), _InputCapture(layer_t, todo)
-    stats, group = None, None
+    stats, group, pending = None, None, []
     try:
         for hs, ht, e, mask in zip(h_s, h_t, extra, masks):
             cap_s.inputs.clear()
@@ -209,8 +283,20 @@ def _first_group_stats(layer_s, layer_t, h_s, h_t, extra, masks, todo):
             if group is None:
                 group = _groups(cap_s.inputs)[0]  # dicts keep insertion order: first to run
                 stats = InputStats.zeros(cap_s.inputs[group[0]].shape[-1], shared=False, device=hs.device)
-            stats.add_(_rows(cap_s.inputs[group[0]], mask), _rows(cap_t.inputs[group[0]], mask))
+            pending.append((_rows(cap_s.inputs[group[0]], mask), _rows(cap_t.inputs[group[0]], mask)))
+            if sum(r.shape[0] for r, _ in pending) >= STATS_ROWS:
+                _flush(stats, pending)
+        _flush(stats, pending)
     finally:
         cap_s.remove()
         cap_t.remove()
     return stats, group
+
+
+STATS_ROWS = 8192  # rows per statistics product: one large matmul is several times faster than many small
+
+
+def _flush(stats: InputStats, pending: list) -> None:
+    if pending:
+        stats.add_(torch.cat([r for r, _ in pending]), torch.cat([r for _, r in pending]))
+        pending.clear()

@@ -47,42 +47,64 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_compress_args(p: argparse.ArgumentParser) -> None:
+    """The StudentSpec options; their defaults are the spec's own (pipeline.StudentSpec)."""
+    from .pipeline import StudentSpec as D
     from .structures import STRUCTURES
 
-    p.add_argument("--structure", default="circulant", choices=list(STRUCTURES),
+    p.add_argument("--structure", default=D.structure, choices=list(STRUCTURES),
                    help="what replaces each dense layer: block-circulant, low-rank U V, block-diagonal, or "
                         "circulant + low-rank; the others get the parameter count of circulant --block-size")
-    p.add_argument("--block-size", type=int, default=16, help="circulant block size b")
+    p.add_argument("--block-size", type=int, default=D.block_size, help="circulant block size b")
     p.add_argument("--rank", type=int, default=None, help="low-rank rank (lowrank; hybrid: plus circulant --block-size)")
     p.add_argument("--param-budget", type=int, default=None, metavar="B",
                    help="give every structure the parameter count of a block-circulant of block size B")
-    p.add_argument("--layers", default="all", help="decoder layers: all, 10-19, 0,3,5")
-    p.add_argument("--targets", default="mlp",
+    p.add_argument("--layers", default=D.layers, help="decoder layers: all, 10-19, 0,3,5")
+    p.add_argument("--targets", default=D.targets,
                    help="comma-separated module suffixes, globs, or shorthands mlp / attn")
-    p.add_argument("--fit", default="frobenius", choices=["frobenius", "aware", "sequential"],
+    from .pipeline import FITS
+
+    p.add_argument("--fit", default=D.fit, choices=FITS,
                    help="how the structured weights are fitted: frobenius = nearest in Frobenius norm; aware = "
                         "least squares on the calibration inputs; sequential = layer by layer on the inputs of "
-                        "the already compressed model (compensates upstream error)")
+                        "the already compressed model (compensates upstream error); block = the recovery recipe: "
+                        "sequential, then each layer's structured modules trained together through the "
+                        "nonlinearity on cached activations, then logit distillation")
     add_calib_args(p)
 
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration (--fit aware/sequential, --distill-steps) and fitted students")
-    g.add_argument("--calib", default="self-chat", metavar="SOURCE",
-                   help="calibration text: a file (one sample a line), self-chat (the model writes instructions "
-                        "and answers them; cached), self-seed (the model continues short seeds), or pydoc "
-                        "(Python's offline reference prose)")
-    g.add_argument("--calib-samples", type=int, default=96, metavar="N", help="number of calibration samples")
-    g.add_argument("--calib-tokens", type=int, default=48, metavar="T",
+    from .pipeline import StudentSpec as D
+
+    g = p.add_argument_group("calibration (--fit aware/sequential/block, --distill-steps) and fitted students")
+    g.add_argument("--calib", default=D.calib, metavar="SOURCE",
+                   help="calibration text: mix (96 samples the model writes itself plus all of Python's offline "
+                        "reference text, prose and code; works on any model), a file (one sample a line), "
+                        "self-chat (the model writes instructions and answers them; cached), self-seed (the "
+                        "model continues short seeds), pydoc (the reference prose paragraphs) or pydoc-all "
+                        "(all of it, code included)")
+    g.add_argument("--calib-samples", type=int, default=D.calib_samples, metavar="N", help="number of calibration samples")
+    g.add_argument("--calib-tokens", type=int, default=D.calib_tokens, metavar="T",
                    help="new tokens per self-generated sample; every sample is cut to T + 64 tokens")
-    g.add_argument("--ridge", type=float, default=1e-4, help="ridge of the least-squares fits, relative to the Gram diagonal")
+    g.add_argument("--ridge", type=float, default=D.ridge, help="ridge of the least-squares fits, relative to the Gram diagonal")
     g.add_argument("--force-overlap", action="store_true",
                    help="calibrate even when the calibration text overlaps the evaluation prompts")
-    g.add_argument("--distill-steps", type=int, default=0, metavar="N", help="logit distillation steps after the fit")
-    g.add_argument("--distill-lr", type=float, default=1e-3)
-    g.add_argument("--distill-batch", type=int, default=8, help="samples per calibration batch (fit and distillation)")
-    g.add_argument("--hidden-mse", type=float, default=0.0, help="weight of the per-layer hidden-state MSE term")
+    g.add_argument("--distill-steps", type=int, default=None, metavar="N",
+                   help="logit distillation steps after the fit (default: 100 with --fit block, else 0)")
+    g.add_argument("--distill-lr", type=float, default=D.distill_lr)
+    g.add_argument("--distill-batch", type=int, default=D.distill_batch, help="samples per calibration batch (fit and distillation)")
+    g.add_argument("--hidden-mse", type=float, default=D.hidden_mse, help="weight of the per-layer hidden-state MSE term")
     g.add_argument("--train-norms", action="store_true", help="distillation also trains biases and norm weights")
+    g.add_argument("--distill-bf16", action="store_true",
+                   help="distil with the student's forward under bfloat16 autocast (faster on CPUs with AMX)")
+    g.add_argument("--distill-vocab", default=D.distill_vocab, choices=["full", "teacher"],
+                   help="distil over the full vocabulary, or over the tokens in the teacher's top-k anywhere in "
+                        "the calibration text (fewer output logits a step)")
+    g.add_argument("--block-epochs", type=int, default=D.block_epochs, help="--fit block: epochs over the cached activations")
+    g.add_argument("--block-lr", type=float, default=D.block_lr, help="--fit block: Adam learning rate")
+    g.add_argument("--block-target", default=D.block_target, choices=["mlp", "layer"],
+                   help="--fit block: fit the dense MLP on the student's inputs, or the teacher's decoder-layer "
+                        "output (attention included)")
+    g.add_argument("--block-batch-tokens", type=int, default=D.block_batch_tokens, help="--fit block: token rows per step")
     g.add_argument("--distill-dir", metavar="DIR", help="distillation checkpoints here (with --resume: continue)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted distillation from --distill-dir")
     g.add_argument("--save", metavar="DIR", help="save the fitted structured modules (safetensors + JSON)")
@@ -181,7 +203,7 @@ def cmd_eval(args) -> None:
 
     import torch
 
-    from .evaluate import TeacherCache, evaluate, model_file_identity
+    from .evaluate import TeacherCache, evaluate, measure_floor, model_file_identity, with_floor
     from .models import load_model
     from .prompts import default_prompts_path, load_prompts
     from .results import check_writable, command_line, versions, write_json
@@ -200,12 +222,16 @@ def cmd_eval(args) -> None:
     t_student = time.perf_counter()
     teacher = TeacherCache.build(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, chat=args.chat,
                                  model_id=model_file_identity(args.model))
-    del model  # from here on only the student is held
     t_teacher = time.perf_counter()
+    floor = measure_floor(model, summary["modules"], tokenizer, prompts, teacher)
+    del model  # from here on only the student is held
+    t_floor = time.perf_counter()
     result = evaluate(student, tokenizer, prompts, teacher=teacher, seed=args.seed)
+    result["metrics"] = with_floor(result["metrics"], floor)
     t_eval = time.perf_counter()
     timing = {"load_s": t_load - start, "student_s": t_student - t_load, "teacher_s": t_teacher - t_student,
-              "teacher_cached": not teacher.computed, "evaluate_s": t_eval - t_teacher, "total_s": t_eval - start}
+              "teacher_cached": not teacher.computed, "floor_s": t_floor - t_teacher, "evaluate_s": t_eval - t_floor,
+              "total_s": t_eval - start}
     config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
     config["prompts"] = str(args.prompts or default_prompts_path())
     print_eval(args, result, summary, timing)
@@ -233,9 +259,13 @@ def print_eval(args, result: dict, summary: dict, timing: dict) -> None:
                 "logit_cosine_mean", "generation_agreement"):
         interval = f"   [{ci[key][0]:.4f}, {ci[key][1]:.4f}]" if key in ci else ""
         print(f"{key:<22}{'':>10}{num(m[key]):>10}{interval}")
+    if "floor_kl_mean" in m:
+        print(f"\nfloor: the same {summary['num_modules']} modules removed (output zero): token_agreement "
+              f"{num(m['floor_token_agreement'])}, kl_mean {num(m['floor_kl_mean'])}; kl_recovered "
+              f"{num(m['kl_recovered'])} (1 - student KL / floor KL)")
     print(f"\ntime: load {timing['load_s']:.1f} s, student {timing['student_s']:.1f} s, teacher "
-          f"{timing['teacher_s']:.1f} s{' (cached)' if timing['teacher_cached'] else ''}, evaluate "
-          f"{timing['evaluate_s']:.1f} s, total {timing['total_s']:.1f} s")
+          f"{timing['teacher_s']:.1f} s{' (cached)' if timing['teacher_cached'] else ''}, floor "
+          f"{timing['floor_s']:.1f} s, evaluate {timing['evaluate_s']:.1f} s, total {timing['total_s']:.1f} s")
 
 
 def cmd_generate(args) -> None:

@@ -49,6 +49,7 @@ class DistillConfig:
     seed: int = 0
     cache_prefix: bool = True     # run the frozen layers before the first trained one once, not every step
     bf16: bool = False            # student forward under bfloat16 autocast (CPUs with AMX: ~3x faster matmuls)
+    vocab: str = "full"           # full | teacher: the loss over the tokens in the teacher's top-k anywhere
 
 
 def trainable_parameters(student, train_norms: bool = False) -> dict[str, torch.nn.Parameter]:
@@ -138,6 +139,48 @@ def cached_prefix(student, first: int, as_tuple: bool):
             layers[i] = layer
 
 
+class _SubsetHead(nn.Module):
+    """The output layer restricted to the rows `ids` (logits of those tokens only)."""
+
+    def __init__(self, head: nn.Module, ids: torch.Tensor):
+        super().__init__()
+        self.head, self.ids = head, ids
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        bias = self.head.bias[self.ids] if getattr(self.head, "bias", None) is not None else None
+        return nn.functional.linear(hidden, self.head.weight[self.ids], bias)
+
+
+@contextmanager
+def restricted_head(student, ids):
+    """While active (ids not None), the student's logits are those of the tokens `ids` only."""
+    if ids is None:
+        yield
+        return
+    head = student.get_output_embeddings()
+    student.set_output_embeddings(_SubsetHead(head, ids))
+    try:
+        yield
+    finally:
+        student.set_output_embeddings(head)
+
+
+@torch.no_grad()
+def restrict_targets(teacher, batches, targets: list[dict]) -> torch.Tensor:
+    """vocab="teacher": the union of the teacher's top-k tokens over all positions; the targets'
+    token ids become positions in it and their log-sum-exp the teacher's over it, so the loss is
+    the exact top-k + tail KL of both distributions restricted to that vocabulary (a second pass
+    of the teacher). Returns the union's token ids."""
+    ids = torch.unique(torch.cat([t["target"][1].reshape(-1) for t in targets]))
+    position = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=ids.device)
+    position[ids] = torch.arange(ids.numel(), device=ids.device)
+    for batch, t in zip(batches, targets):
+        z = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+        values, top, _ = t["target"]
+        t["target"] = (values, position[top], z[_masked(batch)][:, ids].float().logsumexp(-1))
+    return ids
+
+
 def first_trained_layer(student, params: dict, enabled: bool = True) -> int:
     """Index of the first decoder layer holding a trained parameter (0 when any trained parameter
     lies outside the decoder layers, or caching is off)."""
@@ -195,33 +238,26 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     on_step(step, loss) is called after every step (a caller may raise to stop: the last
     checkpoint then lets `resume=True` continue)."""
     cfg = cfg or DistillConfig()
-    if cfg.steps < 1:
-        raise InputError(f"distillation steps must be >= 1, got {cfg.steps}", "distill_steps")
-    if not batches:
-        raise InputError("distillation needs calibration batches")
-    params = trainable_parameters(student, cfg.train_norms)
-    if not params:
-        raise InputError("the student has no structured module to distil: compress it first")
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
+    params = _start(student, batches, cfg)
     run = _Run(cfg, params, checkpoint_dir)
     if resume:
         run.load()
     first = first_trained_layer(student, params, cfg.cache_prefix and not cfg.train_norms)
     targets = teacher_targets(teacher, batches, cfg.topk, first)
+    vocab = restrict_targets(teacher, batches, targets) if cfg.vocab == "teacher" else None
     held = list(held_out)
     held_lp = [torch.log_softmax(t, -1) for t in _teacher_logits(teacher, held)]
     prefix, _ = decoder_layers(teacher)
     hidden_layers = sorted({layer_index(n, prefix) for n in fitted_modules(student)} - {None})
     student.train(False)  # no dropout: the student should match the teacher's eval-mode function
+    if held and run.step == 0:  # where distillation starts from
+        run.history["held_out_kl"].append((0, held_out_kl(student, held_lp, held)))
     bar = tqdm(total=cfg.steps, initial=run.step, desc="distill", unit="step", disable=not progress)
     start, tokens = time.perf_counter(), 0
     try:
         while run.step < cfg.steps:
             i = _batch_index(run.step, len(batches), cfg.seed)
-            with cached_prefix(student, first, targets[i]["tuple"]) as state:
+            with cached_prefix(student, first, targets[i]["tuple"]) as state, restricted_head(student, vocab):
                 state["hidden"] = targets[i]["prefix"]
                 loss = _step(student, teacher, batches[i], targets[i]["target"], run, hidden_layers)
             tokens += int(_masked(batches[i]).sum())
@@ -243,7 +279,26 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     return {"steps": run.step, "trainable_params": sum(p.numel() for p in params.values()),
             "trainable": list(params), "final_loss": run.history["loss"][-1] if run.history["loss"] else None,
             "held_out_kl": run.history["held_out_kl"], "loss": run.history["loss"], "config": asdict(cfg),
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "prefix_layers_cached": first}
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "prefix_layers_cached": first,
+            "vocab_size": None if vocab is None else int(vocab.numel())}
+
+
+def _start(student, batches, cfg: DistillConfig) -> dict:
+    """Check the settings; leave only the trained parameters requiring gradients; return them."""
+    if cfg.steps < 1:
+        raise InputError(f"distillation steps must be >= 1, got {cfg.steps}", "distill_steps")
+    if cfg.vocab not in ("full", "teacher"):
+        raise InputError(f"unknown distillation vocab {cfg.vocab!r}; allowed: full, teacher", "distill_vocab")
+    if not batches:
+        raise InputError("distillation needs calibration batches")
+    params = trainable_parameters(student, cfg.train_norms)
+    if not params:
+        raise InputError("the student has no structured module to distil: compress it first")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
 
 
 def _step(student, teacher, batch, target, run, hidden_layers) -> float:

@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import InputError
+from .surgery import set_module
 from .models import cache_dir, model_file_identity, model_fingerprint  # noqa: F401 (re-exported)
 from .prompts import context_length, tokenize_prompts
 
@@ -348,7 +350,7 @@ def _compute_teacher(model, token_ids, settings, folder: Path, progress: bool) -
 # ---- evaluation ----
 
 def evaluate(student, tokenizer, prompts: list[str], teacher, *, progress: bool = True, seed: int = 0,
-             resamples: int = 1000) -> dict:
+             resamples: int = 1000, generate: bool = True) -> dict:
     """Fidelity of `student` against a TeacherCache built on the same prompts (and tokenizer).
 
     Returns {"metrics": {METRIC_KEYS..., "kl_max"}, "ci": {"token_agreement": [lo, hi],
@@ -364,7 +366,7 @@ def evaluate(student, tokenizer, prompts: list[str], teacher, *, progress: bool 
     if token_ids != teacher.token_ids:
         raise InputError("the teacher cache was built on other prompts (or another tokenizer or chat setting)")
     device = model_device(student)
-    n_new = settings["max_new_tokens"]
+    n_new = settings["max_new_tokens"] if generate else 0  # generate=False: teacher-forced metrics only
     stats: list = [None] * len(token_ids)
     student_gen: list = [None] * len(token_ids)
     bar = tqdm(total=len(token_ids), desc="student", unit="prompt", disable=not progress)
@@ -384,3 +386,44 @@ def evaluate(student, tokenizer, prompts: list[str], teacher, *, progress: bool 
     return {"metrics": metrics, "ci": ci, "per_prompt": per_prompt, "num_prompts": len(token_ids),
             "num_positions": sum(len(t) for t in token_ids), "max_new_tokens": n_new,
             "teacher_cache": str(teacher.path)}
+
+
+# ---- the floor: the same modules removed ----
+
+class ZeroLinear(nn.Module):
+    """A removed linear layer: outputs zeros (no bias, no parameters)."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+FLOOR_KEYS = ("floor_token_agreement", "floor_kl_mean", "kl_recovered")
+
+
+def floor_model(model, modules: list[str]):
+    """A copy of `model` with `modules` (dense or structured) removed: each outputs zero."""
+    import copy
+
+    floor = copy.deepcopy(model)
+    for name in modules:
+        set_module(floor, name, ZeroLinear(floor.get_submodule(name).out_features))
+    return floor
+
+
+def measure_floor(model, modules: list[str], tokenizer, prompts: list[str], teacher) -> dict:
+    """Teacher-forced token agreement and KL of the model with `modules` removed: the zero-parameter
+    baseline a structure must lift the model above (docs/DESIGN.md section 3)."""
+    result = evaluate(floor_model(model, modules), tokenizer, prompts, teacher, progress=False, generate=False,
+                      resamples=10)
+    return {"floor_token_agreement": result["metrics"]["token_agreement"],
+            "floor_kl_mean": result["metrics"]["kl_mean"]}
+
+
+def with_floor(metrics: dict, floor: dict) -> dict:
+    """metrics plus the floor's figures and kl_recovered = 1 - kl_student / kl_floor."""
+    recovered = 1 - metrics["kl_mean"] / floor["floor_kl_mean"] if floor["floor_kl_mean"] > 0 else None
+    return {**metrics, **floor, "kl_recovered": recovered}

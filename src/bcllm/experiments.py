@@ -9,6 +9,7 @@ A results directory holds
   manifest.json  model, prompts and evaluation settings (a directory never mixes models)
   results.jsonl  one record per finished point, appended at once, never rewritten
   budget.jsonl   one record per budgeted selection (prediction, measurement, naive baseline)
+  floors.jsonl   the floor (same modules removed) of each module set measured
 Scan, budget and sweep share results.jsonl: a point measured by any of them is not measured again.
 """
 
@@ -31,6 +32,7 @@ from .surgery import parse_layers
 RESULTS = "results.jsonl"
 BUDGETS = "budget.jsonl"
 MANIFEST = "manifest.json"
+FLOORS = "floors.jsonl"
 
 
 # ---------------------------------------------------------------- grid
@@ -144,9 +146,16 @@ def open_results_dir(out, identity: dict) -> Path:
     return out
 
 
-def finished(results_path) -> dict[str, dict]:
-    """{point key: record} of the points already measured."""
-    return {r["key"]: r for r in read_jsonl(results_path) if "key" in r}
+def finished(results_path, rekey=None) -> dict[str, dict]:
+    """{point key: record} of the points already measured. rekey(point) -> key: a record is also
+    found under the key its stored point has today (records whose keys were written with settings
+    that have since been found not to matter)."""
+    records = [r for r in read_jsonl(results_path) if "key" in r]
+    done = {r["key"]: r for r in records}
+    if rekey is not None:
+        for r in records:
+            done.setdefault(rekey(r["point"]), r)
+    return done
 
 
 def end_torn_line(path) -> None:
@@ -161,19 +170,19 @@ def end_torn_line(path) -> None:
 
 
 def run_points(points: list[dict], measure, results_path, defaults: dict = KEY_DEFAULTS,
-               desc: str = "points") -> list[dict]:
+               desc: str = "points", rekey=None) -> list[dict]:
     """Measure each point not yet in results_path, appending its record at once; return the
-    records of all `points` (finished ones read back, not recomputed)."""
+    records of all `points` (finished ones read back, not recomputed; rekey: see finished)."""
     from tqdm import tqdm
 
     end_torn_line(results_path)
-    done = finished(results_path)
+    done = finished(results_path, rekey)
     keys = list(dict.fromkeys(point_key(p, defaults) for p in points))  # drop duplicate points
     by_key = {point_key(p, defaults): p for p in points}
     todo = [k for k in keys if k not in done]
     print(f"{desc}: {len(keys)} points, {len(keys) - len(todo)} already in {results_path}, {len(todo)} to run")
     for key in tqdm(todo, desc=desc, unit="point", dynamic_ncols=True):
-        done.update(finished(results_path))  # another process working on the same directory may have done it
+        done.update(finished(results_path, rekey))  # another process on the same directory may have done it
         if key in done:
             continue
         start = time.perf_counter()
@@ -325,6 +334,7 @@ class Session:
                                           model_id=model_file_identity(settings.model))
 
     def base_point(self) -> dict:
+        """The base spec's point fields as given (grid values go over these before `effective`)."""
         return canonical({k: getattr(self.base, k) for k in POINT_FIELDS}, self.num_layers)
 
     def measure(self, point: dict) -> dict:
@@ -338,18 +348,43 @@ class Session:
         student, summary = build_student(self.model, self.tokenizer, spec, self.io, eval_prompts=self.prompts,
                                          model_id=self.settings.model, progress=False)
         result = ev.evaluate(student, self.tokenizer, self.prompts, teacher=self.teacher, progress=False)
-        return {"metrics": result["metrics"], "ci": result["ci"], "compression": summary,
+        metrics = ev.with_floor(result["metrics"], self.floor(summary["modules"]))
+        return {"metrics": metrics, "ci": result["ci"], "compression": summary,
                 "param_reduction": (summary["model_params_before"] - summary["model_params_after"])
                 / summary["model_params_before"],
                 "num_layers": num_patched_layers(point.get("layers", "all"), self.num_layers)}
+
+    def floor(self, modules: list[str]) -> dict:
+        """The floor (same modules removed) of a module set: measured once per results directory
+        (floors.jsonl), since it depends on which modules are patched, not on how."""
+        from . import evaluate as ev
+
+        key = hashlib.sha256("\n".join(sorted(modules)).encode()).hexdigest()[:16]
+        path = self.out / FLOORS
+        for record in read_jsonl(path):
+            if record.get("key") == key:
+                return record["floor"]
+        floor = ev.measure_floor(self.model, modules, self.tokenizer, self.prompts, self.teacher)
+        append_jsonl(path, {"key": key, "num_modules": len(modules), "floor": floor})
+        return floor
 
     def wall_s(self) -> float:
         """Seconds since this command started: model load, teacher and the points it measured."""
         return round(time.perf_counter() - self.start, 1)
 
+    def effective(self, points: list[dict]) -> list[dict]:
+        """Each point as the spec sees it: settings that cannot matter reset (StudentSpec.point), so
+        they neither split points nor orphan results written before they existed. Keys that are no
+        spec field (output options recorded by earlier versions) are dropped."""
+        fields = set(POINT_FIELDS)
+        return [canonical(dataclasses.replace(self.base, **{k: v for k, v in p.items() if k in fields}).point(),
+                          self.num_layers) for p in points]
+
+    def rekey(self, point: dict) -> str:
+        return point_key(self.effective([point])[0])
+
     def run(self, points: list[dict], name: str) -> list[dict]:
-        points = [canonical(p, self.num_layers) for p in points]
-        return run_points(points, self.measure, self.results, desc=name)
+        return run_points(self.effective(points), self.measure, self.results, desc=name, rekey=self.rekey)
 
 
 def sweep(settings: EvalSettings, out, base: StudentSpec, axes: dict[str, list], io: StudentIO = StudentIO()):
@@ -358,7 +393,7 @@ def sweep(settings: EvalSettings, out, base: StudentSpec, axes: dict[str, list],
         raise InputError("the sweep has no axes: give at least one grid axis (KEY VALUE [VALUE ...]) or a "
                          "grid file", "grid")
     session = Session(settings, out, base, io)
-    points = [canonical(p, session.num_layers) for p in expand_grid(session.base_point(), axes)]
+    points = session.effective(expand_grid(session.base_point(), axes))
     planned = list(dict.fromkeys(point_key(p) for p in points))
     # The plan is on disk before the first point, so a report of an unfinished sweep shows what is done.
     write_json(session.out / "sweep.json", {"keys": planned, "axes": axes, "command": command_line()})

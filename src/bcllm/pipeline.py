@@ -30,10 +30,14 @@ from .distill import DistillConfig, distill_, trainable_parameters
 from .errors import InputError
 from .models import model_fingerprint
 from .prompts import load_prompts
+from .reconstruct import TARGETS, BlockConfig, reconstruct_
 from .structures import STRUCTURES, structure_config
 from .surgery import compress_
 
-FITS = ("frobenius", "aware", "sequential")
+FITS = ("frobenius", "aware", "sequential", "block")
+# fit="block" runs the whole recovery recipe: sequential closed form, block reconstruction, then
+# this many distillation steps unless distill_steps says otherwise.
+BLOCK_DISTILL_STEPS = 100
 
 
 @dataclass(frozen=True)
@@ -46,16 +50,22 @@ class StudentSpec:
     param_budget: int | None = None     # every structure gets the parameters of a circulant of this block size
     layers: str = "all"                 # decoder layers: all, 10-19, 0,3,5
     targets: str = "mlp"                # module suffixes, globs, or mlp / attn
-    fit: str = "frobenius"              # frobenius | aware | sequential
-    calib: str = "self-chat"            # calibration source: self-chat, self-seed, pydoc, or a file
-    calib_samples: int = 96
+    fit: str = "frobenius"              # frobenius | aware | sequential | block (the recovery recipe)
+    calib: str = "mix"                  # calibration source (calib_data.SOURCES) or a file
+    calib_samples: int = 500            # mix: 96 self-written samples + 404 pydoc chunks, about 50k tokens
     calib_tokens: int = 48              # new tokens per self-generated sample; samples cut to this + 64
     ridge: float = 1e-4                 # least-squares ridge, relative to the Gram diagonal
-    distill_steps: int = 0
+    distill_steps: int | None = None    # None: BLOCK_DISTILL_STEPS with fit="block", else 0
     distill_lr: float = 1e-3
     distill_batch: int = 8              # samples per calibration batch (fit and distillation)
     hidden_mse: float = 0.0
     train_norms: bool = False
+    distill_bf16: bool = False          # student forward under bfloat16 autocast while distilling
+    distill_vocab: str = "full"         # full | teacher: the loss over the tokens in the teacher's top-k anywhere
+    block_epochs: int = 4               # block reconstruction (fit="block"): epochs over the cached activations
+    block_lr: float = 1e-3
+    block_target: str = "mlp"           # mlp: the dense MLP on the student's inputs; layer: the teacher's layer output
+    block_batch_tokens: int = 1024
     seed: int = field(default=0, metadata={"point": False})  # the run's seed: not a sweep setting
 
     def __post_init__(self):
@@ -63,9 +73,37 @@ class StudentSpec:
         if self.fit not in FITS:
             raise InputError(f"unknown fit {self.fit!r}; allowed: {', '.join(FITS)}", "fit")
         for name, low in (("block_size", 1), ("calib_samples", 1), ("calib_tokens", 2), ("distill_steps", 0),
-                          ("distill_batch", 1)):
-            if getattr(self, name) < low:
+                          ("distill_batch", 1), ("block_epochs", 0), ("block_batch_tokens", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise InputError(f"{name} must be >= {low}, got {getattr(self, name)}", name)
+        if self.distill_vocab not in ("full", "teacher"):
+            raise InputError(f"unknown distill_vocab {self.distill_vocab!r}; allowed: full, teacher", "distill_vocab")
+        if self.block_target not in TARGETS:
+            raise InputError(f"unknown block_target {self.block_target!r}; allowed: {', '.join(TARGETS)}",
+                             "block_target")
+
+    @property
+    def steps(self) -> int:
+        """The distillation steps this spec runs (distill_steps, or the recipe's default)."""
+        if self.distill_steps is not None:
+            return self.distill_steps
+        return BLOCK_DISTILL_STEPS if self.fit == "block" else 0
+
+    def point(self) -> dict:
+        """The settings that identify this student in a results directory: the point fields, with
+        those that cannot matter reset to KEY_DEFAULTS (calibration when nothing is calibrated,
+        distillation settings without distillation, block settings without fit="block"), and
+        distill_steps resolved."""
+        point = {k: getattr(self, k) for k in POINT_FIELDS}
+        point["distill_steps"] = self.steps
+        unused = []
+        if self.fit == "frobenius" and not self.steps:
+            unused += ["calib", "calib_samples", "calib_tokens", "ridge", "distill_batch"]
+        if not self.steps:
+            unused += ["distill_lr", "hidden_mse", "train_norms", "distill_bf16", "distill_vocab"]
+        if self.fit != "block":
+            unused += ["block_epochs", "block_lr", "block_target", "block_batch_tokens"]
+        return {k: KEY_DEFAULTS[k] if k in unused else v for k, v in point.items()}
 
 
 @dataclass(frozen=True)
@@ -87,7 +125,8 @@ POINT_FIELDS = tuple(f.name for f in dataclasses.fields(StudentSpec) if f.metada
 KEY_DEFAULTS = {"structure": "circulant", "block_size": 16, "rank": None, "param_budget": None, "layers": "all",
                 "targets": "mlp", "fit": "frobenius", "calib": "self-chat", "calib_samples": 96, "calib_tokens": 48,
                 "ridge": 1e-4, "distill_steps": 0, "distill_lr": 1e-3, "distill_batch": 8, "hidden_mse": 0.0,
-                "train_norms": False}
+                "train_norms": False, "distill_bf16": False, "distill_vocab": "full", "block_epochs": 4, "block_lr": 1e-3,
+                "block_target": "mlp", "block_batch_tokens": 1024}
 
 
 def spec_value(name: str, value):
@@ -144,7 +183,7 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
     config = config_for(spec)
     summary = compress_(student, config)  # frobenius: compress_ projects each weight
     summary["fit"] = spec.fit
-    if spec.fit != "frobenius" or spec.distill_steps:
+    if spec.fit != "frobenius" or spec.steps:
         summary["calibration"] = calibrate_(student, model, tokenizer, spec, io, eval_prompts, model_id, progress)
     if io.save:
         save_fitted(student, io.save, config, model_fingerprint(model),
@@ -162,11 +201,15 @@ def calibrate_(student, model, tokenizer, spec: StudentSpec, io: StudentIO, eval
                                model_id, progress=progress)
     check_overlap(samples, eval_prompts if eval_prompts is not None else load_prompts(), force=io.force_overlap)
     distill = None
-    if spec.distill_steps:
-        distill = DistillConfig(steps=spec.distill_steps, lr=spec.distill_lr, hidden_mse=spec.hidden_mse,
-                                train_norms=spec.train_norms, seed=spec.seed)
+    if spec.steps:
+        distill = DistillConfig(steps=spec.steps, lr=spec.distill_lr, hidden_mse=spec.hidden_mse,
+                                train_norms=spec.train_norms, seed=spec.seed, bf16=spec.distill_bf16,
+                                vocab=spec.distill_vocab)
+    block = BlockConfig(epochs=spec.block_epochs, lr=spec.block_lr, batch_tokens=spec.block_batch_tokens,
+                        target=spec.block_target, seed=spec.seed)
     info = fit_student_(student, model, tokenizer, samples, spec.fit, spec.ridge, spec.calib_tokens + 64,
-                        spec.distill_batch, distill, distill_dir=io.distill_dir, resume=io.resume, progress=progress)
+                        spec.distill_batch, distill, distill_dir=io.distill_dir, resume=io.resume, progress=progress,
+                        block=block)
     info["calib"] = spec.calib
     return info
 
@@ -174,7 +217,7 @@ def calibrate_(student, model, tokenizer, spec: StudentSpec, io: StudentIO, eval
 def fit_student_(student: nn.Module, teacher: nn.Module, tokenizer, samples: list[str], fit: str = "aware",
                  ridge: float = 1e-4, max_length: int = 128, batch_size: int = 8, distill=None,
                  held_out_fraction: float = 0.1, distill_dir=None, resume: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, block: BlockConfig | None = None) -> dict:
     """Fit (fit: frobenius = keep the projection, aware, sequential) and then optionally distil
     (distill: a distill.DistillConfig) the structured modules of `student` on calibration text.
     Distillation holds out the last `held_out_fraction` of the samples for its held-out KL."""
@@ -190,7 +233,11 @@ def fit_student_(student: nn.Module, teacher: nn.Module, tokenizer, samples: lis
         fit_aware_(student, teacher, train, ridge, progress)
     elif fit == "sequential":
         fit_sequential_(student, teacher, train, ridge, progress)
+    elif fit == "block":
+        info["block"] = reconstruct_(student, teacher, train, block, ridge, progress)
     info["fit_s"] = time.perf_counter() - start
+    if progress:
+        print(stage_line(info), flush=True)
     if distill is not None:
         held = make_batches(tokenizer, samples[len(samples) - n_held:], batch_size, max_length, device) if n_held else []
         start = time.perf_counter()
@@ -198,6 +245,25 @@ def fit_student_(student: nn.Module, teacher: nn.Module, tokenizer, samples: lis
                           progress=progress)
         info["distill_s"] = time.perf_counter() - start
         info["distill"] = {k: v for k, v in result.items() if k not in ("loss", "trainable")}
+        if progress:
+            print(stage_line(info, distilled=True), flush=True)
         inside = tuple(f"{n}." for n in fitted_modules(student))
         info["extra_params"] = [n for n in trainable_parameters(student, distill.train_norms) if not n.startswith(inside)]
     return info
+
+
+def stage_line(info: dict, distilled: bool = False) -> str:
+    """One line for a finished stage: its time and held-out figures (block: the mean held-out
+    block error per layer before and after; distillation: held-out KL at its start and end)."""
+    if distilled:
+        d, held = info["distill"], info["distill"]["held_out_kl"]
+        kl = f"; held-out KL {held[0][1]:.3f} -> {held[-1][1]:.3f}" if held else ""
+        return (f"stage distill: {d['steps']} steps in {info['distill_s']:.0f} s "
+                f"({d['tokens_per_s']:.0f} tokens/s){kl}")
+    line = f"stage fit {info['fit']}: {info['fit_s']:.0f} s on {info['tokens']:,} calibration tokens"
+    layers = info.get("block", {}).get("layers", [])
+    if layers:
+        before = sum(r["held_before"] for r in layers) / len(layers)
+        after = sum(r["held_after"] for r in layers) / len(layers)
+        line += f"; held-out block error (mean of {len(layers)} layers) {before:.3f} -> {after:.3f}"
+    return line

@@ -241,7 +241,8 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 
 METRICS = [("token_agreement", "token agr."), ("kl_mean", "KL mean"), ("top5_overlap", "top-5 overlap"),
-           ("generation_agreement", "gen. agr.")]
+           ("generation_agreement", "gen. agr."), ("floor_token_agreement", "floor agr."),
+           ("floor_kl_mean", "floor KL"), ("kl_recovered", "KL recovered")]
 
 
 def sweep_section(records: list[dict], run: dict, img: str, tag: str = "") -> str:
