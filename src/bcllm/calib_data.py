@@ -200,7 +200,9 @@ def mixed(model, tokenizer, n: int, max_new_tokens: int = 48, seed: int = 0, mod
     being the bottleneck."""
     kind = "self-chat" if getattr(tokenizer, "chat_template", None) else "self-seed"
     n_self = min(MIX_SELF, n // 4)
-    own = self_generated(model, tokenizer, n_self, kind, max_new_tokens, seed, model_id, progress=progress) if n_self else []
+    # always the same MIX_SELF samples (one cache entry), of which the first n_self are used
+    own = self_generated(model, tokenizer, MIX_SELF, kind, max_new_tokens, seed, model_id,
+                         progress=progress)[:n_self] if n_self else []
     samples = own + pydoc_chunks(n - n_self, seed)
     random.Random(seed).shuffle(samples)
     return samples

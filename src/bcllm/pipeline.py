@@ -265,5 +265,6 @@ def stage_line(info: dict, distilled: bool = False) -> str:
     if layers:
         before = sum(r["held_before"] for r in layers) / len(layers)
         after = sum(r["held_after"] for r in layers) / len(layers)
-        line += f"; held-out block error (mean of {len(layers)} layers) {before:.3f} -> {after:.3f}"
+        over = f"mean of {len(layers)} layers" if len(layers) > 1 else f"layer {layers[0]['layer']}"
+        line += f"; held-out block error ({over}) {before:.3f} -> {after:.3f}"
     return line
