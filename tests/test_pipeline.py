@@ -57,7 +57,7 @@ class DiagonalConfig(StructureConfig):
     module = DiagonalLinear
 
     @classmethod
-    def from_options(cls, size, rank, budgeted, **where):
+    def from_options(cls, size, rank, **where):
         return cls(**where)
 
     def size_for(self, name, out_features, in_features):

@@ -17,9 +17,8 @@ from .errors import InputError, InputFileError
 from .models import EMBEDDED, load_model, resolve_spec
 
 TEMPLATE = Path(__file__).parent / "hf_template" / "modeling_bcllm.py"
-# Sizes each structured module type needs to be rebuilt (besides in/out features and bias).
-SIZES = {"BlockCirculantLinear": ("block_size",), "LowRankLinear": ("rank",),
-         "BlockDiagonalLinear": ("num_blocks",), "CirculantPlusLowRankLinear": ("block_size", "rank")}
+# The structured module types the exported modeling code implements (rebuilt from their sizes()).
+EXPORTABLE = ("BlockCirculantLinear", "LowRankLinear", "BlockDiagonalLinear", "CirculantPlusLowRankLinear")
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:
@@ -116,10 +115,10 @@ def module_entries(student) -> dict:
     entries = {}
     for name, m in fitted_modules(student).items():
         kind = type(m).__name__
-        if kind not in SIZES:
-            raise InputError(f"{name}: cannot export a {kind} (exportable: {', '.join(SIZES)})", "student_dir")
+        if kind not in EXPORTABLE:
+            raise InputError(f"{name}: cannot export a {kind} (exportable: {', '.join(EXPORTABLE)})", "student_dir")
         entries[name] = {"type": kind, "in_features": m.in_features, "out_features": m.out_features,
-                         "bias": m.bias is not None, **{k: getattr(m, k) for k in SIZES[kind]}}
+                         "bias": m.bias is not None, **m.sizes()}
     return entries
 
 
@@ -137,7 +136,7 @@ def _write_config(out: Path, student, entries: dict, base: dict) -> None:
     config["bcllm_modules"] = entries
     config["bcllm_base"] = base
     head = student.get_output_embeddings()
-    if head is not None and type(head).__name__ in SIZES:  # a structured lm_head cannot be tied to embeddings
+    if head is not None and type(head).__name__ in EXPORTABLE:  # a structured lm_head cannot be tied to embeddings
         config["tie_word_embeddings"] = False
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

@@ -242,14 +242,13 @@ def unit_inputs(layer: nn.Module, unit: str, hidden: list, extra: list) -> list:
     """Per batch the input of `layer`'s submodule `unit` ("" = the layer: its hidden states)."""
     if not unit:
         return hidden
-    seen, out = {}, []
-    handle = layer.get_submodule(unit).register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    capture, out = _InputCapture(layer, [unit]), []
     try:
         for h, e in zip(hidden, extra):
             _run_layer(layer, h, e)
-            out.append(seen.pop("x"))
+            out.append(capture.inputs[unit])
     finally:
-        handle.remove()
+        capture.remove()
     return out
 
 

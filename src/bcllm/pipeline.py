@@ -168,8 +168,7 @@ def config_for(spec: StudentSpec):
     if spec.rank is not None and spec.param_budget is not None:
         raise InputError("give rank or param_budget, not both (the budget sets the rank)", "rank")
     size = spec.param_budget if spec.param_budget is not None else spec.block_size
-    return cls.from_options(size, spec.rank, spec.param_budget is not None, targets=spec.targets,
-                            layers=spec.layers)
+    return cls.from_options(size, spec.rank, targets=spec.targets, layers=spec.layers)
 
 
 def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO = StudentIO(), *,

@@ -100,8 +100,7 @@ def _unit_data(layer: SequentialLayer, name: str) -> list[dict]:
     arguments for a whole-layer unit), its target "y" and the token weights "w" (real positions)."""
     data = []
     unit_t = layer.layer_t.get_submodule(name) if name else None
-    x_units = layer.x_s if name == layer.unit and layer.x_s is not None else \
-        unit_inputs(layer.layer_s, name, layer.h_s, layer.extra)
+    x_units = layer.x_s if name == layer.unit else unit_inputs(layer.layer_s, name, layer.h_s, layer.extra)
     for h_s, x_unit, e, mask, out_t in zip(layer.h_s, x_units, layer.extra, layer.masks, layer.next_t):
         w = 1 / out_t.pow(2).mean(-1).clamp_min(1e-12)
         if not name:

@@ -405,9 +405,9 @@ class StructureConfig:
     budget_block_size = None
 
     @classmethod
-    def from_options(cls, size: int, rank: int | None, budgeted: bool, **where) -> "StructureConfig":
+    def from_options(cls, size: int, rank: int | None, **where) -> "StructureConfig":
         """The config of the generic size options: circulant block size (or budget) `size`,
-        `rank` (structures with takes_rank), `budgeted`: `size` came from param_budget."""
+        `rank` (structures with takes_rank)."""
         raise NotImplementedError
 
     def size_for(self, name: str, out_features: int, in_features: int) -> dict:
@@ -423,13 +423,18 @@ class StructureConfig:
     def build(self, name: str, linear: nn.Module) -> nn.Module:
         return self.module.from_linear(linear, **self.check(name, linear))
 
+    def budget_weights(self, out_features: int, in_features: int) -> int:
+        """Weights of the circulant of block size budget_block_size on this shape: the budget."""
+        return circulant_params(out_features, in_features,
+                                check_block_size(self.budget_block_size, out_features, in_features))
+
     def budget_params(self, linear: nn.Module) -> int | None:
         """Parameter count (bias included) of the circulant budget this module is cut from, or None."""
         if self.budget_block_size is None:
             return None
         out_features, in_features = linear_weight(linear).shape
         bias = linear.bias.numel() if getattr(linear, "bias", None) is not None else 0
-        return circulant_params(out_features, in_features, self.budget_block_size) + bias
+        return self.budget_weights(out_features, in_features) + bias
 
     def describe(self) -> dict:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("targets", "layers")}
@@ -454,7 +459,7 @@ class CirculantConfig(StructureConfig):
     module = BlockCirculantLinear
 
     @classmethod
-    def from_options(cls, size, rank, budgeted, **where):
+    def from_options(cls, size, rank, **where):
         return cls(block_size=size, **where)
 
     def block_size_for(self, name: str) -> int:
@@ -488,14 +493,13 @@ class LowRankConfig(StructureConfig):
         _one_of("LowRankConfig", rank=self.rank, budget_block_size=self.budget_block_size)
 
     @classmethod
-    def from_options(cls, size, rank, budgeted, **where):
+    def from_options(cls, size, rank, **where):
         return cls(rank=rank, **where) if rank is not None else cls(budget_block_size=size, **where)
 
     def size_for(self, name, out_features, in_features):
         rank = self.rank
         if rank is None:
-            budget = circulant_params(out_features, in_features,
-                                      check_block_size(self.budget_block_size, out_features, in_features))
+            budget = self.budget_weights(out_features, in_features)
             rank = rank_for_budget(out_features, in_features, budget)
             if rank == 0:
                 raise _too_small(out_features, in_features, self.budget_block_size,
@@ -523,14 +527,13 @@ class BlockDiagonalConfig(StructureConfig):
         _one_of("BlockDiagonalConfig", num_blocks=self.num_blocks, budget_block_size=self.budget_block_size)
 
     @classmethod
-    def from_options(cls, size, rank, budgeted, **where):
+    def from_options(cls, size, rank, **where):
         return cls(budget_block_size=size, **where)
 
     def size_for(self, name, out_features, in_features):
         k = self.num_blocks
         if k is None:
-            budget = circulant_params(out_features, in_features,
-                                      check_block_size(self.budget_block_size, out_features, in_features))
+            budget = self.budget_weights(out_features, in_features)
             k = num_blocks_for_budget(out_features, in_features, budget)
             if k == 0:
                 raise _too_small(out_features, in_features, self.budget_block_size, "any block-diagonal")
@@ -567,7 +570,7 @@ class HybridConfig(StructureConfig):
                 self.block_size = 2 * self.budget_block_size
 
     @classmethod
-    def from_options(cls, size, rank, budgeted, **where):
+    def from_options(cls, size, rank, **where):
         if rank is not None:  # circulant part of block size `size` plus that rank
             return cls(block_size=size, rank=rank, **where)
         return cls(budget_block_size=size, **where)
@@ -576,8 +579,7 @@ class HybridConfig(StructureConfig):
         check_block_size(self.block_size, out_features, in_features)
         rank = self.rank
         if rank is None:
-            budget = circulant_params(out_features, in_features,
-                                      check_block_size(self.budget_block_size, out_features, in_features))
+            budget = self.budget_weights(out_features, in_features)
             rest = budget - circulant_params(out_features, in_features, self.block_size)
             rank = rank_for_budget(out_features, in_features, max(rest, 0))
             if rank == 0:
