@@ -112,10 +112,6 @@ def point_key(point: dict, defaults: dict = KEY_DEFAULTS) -> str:
 
 # ---------------------------------------------------------------- results directory
 
-def file_digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 def open_results_dir(out, identity: dict) -> Path:
     """Create `out` with a manifest, or check that the manifest there describes the same run.
 
