@@ -88,23 +88,25 @@ def _raise_stop():
 
 
 @torch.no_grad()
-def fit_aware_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1e-4,
-               progress: bool = True) -> dict:
-    """Fit every structured module of `student` to its original layer in `teacher`, inputs
-    (x_s = x_t) taken from the teacher. One pass of the teacher's base model (no LM head)."""
-    modules = check_pair(student, teacher)
-    capture = _InputCapture(teacher, modules)
-    prefix, layers = decoder_layers(teacher)
-    indices = [layer_index(n, prefix) for n in modules]
+def input_stats(model: nn.Module, names, batches, progress: bool = True,
+                keep_rows: int = 0) -> dict[str, InputStats]:
+    """{name: InputStats} of the inputs each named module of `model` sees on `batches` (modules fed
+    the same tensor share one InputStats). One pass of the base model (no LM head), stopped after
+    the last decoder layer needed. keep_rows > 0: each InputStats also keeps its first keep_rows
+    input rows (float32, real positions, drawn from every batch) in `.rows`, for objectives that need the tokens."""
+    capture = _InputCapture(model, names)
+    prefix, layers = decoder_layers(model)
+    indices = [layer_index(n, prefix) for n in names]
     stop = None
     if None not in indices:  # all inside decoder layers: the forward can stop after the last one needed
         stop = layers[max(indices)].register_forward_hook(lambda *_: _raise_stop())
     stats: dict[str, InputStats] = {}
+    sampler = torch.Generator().manual_seed(0)
     try:
-        for batch in tqdm(batches, desc="aware fit: statistics", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="input statistics", disable=not progress, leave=False):
             capture.inputs.clear()
             try:
-                teacher.base_model(**_model_inputs(batch))
+                model.base_model(**_model_inputs(batch))
             except _Stop:
                 pass
             mask = batch.get("attention_mask")
@@ -113,16 +115,29 @@ def fit_aware_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1
                     shared = InputStats.zeros(capture.inputs[group[0]].shape[-1],
                                               device=capture.inputs[group[0]].device)
                     stats.update({n: shared for n in group})
-                stats[group[0]].add_(_rows(capture.inputs[group[0]], mask))
+                rows = _rows(capture.inputs[group[0]], mask)
+                stats[group[0]].add_(rows)
+                if keep_rows:  # spread over all batches: about keep_rows / len(batches) from each
+                    kept = stats[group[0]].rows if stats[group[0]].rows is not None else rows[:0].float()
+                    take = min(-(-keep_rows // len(batches)), keep_rows - len(kept))
+                    stats[group[0]].rows = torch.cat([kept, rows[torch.randperm(len(rows), generator=sampler)[:take]].float()])
     finally:
         capture.remove()
         if stop is not None:
             stop.remove()
+    return stats
+
+
+@torch.no_grad()
+def fit_aware_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1e-4,
+               progress: bool = True) -> dict:
+    """Fit every structured module of `student` to its original layer in `teacher`, inputs
+    (x_s = x_t) taken from the teacher."""
+    modules = check_pair(student, teacher)
+    stats = input_stats(teacher, list(modules), batches, progress)
     for name, module in tqdm(modules.items(), desc="aware fit: solve", disable=not progress, leave=False):
         module.fit_(linear_weight(teacher.get_submodule(name)), stats[name], ridge)
     return {"fit": "aware", "modules": len(modules), "tokens": next(iter(stats.values())).n, "ridge": ridge}
-
-
 
 
 def _decoder_inputs(model: nn.Module, prefix: str, batches, last: int, first: int = 0) -> tuple[list, list]:

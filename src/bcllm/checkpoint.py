@@ -22,15 +22,17 @@ from .errors import InputError, InputFileError
 from .calibrate import fitted_modules
 from .structures import config_class
 from .surgery import compress_
+from .transforms import Transform, apply_transform_
 from .results import command_line, versions, write_json
 
 FORMAT = 1
 
 
 def save_fitted(student, folder, config, original_fingerprint: str = "", extra_params=(), info=None,
-                base: dict | None = None) -> Path:
+                base: dict | None = None, transform: Transform | None = None) -> Path:
     """Write the structured modules of `student` (plus named `extra_params`) to `folder`; `base` is the
-    record of the base model (bcllm.artifact.base_record), which lets load_student find it again."""
+    record of the base model (bcllm.artifact.base_record), which lets load_student find it again;
+    `transform` (transforms.Transform) the channel reordering applied to the base before compressing."""
     if not dataclasses.is_dataclass(config):
         raise InputError(f"config must be a dataclass config (CirculantConfig, ...), got {type(config).__name__}")
     folder = Path(folder)
@@ -43,6 +45,7 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
     params = dict(student.named_parameters())
     for name in extra_params:
         tensors[name] = params[name].detach().contiguous().cpu()
+    tensors.update(transform.tensors() if transform is not None else {})
     tmp = folder / ".fitted.safetensors.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(folder / "fitted.safetensors")
@@ -72,12 +75,15 @@ def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
             raise InputError(f"{str(folder)!r} was fitted on other original weights than this model's; "
                              f"load it on the model it was made from")
     config = config_class(meta["config_type"])(**meta["config"])
+    tensors = load_file(str(folder / "fitted.safetensors"), device=str(next(model.parameters()).device))
+    transform = Transform.from_tensors(tensors)  # the reordering the student was fitted on comes first
+    apply_transform_(model, transform)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("transform.")}
     summary = compress_(model, config)
     built = {name: type(m).__name__ for name, m in fitted_modules(model).items()}
     if built != meta["modules"]:
         raise InputError(f"rebuilding {str(folder)!r} gave other modules than were saved "
                          f"({len(built)} vs {len(meta['modules'])}): the model does not match")
-    tensors = load_file(str(folder / "fitted.safetensors"), device=str(next(model.parameters()).device))
     state = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, tensor in tensors.items():
         if name not in state:

@@ -58,6 +58,13 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=None, help="low-rank rank (lowrank; hybrid: plus circulant --block-size)")
     p.add_argument("--param-budget", type=int, default=None, metavar="B",
                    help="give every structure the parameter count of a block-circulant of block size B")
+    p.add_argument("--block-sizes", default=D.block_sizes, metavar="GLOB=B,...",
+                   help="per-module block sizes (circulant) or budget block sizes (lowrank), first match wins, "
+                        "e.g. '*.layers.3.mlp.*=4,down_proj=32'; the rest get --block-size")
+    p.add_argument("--transform", default=D.transform, choices=["none", "hidden", "residual", "both"],
+                   help="circulant MLPs: first reorder (and rescale) channels without changing the dense "
+                        "model's function, searched to bring the weights closer to block-circulant: hidden = "
+                        "each MLP's intermediate channels, residual = the residual stream, both")
     p.add_argument("--layers", default=D.layers, help="decoder layers: all, 10-19, 0,3,5")
     p.add_argument("--targets", default=D.targets,
                    help="comma-separated module suffixes, globs, or shorthands mlp / attn")
@@ -344,6 +351,36 @@ def cmd_scan(args) -> None:
     scan(settings_from_args(args), args.out, spec, args.per, budgets, io)
 
 
+def cmd_frontier(args) -> None:
+    from .bench import parse_ints
+    from .experiments import frontier
+    from .report import frontier_section
+    from .results import write_json
+    from .structures import STRUCTURES
+
+    for a in args.min_agreement:
+        if not 0 < a <= 1:
+            raise InputError(f"--min-agreement must be in (0, 1], got {a}")
+    sizes = sorted(set(parse_ints(args.sizes, "--sizes")))
+    if args.compare != "none" and (args.compare not in STRUCTURES or args.compare == "circulant"):
+        raise InputError(f"--compare must be none or a budgeted structure ({', '.join(s for s in STRUCTURES if s != 'circulant')}), "
+                         f"got {args.compare!r}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise InputError(f"--time-budget must be > 0 minutes, got {args.time_budget}")
+    spec, io = spec_from_args(args)
+    if spec.structure != "circulant" or spec.block_sizes:
+        raise InputError("frontier searches block-circulant block sizes: leave --structure and --block-sizes at "
+                         "their defaults (--compare sets the structure measured beside it)")
+    result = frontier(settings_from_args(args), args.out, spec, sorted(args.min_agreement), sizes,
+                      None if args.compare == "none" else args.compare,
+                      float("inf") if args.time_budget is None else 60 * args.time_budget, io)
+    for path in frontier_section(result, args.out):
+        print(f"wrote {path}")
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+
+
 def cmd_report(args) -> None:
     from .report import render
 
@@ -500,6 +537,20 @@ def add_experiment_commands(sub) -> None:
                         "--grid layers 12 10-19 all; repeatable; replaces the same axis of --grid-file")
     p.add_argument("--grid-file", help="TOML file: `key = [v1, v2]` is an axis, `key = v` a fixed setting")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("frontier", help="the largest parameter reduction that keeps token agreement >= a floor: "
+                       "per-layer scan at several block sizes, greedy mixed sizes, bisection by measurement, "
+                       "low-rank at the same budgets beside it")
+    add_experiment_args(p)
+    p.add_argument("--min-agreement", type=float, nargs="+", required=True, metavar="A",
+                   help="token agreement floor(s) on --prompts, e.g. 0.8 0.9")
+    p.add_argument("--sizes", default="4,16", help="block sizes each layer may take (comma-separated)")
+    p.add_argument("--compare", default="lowrank", help="a budgeted structure measured at the same per-module "
+                   "budgets (lowrank, blockdiag), or none")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MIN",
+                   help="stop searching after this many minutes and report the best found (the scan always finishes)")
+    p.add_argument("--json", metavar="PATH", help="also write the result (chosen configurations, curve) here")
+    p.set_defaults(func=cmd_frontier, max_new_tokens=0)
 
     p = sub.add_parser("report", help="markdown report with PNG plots from a scan/sweep results directory")
     p.add_argument("run_dir", nargs="+", help="results directories written by bcllm scan / sweep (same model)")

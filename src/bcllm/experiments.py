@@ -457,3 +457,114 @@ def print_records(records: list[dict], keys: list[str]) -> None:
         print(" ".join(f"{str(r['point'].get(k)):>10s}" for k in keys)
               + f" {r['param_reduction']:10.3f} {r['metrics']['token_agreement']:10.3f}"
                 f" {r['metrics']['kl_mean']:10.4f} {r['time_s']:8.1f}")
+
+
+# ---------------------------------------------------------------- frontier: mixed block sizes at a fidelity floor
+
+FRONTIER = "frontier.json"
+
+
+def greedy_path(table: dict[tuple[int, int], dict]) -> list[dict[int, int]]:
+    """The order in which to compress, from a sensitivity table {(layer, block size): {"damage",
+    "saved"}} (one layer patched alone): start dense; at each step take the move, compressing a
+    new layer or moving a compressed one to a size saving more, with the least added damage per
+    added parameter saved. Returns the states {layer: block size} after each move (a multiple-choice
+    knapsack solved greedily; damages are taken to add up, which the path's measurements check)."""
+    state: dict[int, int] = {}
+    path = []
+    while True:
+        best = None
+        for (layer, b), row in table.items():
+            now = table.get((layer, state[layer])) if layer in state else {"damage": 0.0, "saved": 0}
+            gain = row["saved"] - now["saved"]
+            if gain <= 0:
+                continue
+            rate = max(row["damage"] - now["damage"], 0.0) / gain
+            if best is None or (rate, layer, b) < best[0]:
+                best = ((rate, layer, b), layer, b)
+        if best is None:
+            return path
+        state = {**state, best[1]: best[2]}
+        path.append(dict(sorted(state.items())))
+
+
+def state_point(base: dict, state: dict[int, int], block_size: int, num_layers: int) -> dict:
+    """The point (spec settings) of a mixed state {layer: block size}; block_sizes names each MLP."""
+    sizes = ",".join(f"*.layers.{layer}.mlp.*={b}" for layer, b in sorted(state.items()) if b != block_size)
+    return {**base, "layers": layers_spec(sorted(state), num_layers), "block_size": block_size, "block_sizes": sizes}
+
+
+def _summary(record: dict) -> dict:
+    return {"param_reduction": record["param_reduction"], "token_agreement": record["metrics"]["token_agreement"],
+            "kl_mean": record["metrics"]["kl_mean"], "floor_token_agreement": record["metrics"].get("floor_token_agreement"),
+            "key": record["key"]}
+
+
+def longest_prefix(path: list, measure, floor: float, deadline: float) -> int:
+    """Index+1 of the longest prefix of `path` whose measured token agreement is >= floor, by
+    bisection (agreement taken to fall along the path); 0 if none. Stops at `deadline`."""
+    lo, hi = 0, len(path)  # prefix lo is known to hold (0: dense); hi is the largest still possible
+    while lo < hi and time.perf_counter() < deadline:
+        mid = (lo + hi + 1) // 2
+        if measure(path[mid - 1])["token_agreement"] >= floor:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float], sizes: list[int],
+             compare: str | None = "lowrank", time_budget_s: float = float("inf"), io: StudentIO = StudentIO()) -> dict:
+    """The largest parameter reduction whose token agreement (on settings.prompts) stays >= each of
+    `floors`: scan each layer alone at each of `sizes`, order the moves greedily (greedy_path),
+    bisect the path with measurements, then measure `compare` (a budgeted structure) at the same
+    per-module budgets and save the chosen students. Resumable: every point is in results.jsonl."""
+    session = Session(settings, out, base, io)
+    deadline = session.start + time_budget_s
+    point, n = session.base_point(), session.num_layers
+    layers = parse_layers(base.layers, n) or list(range(n))
+    scan_points_ = [{**point, "layers": str(i), "block_size": b, "block_sizes": ""} for i in layers for b in sizes]
+    table = {}
+    for r in session.run(scan_points_, "frontier scan"):
+        table[(int(r["point"]["layers"]), r["point"]["block_size"])] = {
+            "damage": r["metrics"]["kl_mean"], "saved": r["compression"]["model_params_before"]
+            - r["compression"]["model_params_after"]}
+    path = greedy_path(table)
+    measured: dict[str, dict] = {}
+
+    def measure(state, structure="circulant"):
+        p = state_point({**point, "structure": structure}, state, base.block_size, n)
+        record = session.run([p], f"frontier {structure}")[0]
+        measured[json.dumps([structure, sorted(state.items())])] = {**_summary(record), "structure": structure,
+                                                                    "state": state}
+        return measured[json.dumps([structure, sorted(state.items())])]
+
+    chosen = []
+    for floor in floors:
+        k = longest_prefix(path, measure, floor, deadline)
+        row = {"min_agreement": floor, "steps": k, "state": path[k - 1] if k else {}}
+        if k:
+            row.update(measure(path[k - 1]))
+            if compare:
+                row["compare"] = measure(path[k - 1], compare)
+        chosen.append(row)
+    curve = sorted(measured.values(), key=lambda r: (r["structure"], r["param_reduction"]))
+    if compare:  # the comparison at every circulant point measured: one curve each
+        for r in [r for r in curve if r["structure"] == "circulant"]:
+            if time.perf_counter() < deadline:
+                measure(r["state"], compare)
+        curve = sorted(measured.values(), key=lambda r: (r["structure"], r["param_reduction"]))
+    for row in chosen:
+        if row["steps"]:
+            row["config"] = state_point(point, row["state"], base.block_size, n)
+            row["student"] = str(session.out / f"student-{row['min_agreement']:g}")
+            build_student(session.model, session.tokenizer, dataclasses.replace(base, **row["config"]),
+                          StudentIO(save=row["student"]), eval_prompts=session.prompts,
+                          model_id=settings.model, progress=False)
+    result = {"floors": floors, "sizes": sizes, "chosen": chosen, "curve": curve,
+              "scan": [{"layer": l, "block_size": b, **v} for (l, b), v in sorted(table.items())],
+              "path": [sorted(s.items()) for s in path], "model_params": session.model_params,
+              "prompts": settings.prompts, "command": command_line(), "versions": versions(),
+              "wall_s": session.wall_s(), "stopped_by_time_budget": time.perf_counter() >= deadline}
+    write_json(session.out / FRONTIER, result)
+    return result

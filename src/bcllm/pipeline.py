@@ -32,7 +32,8 @@ from .models import model_fingerprint
 from .prompts import load_prompts
 from .reconstruct import TARGETS, BlockConfig, reconstruct_
 from .structures import STRUCTURES, structure_config
-from .surgery import compress_
+from .transforms import KINDS, Transform, apply_transform_, find_transform
+from .surgery import compress_, decoder_layers, layer_index, select_modules
 
 FITS = ("frobenius", "aware", "sequential", "block")
 # fit="block" runs the whole recovery recipe: sequential closed form, block reconstruction, then
@@ -66,6 +67,8 @@ class StudentSpec:
     block_lr: float = 1e-3
     block_target: str = "mlp"           # mlp: the dense MLP on the student's inputs; layer: the teacher's layer output
     block_batch_tokens: int = 1024
+    block_sizes: str = ""               # per-module block sizes (circulant) or budgets (lowrank): "GLOB=B,..."
+    transform: str = "none"             # circulant: none | hidden | residual | both (transforms.py), found first
     seed: int = field(default=0, metadata={"point": False})  # the run's seed: not a sweep setting
 
     def __post_init__(self):
@@ -78,6 +81,14 @@ class StudentSpec:
                 raise InputError(f"{name} must be >= {low}, got {getattr(self, name)}", name)
         if self.distill_vocab not in ("full", "teacher"):
             raise InputError(f"unknown distill_vocab {self.distill_vocab!r}; allowed: full, teacher", "distill_vocab")
+        if self.transform not in KINDS:
+            raise InputError(f"unknown transform {self.transform!r}; allowed: {', '.join(KINDS)}", "transform")
+        if self.transform != "none" and (self.structure != "circulant" or self.targets != "mlp"):
+            raise InputError("transform applies to block-circulant MLPs (structure circulant, targets mlp); "
+                             "low-rank fits are invariant to it", "transform")
+        if self.block_sizes and self.structure not in ("circulant", "lowrank"):
+            raise InputError("block_sizes applies to circulant (block sizes) and lowrank (budgets)", "block_sizes")
+        parse_block_sizes(self.block_sizes)
         if self.block_target not in TARGETS:
             raise InputError(f"unknown block_target {self.block_target!r}; allowed: {', '.join(TARGETS)}",
                              "block_target")
@@ -126,7 +137,19 @@ KEY_DEFAULTS = {"structure": "circulant", "block_size": 16, "rank": None, "param
                 "targets": "mlp", "fit": "frobenius", "calib": "self-chat", "calib_samples": 96, "calib_tokens": 48,
                 "ridge": 1e-4, "distill_steps": 0, "distill_lr": 1e-3, "distill_batch": 8, "hidden_mse": 0.0,
                 "train_norms": False, "distill_bf16": False, "distill_vocab": "full", "block_epochs": 4, "block_lr": 1e-3,
-                "block_target": "mlp", "block_batch_tokens": 1024}
+                "block_target": "mlp", "block_batch_tokens": 1024, "block_sizes": "", "transform": "none"}
+
+
+def parse_block_sizes(text: str) -> dict[str, int]:
+    """"*.layers.3.mlp.*=4,down_proj=32" -> {pattern: size}; patterns as targets (suffixes or globs)."""
+    sizes = {}
+    for item in filter(None, text.replace(" ", "").split(",")):
+        pattern, sep, value = item.rpartition("=")
+        if not sep or not pattern or not value.isdigit() or int(value) < 1:
+            raise InputError(f"block_sizes item {item!r}: write PATTERN=SIZE with a module suffix or glob and a "
+                             f"size >= 1, e.g. '*.layers.3.mlp.*=4,down_proj=32'", "block_sizes")
+        sizes[pattern] = int(value)
+    return sizes
 
 
 def spec_value(name: str, value):
@@ -168,7 +191,12 @@ def config_for(spec: StudentSpec):
     if spec.rank is not None and spec.param_budget is not None:
         raise InputError("give rank or param_budget, not both (the budget sets the rank)", "rank")
     size = spec.param_budget if spec.param_budget is not None else spec.block_size
-    return cls.from_options(size, spec.rank, targets=spec.targets, layers=spec.layers)
+    config = cls.from_options(size, spec.rank, targets=spec.targets, layers=spec.layers)
+    if spec.block_sizes:
+        if spec.rank is not None:
+            raise InputError("block_sizes sets per-module budgets; give it without rank", "block_sizes")
+        config = dataclasses.replace(config, block_sizes=parse_block_sizes(spec.block_sizes))
+    return config
 
 
 def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO = StudentIO(), *,
@@ -180,15 +208,43 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
     if io.load:  # a saved student: its own config, no fitting
         return student, load_fitted(student, io.load)
     config = config_for(spec)
+    transform, teacher = Transform(), model
+    if spec.transform != "none":  # the student and the teacher it is fitted to, both reordered (same function)
+        transform, seconds = transform_for(model, tokenizer, spec, config, model_id, progress)
+        apply_transform_(student, transform)
+        teacher = apply_transform_(copy.deepcopy(model), transform)
     summary = compress_(student, config)  # frobenius: compress_ projects each weight
     summary["fit"] = spec.fit
+    if spec.transform != "none":
+        summary["transform"] = {"kind": spec.transform, "search_s": seconds, "history": transform.history}
     if spec.fit != "frobenius" or spec.steps:
-        summary["calibration"] = calibrate_(student, model, tokenizer, spec, io, eval_prompts, model_id, progress)
+        summary["calibration"] = calibrate_(student, teacher, tokenizer, spec, io, eval_prompts, model_id, progress)
     if io.save:
         save_fitted(student, io.save, config, model_fingerprint(model),
                     summary.get("calibration", {}).get("extra_params", []), info=summary,
-                    base=base_record(model_id) if model_id else None)
+                    base=base_record(model_id) if model_id else None, transform=transform)
     return student, summary
+
+
+def transform_for(model: nn.Module, tokenizer, spec: StudentSpec, config, model_id: str, progress: bool):
+    """(transforms.Transform, seconds): the spec's transform searched on its calibration text for
+    the MLPs it compresses (each at its own block size)."""
+    start = time.perf_counter()
+    prefix, _ = decoder_layers(model)
+    sizes = {}
+    for name in select_modules(model, config.targets, config.layers):
+        sizes.setdefault(layer_index(name, prefix), config.block_size_for(name))
+    samples = load_calibration(spec.calib, model, tokenizer, spec.calib_samples, spec.calib_tokens, spec.seed,
+                               model_id, progress=progress)
+    batches = make_batches(tokenizer, samples, spec.distill_batch, spec.calib_tokens + 64,
+                           next(model.parameters()).device)
+    transform = find_transform(model, batches, sizes, spec.transform, spec.ridge, progress=progress)
+    seconds = time.perf_counter() - start
+    if progress:
+        steps = "; ".join(f"{k} {v[0]:.3f} -> {v[-1]:.3f}" for k, v in list(transform.history.items())[:4])
+        print(f"stage transform {spec.transform}: {seconds:.0f} s; objective {steps}"
+              f"{' ...' if len(transform.history) > 4 else ''}", flush=True)
+    return transform, seconds
 
 
 def calibrate_(student, model, tokenizer, spec: StudentSpec, io: StudentIO, eval_prompts, model_id: str,

@@ -380,3 +380,52 @@ def render(run_dirs, out_md, bench_files=()) -> list[Path]:
     tmp.write_text("\n".join(parts))
     tmp.replace(out_md)
     return [out_md] + written
+
+
+# ---------------------------------------------------------------- frontier (bcllm frontier)
+
+def plot_frontier(result: dict, path) -> None:
+    """Token agreement against parameter reduction along the measured frontier path, per structure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for structure, style in zip(sorted({r["structure"] for r in result["curve"]}), ("o-", "s--", "^:")):
+        rows = sorted((r for r in result["curve"] if r["structure"] == structure), key=lambda r: r["param_reduction"])
+        ax.plot([0] + [100 * r["param_reduction"] for r in rows], [1.0] + [r["token_agreement"] for r in rows],
+                style, label=structure, markeredgecolor="black")
+    for floor in result["floors"]:
+        ax.axhline(floor, color="gray", lw=1, ls=":")
+    ax.set_xlabel("parameter reduction (% of all the model's parameters)")
+    ax.set_ylabel("token agreement with the dense model")
+    ax.set_title("Frontier: mixed block sizes chosen greedily, same per-module budgets for each structure")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def frontier_section(result: dict, out_dir) -> list[Path]:
+    """frontier.md (chosen configurations and the measured curve) and frontier.png in out_dir."""
+    out_dir = Path(out_dir)
+    plot_frontier(result, out_dir / "frontier.png")
+    rows = []
+    for c in result["chosen"]:
+        cmp = c.get("compare", {})
+        sizes = ", ".join(f"{layer}:{b}" for layer, b in sorted(c["state"].items(), key=lambda kv: int(kv[0])))
+        rows.append([c["min_agreement"], f"{100 * c.get('param_reduction', 0):.2f}", c.get("token_agreement"),
+                     c.get("kl_mean"), cmp.get("token_agreement"), cmp.get("kl_mean"), sizes or "(none)",
+                     c.get("student")])
+    curve = [[r["structure"], f"{100 * r['param_reduction']:.2f}", r["token_agreement"], r["kl_mean"],
+              r.get("floor_token_agreement"), len(r["state"])] for r in result["curve"]]
+    text = ["## Frontier", f"Prompts: `{result['prompts'] or 'bundled'}`; block sizes considered: {result['sizes']}; "
+            f"{len(result['scan'])} single-layer points scanned; {result['wall_s'] / 60:.1f} min. "
+            f"Command: `{result['command']}`", "",
+            md_table(["min agreement", "param. reduction %", "circulant agr.", "circulant KL", "compared agr.",
+                      "compared KL", "layer:block size", "student"], rows), "",
+            "Every configuration measured on the path (the comparison at the same per-module budgets):", "",
+            md_table(["structure", "param. reduction %", "token agr.", "KL mean", "floor agr.", "layers"], curve), "",
+            "![frontier](frontier.png)", ""]
+    path = out_dir / "frontier.md"
+    path.write_text("\n".join(text))
+    return [path, out_dir / "frontier.png"]

@@ -25,6 +25,7 @@ class InputStats:
     xx: torch.Tensor
     xt: torch.Tensor
     n: int
+    rows: torch.Tensor | None = None  # a sample of the input rows, when asked for (calibrate.input_stats)
 
     @classmethod
     def zeros(cls, in_features: int, shared: bool = True, device=None) -> "InputStats":

@@ -423,18 +423,27 @@ class StructureConfig:
     def build(self, name: str, linear: nn.Module) -> nn.Module:
         return self.module.from_linear(linear, **self.check(name, linear))
 
-    def budget_weights(self, out_features: int, in_features: int) -> int:
-        """Weights of the circulant of block size budget_block_size on this shape: the budget."""
-        return circulant_params(out_features, in_features,
-                                check_block_size(self.budget_block_size, out_features, in_features))
+    def size_override(self, name: str) -> int | None:
+        """The block size (circulant) or budget block size (the others) that the config's
+        `block_sizes` map {suffix or glob: size} gives module `name`; first match wins."""
+        for pattern, b in (getattr(self, "block_sizes", None) or {}).items():
+            if matches(name, pattern):
+                return b
+        return None
 
-    def budget_params(self, linear: nn.Module) -> int | None:
+    def budget_weights(self, out_features: int, in_features: int, name: str = "") -> int:
+        """Weights of the circulant of block size budget_block_size (or the module's own budget
+        in block_sizes) on this shape: the budget."""
+        b = self.size_override(name) or self.budget_block_size
+        return circulant_params(out_features, in_features, check_block_size(b, out_features, in_features))
+
+    def budget_params(self, linear: nn.Module, name: str = "") -> int | None:
         """Parameter count (bias included) of the circulant budget this module is cut from, or None."""
         if self.budget_block_size is None:
             return None
         out_features, in_features = linear_weight(linear).shape
         bias = linear.bias.numel() if getattr(linear, "bias", None) is not None else 0
-        return self.budget_weights(out_features, in_features) + bias
+        return self.budget_weights(out_features, in_features, name) + bias
 
     def describe(self) -> dict:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("targets", "layers")}
@@ -463,10 +472,7 @@ class CirculantConfig(StructureConfig):
         return cls(block_size=size, **where)
 
     def block_size_for(self, name: str) -> int:
-        for pattern, b in self.block_sizes.items():
-            if matches(name, pattern):
-                return b
-        return self.block_size
+        return self.size_override(name) or self.block_size
 
     def size_for(self, name, out_features, in_features):
         return {"block_size": check_block_size(self.block_size_for(name), out_features, in_features)}
@@ -486,11 +492,15 @@ class LowRankConfig(StructureConfig):
     budget_block_size: int | None = None
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
+    block_sizes: dict[str, int] = field(default_factory=dict)  # per-module budget block sizes, as CirculantConfig's
     module = LowRankLinear
     takes_rank = True
 
     def __post_init__(self):
         _one_of("LowRankConfig", rank=self.rank, budget_block_size=self.budget_block_size)
+        if self.block_sizes and self.rank is not None:
+            raise InputError("LowRankConfig: block_sizes sets per-module budgets; it needs budget_block_size, "
+                             "not rank", "block_sizes")
 
     @classmethod
     def from_options(cls, size, rank, **where):
@@ -499,10 +509,10 @@ class LowRankConfig(StructureConfig):
     def size_for(self, name, out_features, in_features):
         rank = self.rank
         if rank is None:
-            budget = self.budget_weights(out_features, in_features)
+            budget = self.budget_weights(out_features, in_features, name)
             rank = rank_for_budget(out_features, in_features, budget)
             if rank == 0:
-                raise _too_small(out_features, in_features, self.budget_block_size,
+                raise _too_small(out_features, in_features, self.size_override(name) or self.budget_block_size,
                                  f"rank 1 ({out_features + in_features:,} weights)")
         return {"rank": check_rank(rank, out_features, in_features)}
 

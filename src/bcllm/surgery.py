@@ -154,7 +154,7 @@ def compress_(model: nn.Module, config) -> dict:
         raise InputError(f"targets {config.targets!r} with layers {config.layers!r} select no module", "layers")
     for name, linear in selected.items():
         config.check(name, linear)
-    budgets = [config.budget_params(linear) for linear in selected.values()]
+    budgets = [config.budget_params(linear, name) for name, linear in selected.items()]
     replaced = compressed = 0
     sizes = {}
     for name, linear in selected.items():

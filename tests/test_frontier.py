@@ -1,0 +1,74 @@
+"""bcllm frontier: greedy mixed block sizes, bisection by measurement, the comparison at equal budgets."""
+
+import json
+
+import pytest
+
+from bcllm import experiments as ex
+
+from test_experiments import make_tiny_folder
+
+
+def test_greedy_path_takes_least_damage_per_parameter_saved_and_upgrades():
+    table = {(0, 4): {"damage": 0.30, "saved": 75}, (0, 16): {"damage": 0.60, "saved": 94},
+             (1, 4): {"damage": 0.05, "saved": 75}, (1, 16): {"damage": 0.10, "saved": 94},
+             (2, 4): {"damage": 0.10, "saved": 75}, (2, 16): {"damage": 0.90, "saved": 94}}
+    path = ex.greedy_path(table)
+    # rates: (1,4) .05/75; then (1,4->16) .05/19 = .0026 vs (2,4) .10/75 = .0013 -> (2,4) first
+    assert path[0] == {1: 4}
+    assert path[1] == {1: 4, 2: 4}
+    assert path[2] == {1: 16, 2: 4}
+    assert path[-1] == {0: 16, 1: 16, 2: 16}  # ends with every layer at its largest saving
+    saved = [sum(table[(l, b)]["saved"] for l, b in s.items()) for s in path]
+    assert saved == sorted(saved) and len(set(saved)) == len(saved)  # every move saves more
+
+
+@pytest.mark.parametrize("answer", [0, 1, 7, 19, 20])
+def test_longest_prefix_bisects_to_the_linear_answer(answer):
+    calls = []
+
+    def measure(state):
+        calls.append(state)
+        return {"token_agreement": 1.0 if state <= answer else 0.5}
+
+    path = list(range(1, 21))  # state k = prefix k
+    assert ex.longest_prefix(path, measure, 0.8, float("inf")) == answer
+    assert len(calls) <= 5  # log2(21) measurements, not 20
+
+
+def test_state_point_names_each_layer_and_keeps_the_default_size_plain():
+    point = ex.state_point({"fit": "aware"}, {3: 4, 1: 16, 12: 8}, 16, 30)
+    assert point["layers"] == "1,3,12"
+    assert point["block_sizes"] == "*.layers.3.mlp.*=4,*.layers.12.mlp.*=8"
+
+
+def test_frontier_cli_on_a_tiny_model(tmp_path, monkeypatch):
+    from bcllm.checkpoint import load_fitted
+    from bcllm.cli import main
+    from bcllm.models import load_model
+    from bcllm.pipeline import parse_block_sizes
+
+    folder = make_tiny_folder(tmp_path / "tiny")
+    monkeypatch.setenv("BCLLM_CACHE", str(tmp_path / "cache"))
+    out, js = tmp_path / "run", tmp_path / "f.json"
+    argv = ["frontier", "--model", str(folder), "--out", str(out), "--prompts", str(folder / "prompts.txt"),
+            "--min-agreement", "0.3", "0.95", "--sizes", "2,8", "--json", str(js)]
+    assert main(argv) == 0
+    result = json.loads(js.read_text())
+    assert len(result["scan"]) == 4 * 2
+    for c in result["chosen"]:
+        if c["steps"]:
+            assert c["token_agreement"] >= c["min_agreement"]
+            assert c["param_reduction"] > 0
+            # the comparison gets at most each circulant budget: it removes at least as much
+            assert c["compare"]["param_reduction"] >= c["param_reduction"] - 1e-9
+            meta = json.loads(open(c["student"] + "/fitted.json").read())
+            assert meta["config"]["block_sizes"] == parse_block_sizes(c["config"]["block_sizes"])
+            model, _ = load_model(str(folder))
+            load_fitted(model, c["student"])
+    reductions = [c.get("param_reduction", 0) for c in result["chosen"]]
+    assert reductions == sorted(reductions, reverse=True)  # a higher floor never allows more compression
+    assert (out / "frontier.md").exists() and (out / "frontier.png").exists()
+    lines = len((out / "results.jsonl").read_text().splitlines())
+    assert main(argv) == 0  # resumable: nothing measured again
+    assert len((out / "results.jsonl").read_text().splitlines()) == lines
