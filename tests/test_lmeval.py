@@ -179,6 +179,30 @@ def test_cli_writes_table_and_json(tiny_folder, tmp_path, capsys, no_network):
     assert set(record["lm_eval"]["tasks"]) == {"bcllm_mc", "bcllm_ppl"}
 
 
+def test_cli_runs_a_users_task_folder_and_refuses_a_dataset_that_is_not_there(tiny_folder, tmp_path, capsys,
+                                                                              no_network):
+    """A task of the user's own (lm-eval's `dataset_path: json` with an absolute path: the bundled
+    questions again) runs offline beside a bundled one; a task whose dataset is on the Hub only is
+    refused before the model loads."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    mc = (BUNDLED_TASKS_DIR / "bcllm_mc.yaml").read_text().split("output_type:", 1)[1]
+    data = BUNDLED_TASKS_DIR / BUNDLED_TASKS["bcllm_mc"]
+    (folder / "my_mc.yaml").write_text(f"task: my_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                       f"    test: {data}\noutput_type:{mc}")
+    (folder / "hub_only.yaml").write_text("task: hub_only\ndataset_path: bcllm-test/no-such-dataset\n"
+                                          "output_type: loglikelihood_rolling\ntest_split: test\ndoc_to_target: x\n")
+    out = tmp_path / "mine.json"
+    base = ["lm-eval", "--model", str(tiny_folder), "--layers", "0", "--include-path", str(folder), "--limit", "3"]
+    assert main([*base, "--tasks", "my_mc,bcllm_mc", "--json", str(out)]) == 0
+    tasks = json.loads(out.read_text())["lm_eval"]["tasks"]
+    assert tasks["my_mc"]["teacher"] == tasks["bcllm_mc"]["teacher"]
+    assert tasks["my_mc"]["per_doc"] == tasks["bcllm_mc"]["per_doc"]
+    capsys.readouterr()
+    assert main([*base, "--tasks", "hub_only"]) == 2
+    assert "--tasks: the dataset of 'hub_only' is not available offline" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "bcllm_nope"], "--tasks: unknown lm-eval task 'bcllm_nope' (close: bcllm_mc, bcllm_ppl)"),
     (["--tasks", " , "], "--tasks: give at least one task name"),

@@ -85,7 +85,20 @@ def task_manager(tasks: list[str], include_path=None):
                          + (f" (close: {', '.join(near)})" if near else "")
                          + f"; bundled: {', '.join(BUNDLED_TASKS)}; others: any lm-eval task or group name, a task "
                          "YAML file, or a task defined in a folder given as include_path", "tasks")
+    check_datasets(manager, tasks)
     return manager
+
+
+def check_datasets(manager, tasks: list[str]) -> None:
+    """Load each task once (its dataset included), so that a dataset neither downloaded nor in
+    the Hugging Face datasets cache is one line before any model loads, not a traceback after."""
+    for name in tasks:
+        try:
+            with quiet_lm_eval():
+                manager.load([name])
+        except (ConnectionError, FileNotFoundError) as e:
+            raise InputError(f"tasks: the dataset of {name!r} is not available offline ({e}); download it first "
+                             f"or use the bundled tasks {', '.join(BUNDLED_TASKS)}", "tasks") from None
 
 
 def unknown_tasks(manager, tasks: list[str]) -> list[str]:
