@@ -72,3 +72,34 @@ def test_frontier_cli_on_a_tiny_model(tmp_path, monkeypatch):
     lines = len((out / "results.jsonl").read_text().splitlines())
     assert main(argv) == 0  # resumable: nothing measured again
     assert len((out / "results.jsonl").read_text().splitlines()) == lines
+
+
+def test_shared_input_stats_give_the_same_fits_from_one_pass():
+    import copy
+
+    import torch
+
+    from bcllm import calibrate
+    from bcllm.pipeline import StudentSpec, config_for
+    from bcllm.surgery import compress_
+    from conftest import tiny_model
+
+    teacher = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 128, (4, 40), generator=g)} for _ in range(3)]
+    passes = []
+    teacher.model.layers[0].register_forward_pre_hook(lambda *a: passes.append(1))
+
+    def fitted(layer, shared):
+        student = copy.deepcopy(teacher)
+        compress_(student, config_for(StudentSpec(block_size=8, layers=str(layer))))
+        calibrate.fit_aware_(student, teacher, batches, progress=False)
+        return student.model.layers[layer].mlp.down_proj.c.detach().clone()
+
+    alone = [fitted(i, False) for i in (1, 3)]
+    assert len(passes) == 2 * 3
+    passes.clear()
+    with calibrate.shared_input_stats():
+        shared = [fitted(i, True) for i in (1, 3)]
+    assert len(passes) == 3  # one pass over the batches for both fits
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(alone, shared))

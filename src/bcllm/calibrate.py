@@ -12,6 +12,8 @@ over batches (memory independent of the number of tokens): stats.InputStats.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -128,13 +130,52 @@ def input_stats(model: nn.Module, names, batches, progress: bool = True,
     return stats
 
 
+_SHARED_STATS: dict | None = None
+
+
+@contextlib.contextmanager
+def shared_input_stats():
+    """Within this block fit_aware_ gathers, in its first pass, the input statistics of the modules
+    of the same kinds (suffixes) in every decoder layer, and reuses them for later fits on the same
+    teacher and calibration text: a per-layer scan then runs the calibration pass once, not per point."""
+    global _SHARED_STATS
+    outer, _SHARED_STATS = _SHARED_STATS, {} if _SHARED_STATS is None else _SHARED_STATS
+    try:
+        yield
+    finally:
+        _SHARED_STATS = outer
+
+
+def _batches_digest(batches) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        for k in ("input_ids", "attention_mask"):
+            if b.get(k) is not None:
+                h.update(b[k].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _teacher_stats(teacher: nn.Module, names: list[str], batches, progress: bool) -> dict[str, InputStats]:
+    if _SHARED_STATS is None:
+        return input_stats(teacher, names, batches, progress)
+    prefix, _ = decoder_layers(teacher)
+    kinds = {n.rsplit(".", 1)[-1] for n in names}
+    key = (id(teacher), _batches_digest(batches), tuple(sorted(kinds)))
+    if key not in _SHARED_STATS:
+        every = [n for n, m in teacher.named_modules() if isinstance(m, nn.Linear)
+                 and n.rsplit(".", 1)[-1] in kinds and layer_index(n, prefix) is not None]
+        _SHARED_STATS[key] = input_stats(teacher, sorted(set(every) | set(names)), batches, progress)
+    stats = _SHARED_STATS[key]
+    return stats if all(n in stats for n in names) else input_stats(teacher, names, batches, progress)
+
+
 @torch.no_grad()
 def fit_aware_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1e-4,
                progress: bool = True) -> dict:
     """Fit every structured module of `student` to its original layer in `teacher`, inputs
-    (x_s = x_t) taken from the teacher."""
+    (x_s = x_t) taken from the teacher (shared across fits inside shared_input_stats())."""
     modules = check_pair(student, teacher)
-    stats = input_stats(teacher, list(modules), batches, progress)
+    stats = _teacher_stats(teacher, list(modules), batches, progress)
     for name, module in tqdm(modules.items(), desc="aware fit: solve", disable=not progress, leave=False):
         module.fit_(linear_weight(teacher.get_submodule(name)), stats[name], ridge)
     return {"fit": "aware", "modules": len(modules), "tokens": next(iter(stats.values())).n, "ridge": ridge}

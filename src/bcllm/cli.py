@@ -414,7 +414,7 @@ def cmd_frontier(args) -> None:
                          "their defaults (--compare sets the structure measured beside it)")
     result = frontier(settings_from_args(args), args.out, spec, sorted(args.min_agreement), sizes,
                       None if args.compare == "none" else args.compare,
-                      float("inf") if args.time_budget is None else 60 * args.time_budget, io)
+                      float("inf") if args.time_budget is None else 60 * args.time_budget, io, args.scan_fit)
     for path in frontier_section(result, args.out):
         print(f"wrote {path}")
     if args.json:
@@ -604,6 +604,9 @@ def add_experiment_commands(sub) -> None:
                    "budgets (lowrank, blockdiag), or none")
     p.add_argument("--time-budget", type=float, default=None, metavar="MIN",
                    help="stop searching after this many minutes and report the best found (the scan always finishes)")
+    p.add_argument("--scan-fit", default="aware", choices=["frobenius", "aware", "sequential", "block"],
+                   help="fit of the single-layer scan that orders the search (aware: one calibration pass for "
+                        "all layers); the measured configurations use --fit")
     p.add_argument("--json", metavar="PATH", help="also write the result (chosen configurations, curve) here")
     p.set_defaults(func=cmd_frontier, max_new_tokens=0)
 

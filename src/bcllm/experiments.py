@@ -513,22 +513,40 @@ def longest_prefix(path: list, measure, floor: float, deadline: float) -> int:
     return lo
 
 
+def frontier_scan(session: Session, point: dict, layers: list[int], sizes: list[int], scan_fit: str) -> dict:
+    """{(layer, block size): {"damage": kl_mean, "saved": parameters}}, each layer patched alone."""
+    from .calibrate import shared_input_stats
+
+    points = [{**point, "layers": str(i), "block_size": b, "block_sizes": "", "fit": scan_fit}
+              for i in layers for b in sizes]
+    with shared_input_stats():  # an aware scan runs its calibration pass once
+        scanned = session.run(points, "frontier scan")
+    return {(int(r["point"]["layers"]), r["point"]["block_size"]): {
+        "damage": r["metrics"]["kl_mean"],
+        "saved": r["compression"]["model_params_before"] - r["compression"]["model_params_after"]} for r in scanned}
+
+
+def save_chosen(session: Session, base: StudentSpec, point: dict, row: dict) -> None:
+    """Build the chosen configuration once more and save it beside the results (row gets config, student)."""
+    row["config"] = state_point(point, row["state"], base.block_size, session.num_layers)
+    row["student"] = str(session.out / f"student-{row['min_agreement']:g}")
+    build_student(session.model, session.tokenizer, dataclasses.replace(base, **row["config"]),
+                  StudentIO(save=row["student"]), eval_prompts=session.prompts, model_id=session.settings.model,
+                  progress=False)
+
+
 def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float], sizes: list[int],
-             compare: str | None = "lowrank", time_budget_s: float = float("inf"), io: StudentIO = StudentIO()) -> dict:
+             compare: str | None = "lowrank", time_budget_s: float = float("inf"), io: StudentIO = StudentIO(),
+             scan_fit: str = "aware") -> dict:
     """The largest parameter reduction whose token agreement (on settings.prompts) stays >= each of
     `floors`: scan each layer alone at each of `sizes`, order the moves greedily (greedy_path),
     bisect the path with measurements, then measure `compare` (a budgeted structure) at the same
-    per-module budgets and save the chosen students. Resumable: every point is in results.jsonl."""
+    per-module budgets and save the chosen students. The scan (only an ordering) fits with
+    `scan_fit`; the path's points with base.fit. Resumable: every point is in results.jsonl."""
     session = Session(settings, out, base, io)
     deadline = session.start + time_budget_s
     point, n = session.base_point(), session.num_layers
-    layers = parse_layers(base.layers, n) or list(range(n))
-    scan_points_ = [{**point, "layers": str(i), "block_size": b, "block_sizes": ""} for i in layers for b in sizes]
-    table = {}
-    for r in session.run(scan_points_, "frontier scan"):
-        table[(int(r["point"]["layers"]), r["point"]["block_size"])] = {
-            "damage": r["metrics"]["kl_mean"], "saved": r["compression"]["model_params_before"]
-            - r["compression"]["model_params_after"]}
+    table = frontier_scan(session, point, parse_layers(base.layers, n) or list(range(n)), sizes, scan_fit)
     path = greedy_path(table)
     measured: dict[str, dict] = {}
 
@@ -556,12 +574,8 @@ def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float]
         curve = sorted(measured.values(), key=lambda r: (r["structure"], r["param_reduction"]))
     for row in chosen:
         if row["steps"]:
-            row["config"] = state_point(point, row["state"], base.block_size, n)
-            row["student"] = str(session.out / f"student-{row['min_agreement']:g}")
-            build_student(session.model, session.tokenizer, dataclasses.replace(base, **row["config"]),
-                          StudentIO(save=row["student"]), eval_prompts=session.prompts,
-                          model_id=settings.model, progress=False)
-    result = {"floors": floors, "sizes": sizes, "chosen": chosen, "curve": curve,
+            save_chosen(session, base, point, row)
+    result = {"floors": floors, "sizes": sizes, "scan_fit": scan_fit, "fit": base.fit, "chosen": chosen, "curve": curve,
               "scan": [{"layer": l, "block_size": b, **v} for (l, b), v in sorted(table.items())],
               "path": [sorted(s.items()) for s in path], "model_params": session.model_params,
               "prompts": settings.prompts, "command": command_line(), "versions": versions(),
