@@ -213,3 +213,29 @@ def test_bench_model_on_tiny_model(tmp_path):
     assert r["prefill_speedup"] == pytest.approx(r["compressed_prefill_tokens_per_s"] / r["dense_prefill_tokens_per_s"])
     assert r["compressed_param_bytes"] < r["dense_param_bytes"]
     assert math.isfinite(r["decode_speedup"]) and r["decode_byte_ratio"] > 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_lean_decode_gives_hf_generate_tokens(arch):
+    """The lean loop (static cache, last-position logits) decodes the same greedy tokens as
+    Hugging Face generate, for the dense model and a fused circulant student."""
+    from bcllm.bench import lean_decode
+
+    model = tiny_model(arch, layers=2)
+    student = copy.deepcopy(model)
+    compress_(student, CirculantConfig(block_size=16, targets="mlp"))
+    fuse_circulant_mlp_(student)
+    ids = torch.tensor([[5, 9, 2, 7, 1]])
+    for m in (model, student):
+        with torch.inference_mode():
+            _, tokens = lean_decode(m, ids, 6)
+            ref = m.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                             attention_mask=torch.ones_like(ids))
+        assert tokens.tolist() == ref[:, ids.shape[1]:].tolist()
+
+
+def test_memory_bandwidth_is_a_copy_rate():
+    from bcllm.bench import memory_bandwidth
+
+    rate = memory_bandwidth(mib=8, repeats=2)
+    assert 1e8 < rate < 1e13  # between 0.1 GB/s and 10 TB/s: a rate, in bytes per second

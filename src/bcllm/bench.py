@@ -186,19 +186,59 @@ def spectra_cache_bytes(model: nn.Module) -> int:
                if getattr(m, "_spec", None) is not None)
 
 
-def _greedy_decode(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for new_tokens greedy steps with the KV cache, after an untimed prefill."""
+def lean_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """(seconds, tokens) of new_tokens greedy steps after an untimed prefill: a static KV cache
+    allocated once, positions and the next token written in place, logits of the last position
+    only; per token nothing runs but the model call and an argmax."""
+    from transformers import StaticCache
+
+    n = ids.shape[1]
     # transformers 5.x renamed past_key_values to cache; accept both.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(ids, use_cache=True)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = {name: StaticCache(config=model.config, max_cache_len=n + new_tokens)}
+    position = torch.arange(n, device=ids.device)
+    out = model(ids, cache_position=position, use_cache=True, logits_to_keep=1, **cache)
     token = out.logits[:, -1:].argmax(-1)
+    tokens = torch.empty(ids.shape[0], new_tokens, dtype=torch.long, device=ids.device)
+    step = torch.tensor([n], device=ids.device)
     sync(ids.device)  # the untimed prefill may still be running on a GPU
     t = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(token, use_cache=True, **{cache_arg: out["cache" if "cache" in out else "past_key_values"]})
+    for i in range(new_tokens):
+        tokens[:, i:i + 1] = token
+        out = model(token, cache_position=step, use_cache=True, logits_to_keep=1, **cache)
         token = out.logits[:, -1:].argmax(-1)
+        step += 1
     sync(ids.device)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, tokens
+
+
+def memory_bandwidth(device="cpu", mib: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write counted), the best of `repeats`: the rate at
+    which decode can stream weights, so the byte limit of a model is this over its weight bytes."""
+    src = torch.ones(mib << 18, device=device)  # mib MiB of float32
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def generate_decode(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds of new_tokens greedy steps through Hugging Face generate (its default dynamic
+    cache): generate(new_tokens + 1) minus generate(1), both including one prefill."""
+    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    sync(ids.device)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kw)
+    sync(ids.device)
+    return max(time.perf_counter() - t - first, 1e-9)
 
 
 def sync(device) -> None:
@@ -215,9 +255,8 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
     models = {"dense": model, "compressed": compressed}
     for m in models.values():  # warm-up: caches, allocator, spectra
         m(prompts[0])
-        _greedy_decode(m, prompts[0], 2)
-    prefill = {k: [] for k in models}
-    decode = {k: [] for k in models}
+        lean_decode(m, prompts[0], 2)
+    prefill, decode, generate = ({k: [] for k in models} for _ in range(3))
     for _ in range(repeats):
         for name, m in models.items():
             t = time.perf_counter()
@@ -225,7 +264,8 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
                 m(ids, use_cache=True)
             sync(device)
             prefill[name].append(time.perf_counter() - t)
-            decode[name].append(sum(_greedy_decode(m, ids, new_tokens) for ids in prompts))
+            decode[name].append(sum(lean_decode(m, ids, new_tokens)[0] for ids in prompts))
+            generate[name].append(sum(generate_decode(m, ids, new_tokens) for ids in prompts))
             if progress is not None:
                 progress.update(1)
     n_prefill = sum(len(ids) for ids in prompt_ids)
@@ -234,16 +274,22 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
     for name in models:
         result[f"{name}_prefill_tokens_per_s"] = n_prefill / statistics.median(prefill[name])
         result[f"{name}_decode_tokens_per_s"] = n_decode / statistics.median(decode[name])
+        result[f"{name}_generate_decode_tokens_per_s"] = n_decode / statistics.median(generate[name])
         result[f"{name}_param_bytes"] = param_bytes(models[name])
     result["compressed_spectra_cache_bytes"] = spectra_cache_bytes(compressed)
+    result["memory_bytes_per_s"] = memory_bandwidth(device)
+    # decode streams every weight once a token: the best tokens/s the memory allows
+    result["dense_byte_limit_tokens_per_s"] = result["memory_bytes_per_s"] / result["dense_param_bytes"]
     result["prefill_speedup"] = result["compressed_prefill_tokens_per_s"] / result["dense_prefill_tokens_per_s"]
     result["decode_speedup"] = result["compressed_decode_tokens_per_s"] / result["dense_decode_tokens_per_s"]
+    result["generate_decode_speedup"] = (result["compressed_generate_decode_tokens_per_s"]
+                                         / result["dense_generate_decode_tokens_per_s"])
     dense_cost, circ_cost = costs.model_costs(model), costs.model_costs(compressed)
     result["prefill_flop_ratio"] = dense_cost["flops"] / circ_cost["flops"]  # limit at large batch
     result["decode_byte_ratio"] = dense_cost["bytes"] / circ_cost["bytes"]   # limit at batch 1
     result["costs"] = {"dense": dense_cost, "compressed": circ_cost}
     result.update(prompts=len(prompts), prefill_tokens=n_prefill, new_tokens=new_tokens, repeats=repeats,
-                  raw_seconds={"prefill": prefill, "decode": decode})
+                  raw_seconds={"prefill": prefill, "decode": decode, "generate_decode": generate})
     return result
 
 
@@ -253,6 +299,10 @@ def model_table(r: dict) -> str:
             f"{r['prefill_speedup']:.2f}x | {r['prefill_flop_ratio']:.2f}x (FLOPs) |\n"
             f"| decode tokens/s | {r['dense_decode_tokens_per_s']:.1f} | {r['compressed_decode_tokens_per_s']:.1f} | "
             f"{r['decode_speedup']:.2f}x | {r['decode_byte_ratio']:.2f}x (bytes) |\n"
+            f"| dense decode limit (memory {r['memory_bytes_per_s'] / 1e9:.1f} GB/s over the weights) | "
+            f"{r['dense_byte_limit_tokens_per_s']:.1f} | | | |\n"
+            f"| decode tokens/s, HF generate | {r['dense_generate_decode_tokens_per_s']:.1f} | "
+            f"{r['compressed_generate_decode_tokens_per_s']:.1f} | {r['generate_decode_speedup']:.2f}x | |\n"
             f"| parameter MiB | {r['dense_param_bytes'] / 2**20:.1f} | {r['compressed_param_bytes'] / 2**20:.1f} | "
             f"{r['dense_param_bytes'] / r['compressed_param_bytes']:.2f}x | |\n")
 
