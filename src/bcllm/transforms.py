@@ -1,4 +1,4 @@
-"""Function-preserving transforms that move weights closer to block-circulant (DESIGN.md section 9).
+"""Function-preserving transforms that move weights closer to block-circulant (docs/DESIGN.md section 6).
 
 A checkpoint's channel order is arbitrary, and a block-circulant fit depends on it. Two
 reorderings leave the dense model's function exactly unchanged and cost nothing at inference:
