@@ -3,7 +3,7 @@
 For a few float32 rows on the CPU, `circulant.circulant_matmul` hands the whole product (block
 DFT of the input, per-frequency complex multiply-accumulate over the cached spectra, inverse DFT)
 to one C++ function that streams the spectra once. It is compiled through torch's extension
-mechanism (a C++ compiler and ninja; `-O3 -march=native`) into torch's extension directory
+mechanism (a C++ compiler and ninja; `-O3 -march=native -fopenmp`) into torch's extension directory
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), under a name that hashes the source,
 the flags, the CPU, torch and Python, so that a later process (or `make setup`, which runs
 `python -m bcllm.kernel`) only imports it. Where it cannot be built, one warning says why and the
@@ -26,7 +26,9 @@ import torch
 from .errors import InputError
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "circulant_decode.cpp"
-CFLAGS = ["-O3", "-march=native"]
+# -fopenmp compiles at::parallel_for's OpenMP region (without it, it runs serially); GOMP_parallel
+# then resolves to the libgomp torch itself loaded, so the kernel shares torch's threads.
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 DISABLE_ENV = "BCLLM_NO_KERNEL"
 _UNSET = object()
 _module = _UNSET  # the loaded extension, None once it failed, _UNSET before the first try
