@@ -67,24 +67,32 @@ inline __attribute__((always_inline)) void store(float* p, const vec& v) { std::
 
 // x_hat, frequency-major per row: xr[(r * F + f) * q + i] (and xi); the last block is zero-padded.
 // Vectorised over input blocks: the row is first transposed to xt[t][i] (b x q, q rounded up).
+// Inputs t and b - t share cos and have opposite sin, so their sum and difference halve the work:
+// Re = x[0] + sum_s (x[s] + x[b-s]) cos + [b even] x[b/2] cos(pi f), Im = -sum_s (x[s] - x[b-s]) sin.
 void forward_dft(const Problem& P, const Tables& t, float* xr, float* xi) {
-  const int64_t b = P.b, F = P.F, q = P.q, qv = (q + V - 1) / V * V;
-  std::vector<float> xt(b * qv);
+  const int64_t b = P.b, F = P.F, q = P.q, qv = (q + V - 1) / V * V, h = (b - 1) / 2;
+  std::vector<float> xt(b * qv), sum(h * qv), diff(h * qv);
   for (int64_t r = 0; r < P.n; ++r) {
     std::fill(xt.begin(), xt.end(), 0.f);
     const float* xs = P.x + r * P.in;
     for (int64_t i = 0; i < q; ++i) {
       for (int64_t s = 0, len = std::min(b, P.in - i * b); s < len; ++s) xt[s * qv + i] = xs[i * b + s];
     }
+    for (int64_t s = 1; s <= h; ++s) {
+      for (int64_t l = 0; l < qv; ++l) {
+        sum[(s - 1) * qv + l] = xt[s * qv + l] + xt[(b - s) * qv + l];
+        diff[(s - 1) * qv + l] = xt[s * qv + l] - xt[(b - s) * qv + l];
+      }
+    }
     for (int64_t i0 = 0; i0 < q; i0 += V) {
       const int64_t width = std::min(V, q - i0);
       for (int64_t f = 0; f < F; ++f) {
-        vec re = {}, im = {};
-        for (int64_t s = 0; s < b; ++s) {
-          const vec v = load(xt.data() + s * qv + i0);
-          re += t.fwd_re[s * F + f] * v;
-          im += t.fwd_im[s * F + f] * v;
+        vec re = load(xt.data() + i0), im = {};
+        for (int64_t s = 1; s <= h; ++s) {
+          re += t.fwd_re[s * F + f] * load(sum.data() + (s - 1) * qv + i0);
+          im += t.fwd_im[s * F + f] * load(diff.data() + (s - 1) * qv + i0);
         }
+        if (b % 2 == 0 && b > 1) re += t.fwd_re[b / 2 * F + f] * load(xt.data() + b / 2 * qv + i0);
         float out[2 * V];
         store(out, re);
         store(out + V, im);
