@@ -16,7 +16,7 @@ $(BIN)/bcllm: pyproject.toml
 	$(BIN)/pip install -q --no-compile -e '.[dev]'
 	# The fused CPU decode kernel (C++, about 30 s once; cached in ~/.cache/torch_extensions): built now so
 	# that no later command waits for it. Where it cannot be built this warns and the torch path is used.
-	$(BIN)/python -m bcllm.kernel
+	$(BIN)/bcllm kernel
 	touch $@
 
 setup: $(BIN)/bcllm

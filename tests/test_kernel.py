@@ -174,3 +174,13 @@ def test_missing_tools_are_named_and_a_pip_ninja_is_found(monkeypatch, tmp_path)
     (venv / "ninja").unlink()
     monkeypatch.setenv("PATH", str(tools))
     assert "ninja" in kernel.missing_tool()
+
+
+def test_cli_builds_and_reports(built, capsys, monkeypatch):
+    from bcllm.cli import main
+
+    assert main(["kernel"]) == 0
+    assert "kernel ready" in capsys.readouterr().out
+    monkeypatch.setenv(kernel.DISABLE_ENV, "1")
+    assert main(["kernel"]) == 0
+    assert "disabled" in capsys.readouterr().out

@@ -5,8 +5,8 @@ DFT of the input, per-frequency complex multiply-accumulate over the cached spec
 to one C++ function that streams the spectra once. It is compiled through torch's extension
 mechanism (a C++ compiler and ninja; `-O3 -march=native -fopenmp`) into torch's extension directory
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), under a name that hashes the source,
-the flags, the CPU, torch and Python, so that a later process (or `make setup`, which runs
-`python -m bcllm.kernel`) only imports it. Where it cannot be built, one warning says why and the
+the flags, the CPU, torch and Python, so that a later process only imports it (`make setup`
+builds it, through `bcllm kernel`). Where it cannot be built, one warning says why and the
 torch path runs instead; BCLLM_NO_KERNEL=1 forces that path.
 """
 
@@ -32,6 +32,7 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 DISABLE_ENV = "BCLLM_NO_KERNEL"
 _UNSET = object()
 _module = _UNSET  # the loaded extension, None once it failed, _UNSET before the first try
+_failure = ""  # why it failed, in full (a compiler's messages)
 
 
 def disabled() -> bool:
@@ -94,9 +95,10 @@ def _build():
     """Import the extension, compiling it first if this machine has no build of this source yet."""
     name = extension_name()
     directory = build_dir(name)
-    library = directory / f"{name}.so"
-    if library.exists():
+    library, complete = directory / f"{name}.so", directory / "complete"
+    if library.exists() and complete.exists():
         return _import(name, library)
+    library.unlink(missing_ok=True)  # a build cut short may have left a truncated library
     reason = missing_tool()
     if reason:
         raise RuntimeError(reason)
@@ -108,20 +110,22 @@ def _build():
     directory.mkdir(parents=True, exist_ok=True)
     module = load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
                   verbose=False)
+    complete.write_text(f"{library.name}\n")  # written last: the library is whole
     print(f"bcllm: kernel built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return module
 
 
 def load():
     """The extension module, or None (after one warning naming the reason) where it cannot be built."""
-    global _module
+    global _module, _failure
     if _module is _UNSET:
         try:
             _module = _build()
         except Exception as e:  # any build or import failure: the torch path still works
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            warnings.warn(f"bcllm: the fused circulant decode kernel is unavailable ({first}); "
-                          f"decode products take the slower torch path", RuntimeWarning, stacklevel=2)
+            _failure = str(e).strip() or type(e).__name__
+            warnings.warn(f"bcllm: the fused circulant decode kernel is unavailable ({_failure.splitlines()[0][:300]}); "
+                          f"decode products take the slower torch path (`bcllm kernel` shows the "
+                          f"whole message)", RuntimeWarning, stacklevel=2)
             _module = None
     return _module
 
@@ -154,8 +158,12 @@ def circulant_decode(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
         raise InputError(str(e).strip().splitlines()[0], "x") from None
 
 
-if __name__ == "__main__":  # `python -m bcllm.kernel`: build now (make setup), so no later call waits
+def main() -> None:
+    """`bcllm kernel` (run by make setup): build now, so that no later call waits, and say the outcome."""
     if disabled():
-        print(f"bcllm: kernel disabled by {DISABLE_ENV}")
+        print(f"bcllm: the circulant decode kernel is disabled by {DISABLE_ENV}")
     elif load() is not None:
         print(f"bcllm: circulant decode kernel ready ({build_dir(extension_name())})")
+    else:
+        print(f"bcllm: circulant decode kernel not built; decode products use the torch path:\n{_failure}",
+              file=sys.stderr)
