@@ -87,6 +87,17 @@ def test_module_decode_takes_the_kernel_and_matches_dense(built, monkeypatch, ou
     assert calls == list(ROWS)
 
 
+def test_strided_and_other_dtype_rows(built, monkeypatch):
+    calls = count_calls(monkeypatch)
+    spec, dense = problem(70, 129, 32)
+    wide = torch.randn(3, 2 * 129)
+    for x in (wide[:, ::2], wide[:, 1::2].double(), wide.t().contiguous().t()[:, :129]):
+        assert not x.is_contiguous() or x.dtype != torch.float32
+        y = circulant.circulant_matmul(x, spec, 70, 129, 32)
+        assert row_errors(y, x.double() @ dense.T) < 1e-5
+    assert calls == [3, 3, 3]
+
+
 def test_paths_that_need_gradients_keep_the_torch_path(built, monkeypatch):
     calls = count_calls(monkeypatch)
     layer = BlockCirculantLinear(40, 24, 8)
