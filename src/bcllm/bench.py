@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from . import costs
+from . import circulant, costs, kernel
 from .modules import BlockCirculantLinear
 
 DEFAULT_TOKENS = (1, 16, 128, 512)
@@ -149,6 +149,7 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         t_circ_hot, _ = median_time(calls(circ[:1], hot), repeats, warmup, budget_s, done)
         t_dense, r_dense = median_time(calls(dense, max(n_dense, 2)), repeats, 1, budget_s, done)
         t_circ, r_circ = median_time(calls(circ, n_circ), repeats, 1, budget_s, done)
+        fused_kernel = tokens <= circulant.REAL_PATH_MAX_ROWS and kernel.applies(x, circ[0].spectra())
     return {
         "shape": f"{out_features}x{in_features}", "out_features": out_features, "in_features": in_features,
         "block_size": block_size, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
@@ -160,6 +161,7 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         "cold_bytes": {"dense": n_dense * dense_cost["bytes"], "circulant": n_circ * circ_cost["bytes"]},
         "repeats": {"dense": r_dense, "circulant": r_circ},
         "llc_bytes": llc,
+        "decode_kernel": fused_kernel,  # whether the circulant side ran the fused CPU kernel (bcllm.kernel)
     }
 
 

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from . import kernel
 from .errors import InputError
 
 
@@ -135,6 +136,8 @@ REAL_PATH_MAX_ROWS = 8
 # (measured on 2 loaded cores, 1 row: 1536x576 b=16 median 60 ms at 2 threads, 0.15 ms at 1;
 # 11008x4096 b=64 82 ms vs 6 ms).
 SINGLE_THREAD_MAX_BYTES = 4 << 20
+# The same for the fused kernel (bcllm.kernel), which runs one parallel region per call.
+KERNEL_SINGLE_THREAD_MAX_BYTES = 4 << 20
 
 
 @contextlib.contextmanager
@@ -153,10 +156,15 @@ def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
 
     x: (N, in), computed in float32 whatever its dtype (no 16-bit FFT on the CPU, none for bf16
     on CUDA, fp16 there only for powers of two). Returns (N, out) float32 (a view: may be
-    non-contiguous when out is not a multiple of b). Picks the faster formulation by row count.
+    non-contiguous when out is not a multiple of b). Picks the faster formulation by row count;
+    up to REAL_PATH_MAX_ROWS rows on the CPU without gradients, the fused kernel (bcllm.kernel)
+    where it is built, else the real path.
     """
     if x.dtype != torch.float32:
         x = x.float()
+    if x.shape[0] <= REAL_PATH_MAX_ROWS and kernel.applies(x, spec):  # fused C++ kernel (float32 whatever autocast says)
+        threads = 1 if spec.numel() * 8 <= KERNEL_SINGLE_THREAD_MAX_BYTES else torch.get_num_threads()
+        return kernel.circulant_decode(x, spec, out_features, in_features, block_size, threads)
     if torch.is_autocast_enabled(x.device.type):  # else the real path's matmuls (not the complex) drop to 16 bits
         with torch.autocast(x.device.type, enabled=False):
             return circulant_matmul(x, spec, out_features, in_features, block_size)

@@ -522,6 +522,12 @@ def cmd_bench_model(args) -> None:
     write_bench(args, results, model_table(results))
 
 
+def cmd_kernel(args) -> None:
+    from .kernel import main as kernel_main
+
+    kernel_main()
+
+
 def add_student_commands(sub) -> None:
     p = sub.add_parser("compress", help="compress a model and print what was replaced")
     add_model_args(p)
@@ -636,6 +642,9 @@ def add_bench_commands(sub) -> None:
     p.add_argument("--no-fuse", action="store_true", help="keep gate_proj and up_proj as separate products")
     add_bench_args(p)
     p.set_defaults(func=cmd_bench_model, repeats=3)
+    p = sub.add_parser("kernel", help="build the fused CPU decode kernel now (make setup does, else the first decode "
+                       "product) and say whether decode products use it")
+    p.set_defaults(func=cmd_kernel)
 
 
 def build_parser() -> argparse.ArgumentParser:
