@@ -108,11 +108,15 @@ class Streamer:
         config = AutoConfig.from_pretrained(self.folder)
         with init_empty_weights(include_buffers=False):
             self.teacher = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
+        self.teacher.tie_weights()  # (init_empty_weights gives tied weights separate meta parameters)
         for module in self.teacher.modules():  # buffers (rotary frequencies, embedding scales) are real
             for key, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[key] = buf.to(self.device)
         self.student = copy.deepcopy(self.teacher)
+        for name, buf in self.teacher.named_buffers():  # one copy of each buffer, shared
+            parent, _, leaf = name.rpartition(".")
+            self.student.get_submodule(parent)._buffers[leaf] = buf
         self.shards = Shards(self.folder)
         self.prefix, layers = decoder_layers(self.teacher)
         self.num_layers = len(layers)
