@@ -124,6 +124,8 @@ class Streamer:
         self.peak_bytes = 0
         self.model_bytes = sum(p.numel() * p.element_size() for p in self.teacher.parameters())
         self.model_params = num_params(self.teacher)
+        inside = {id(p) for p in layers.parameters()}
+        self.outside_bytes = sum(p.numel() * p.element_size() for p in self.teacher.parameters() if id(p) not in inside)
 
     @classmethod
     def open(cls, spec: str, dtype="float32", device="cpu"):
@@ -186,6 +188,11 @@ class Streamer:
                     seen.add(id(t))
                     total += t.numel() * t.element_size()
         return total
+
+    def record(self) -> dict:
+        """Peak parameter bytes loaded at once, beside the whole model's and those outside the decoder layers."""
+        return {"peak_bytes": self.peak_bytes, "model_bytes": self.model_bytes, "outside_bytes": self.outside_bytes,
+                "num_layers": self.num_layers}
 
     def layer(self, which: str, index: int) -> nn.Module:
         return getattr(self, which).get_submodule(self.prefix)[index]
@@ -399,7 +406,7 @@ def fit_streamed_(streamer: Streamer, tokenizer, spec: StudentSpec, io: StudentI
     summary.update(config=config.describe(), fit=spec.fit)
     if cal is not None:
         summary["calibration"] = _fit_info(cal.info, spec, refined, tokens, time.perf_counter() - start)
-    summary["stream"] = {"peak_bytes": streamer.peak_bytes, "model_bytes": streamer.model_bytes}
+    summary["stream"] = streamer.record()
     if io.save:
         from .artifact import base_record
 
@@ -504,4 +511,4 @@ def evaluate_streamed(streamer: Streamer, tokenizer, prompts: list[str], modules
         row.update(prompt=prompts[i], teacher_generation="", student_generation="")
     return {"metrics": metrics, "ci": ci, "per_prompt": per_prompt, "num_prompts": len(token_ids),
             "num_positions": sum(len(x) for x in token_ids), "max_new_tokens": 0, "teacher_cache": None,
-            "stream": {"peak_bytes": streamer.peak_bytes, "model_bytes": streamer.model_bytes}}
+            "stream": streamer.record()}
