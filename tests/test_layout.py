@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bcllm"
 # Lowest first. A module may import (at top level or inside a function) only modules before it.
 ORDER = ["errors", "results", "kernel", "circulant", "models", "prompts", "stats", "modules", "surgery", "fused",
          "costs", "structures", "calib_data", "calibrate", "transforms", "reconstruct", "distill", "checkpoint",
-         "artifact", "evaluate", "lmeval", "pipeline", "experiments", "report", "bench", "cli"]
+         "artifact", "evaluate", "lmeval", "pipeline", "streaming", "experiments", "report", "bench", "cli"]
 
 
 def bcllm_imports(path: Path) -> set[str]:

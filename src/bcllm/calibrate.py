@@ -111,14 +111,7 @@ def input_stats(model: nn.Module, names, batches, progress: bool = True,
                 model.base_model(**_model_inputs(batch))
             except _Stop:
                 pass
-            mask = batch.get("attention_mask")
-            for group in _groups(capture.inputs):
-                if group[0] not in stats:
-                    shared = InputStats.zeros(capture.inputs[group[0]].shape[-1],
-                                              device=capture.inputs[group[0]].device)
-                    stats.update({n: shared for n in group})
-                rows = _rows(capture.inputs[group[0]], mask)
-                stats[group[0]].add_(rows)
+            for group, rows in _accumulate(stats, capture.inputs, batch.get("attention_mask")):
                 if keep_rows:  # spread over all batches: about keep_rows / len(batches) from each
                     kept = stats[group[0]].rows if stats[group[0]].rows is not None else rows[:0].float()
                     take = min(-(-keep_rows // len(batches)), keep_rows - len(kept))
@@ -167,6 +160,40 @@ def _teacher_stats(teacher: nn.Module, names: list[str], batches, progress: bool
         _SHARED_STATS[key] = input_stats(teacher, sorted(set(every) | set(names)), batches, progress)
     stats = _SHARED_STATS[key]
     return stats if all(n in stats for n in names) else input_stats(teacher, names, batches, progress)
+
+
+def _accumulate(stats: dict, inputs: dict, mask) -> list:
+    """Add one batch of captured inputs to `stats` ({name: InputStats}, one shared by the modules fed
+    the same tensor); returns [(group of names, rows added)]."""
+    added = []
+    for group in _groups(inputs):
+        if group[0] not in stats:
+            shared = InputStats.zeros(inputs[group[0]].shape[-1], device=inputs[group[0]].device)
+            stats.update({n: shared for n in group})
+        rows = _rows(inputs[group[0]], mask)
+        stats[group[0]].add_(rows)
+        added.append((group, rows))
+    return added
+
+
+@torch.no_grad()
+def aware_layer_(layer_s: nn.Module, layer_t: nn.Module, names: list, h_t: list, extra: list, masks: list,
+                 ridge: float) -> tuple[list, int]:
+    """The aware fit of one decoder layer: the structured modules `names` (relative to the layer) of
+    the student's layer fitted to the teacher's layer on the inputs it sees; returns the teacher
+    layer's output hidden states and the calibration tokens. The same statistics and solves as
+    fit_aware_ (streaming.py feeds it one loaded layer at a time)."""
+    capture, stats, out = _InputCapture(layer_t, names), {}, []
+    try:
+        for h, e, mask in zip(h_t, extra, masks):
+            capture.inputs.clear()
+            out.append(_run_layer(layer_t, h, e))
+            _accumulate(stats, capture.inputs, mask)
+    finally:
+        capture.remove()
+    for name in names:
+        layer_s.get_submodule(name).fit_(linear_weight(layer_t.get_submodule(name)), stats[name], ridge)
+    return out, (next(iter(stats.values())).n if stats else 0)
 
 
 @torch.no_grad()
@@ -246,22 +273,35 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
     for li in tqdm(range(first, last + 1), desc="sequential fit", disable=not progress, leave=False):
         layer_prefix = f"{prefix}.{li}."
         names = [n[len(layer_prefix):] for n in modules if n.startswith(layer_prefix)]
-        unit, x_s = unit_name(names), None
-        if names:
-            # Only the smallest module holding the layer's structured modules (the MLP) runs per group:
-            # its inputs do not depend on them, so they are captured once.
-            x_s = unit_inputs(layers_s[li], unit, h_s, extra[li])
-            x_t = x_s if h_s is h_t else unit_inputs(layers_t[li], unit, h_t, extra[li])
-            tokens = _fit_unit(layers_s[li].get_submodule(unit), layers_t[li].get_submodule(unit), names, unit,
-                               x_s, x_t, extra[li] if not unit else None, masks, ridge)
-        next_t = [_run_layer(layers_t[li], h, e) for h, e in zip(h_t, extra[li])]
-        if refine is not None and names:
-            refined.append(refine(SequentialLayer(li, layers_s[li], layers_t[li], names, h_s, h_t, next_t,
-                                                  extra[li], masks, unit, x_s)))
-        same = h_s is h_t and not names
-        h_s = next_t if same else [_run_layer(layers_s[li], h, e) for h, e in zip(h_s, extra[li])]
-        h_t = next_t
+        h_s, h_t, layer_tokens, result = sequential_layer_(li, layers_s[li], layers_t[li], names, h_s, h_t,
+                                                           extra[li], masks, ridge, refine)
+        tokens = layer_tokens or tokens
+        if result is not None:
+            refined.append(result)
     return {"fit": "sequential", "modules": len(modules), "tokens": tokens, "ridge": ridge, "layers": refined}
+
+
+def sequential_layer_(index: int, layer_s: nn.Module, layer_t: nn.Module, names: list, h_s: list, h_t: list,
+                      extra: list, masks: list, ridge: float, refine=None) -> tuple:
+    """One decoder layer of the sequential fit: fit the structured modules `names` (relative to the
+    layer) of the student's layer, refine it, and run both layers on their hidden states. Returns
+    (student hidden states, teacher hidden states) leaving the layer, the calibration tokens (0: no
+    module here) and refine's dict (or None). `h_s is h_t` stays true while the student equals the
+    teacher. fit_sequential_ calls it for each layer; streaming.py calls it on one loaded layer at a time."""
+    unit, x_s, tokens, result = unit_name(names), None, 0, None
+    if names:
+        # Only the smallest module holding the layer's structured modules (the MLP) runs per group:
+        # its inputs do not depend on them, so they are captured once.
+        x_s = unit_inputs(layer_s, unit, h_s, extra)
+        x_t = x_s if h_s is h_t else unit_inputs(layer_t, unit, h_t, extra)
+        tokens = _fit_unit(layer_s.get_submodule(unit), layer_t.get_submodule(unit), names, unit,
+                           x_s, x_t, extra if not unit else None, masks, ridge)
+    next_t = [_run_layer(layer_t, h, e) for h, e in zip(h_t, extra)]
+    if refine is not None and names:
+        result = refine(SequentialLayer(index, layer_s, layer_t, names, h_s, h_t, next_t, extra, masks, unit, x_s))
+    same = h_s is h_t and not names
+    next_s = next_t if same else [_run_layer(layer_s, h, e) for h, e in zip(h_s, extra)]
+    return next_s, next_t, tokens, result
 
 
 @dataclass

@@ -165,15 +165,27 @@ def cmd_compress(args) -> None:
 
     torch.manual_seed(args.seed)
     spec_io = spec_from_args(args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     t = time.perf_counter()
-    _, summary = student_from_args(args, spec_io, model, tokenizer)  # with --fit/--distill-steps/--save: calibrate and save
+    if args.stream:
+        summary, _, _ = streamed_student(args, spec_io)
+        print_stream(summary["stream"])
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        t = time.perf_counter()
+        _, summary = student_from_args(args, spec_io, model, tokenizer)  # with --fit/--distill-steps/--save: calibrate and save
     print_summary(summary)
     print(f"building the student took {time.perf_counter() - t:.2f} s")
 
 
 # eval/generate default to one middle layer: a quick, readable first measurement (see README).
 EVAL_DEFAULT_LAYERS = "12"
+
+
+def add_stream_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream", action="store_true",
+                   help="models bigger than memory: keep one decoder layer (plus embeddings and head) loaded at a "
+                        "time, read from the model's safetensors; --fit frobenius/aware/sequential, or block with "
+                        "--distill-steps 0; --calib pydoc-all, pydoc or a file; eval: --max-new-tokens 0")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -210,8 +222,6 @@ def cmd_eval(args) -> None:
 
     import torch
 
-    from .evaluate import TeacherCache, evaluate, measure_floor, model_file_identity, with_floor
-    from .models import load_model
     from .prompts import default_prompts_path, load_prompts
     from .results import check_writable, command_line, versions, write_json
 
@@ -223,6 +233,29 @@ def cmd_eval(args) -> None:
     prompts = load_prompts(args.prompts)
     torch.manual_seed(args.seed)
     spec_io = spec_from_args(args)
+    if args.stream:
+        result, summary, timing = eval_streamed(args, spec_io, prompts, start)
+    else:
+        result, summary, timing = eval_in_memory(args, spec_io, prompts, start)
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
+    config["prompts"] = str(args.prompts or default_prompts_path())
+    print_eval(args, result, summary, timing)
+    if json_path:
+        write_json(json_path, {"model": args.model, "config": config, "metrics": result["metrics"],
+                               "ci": result["ci"], "compression": summary, "per_prompt": result["per_prompt"],
+                               "num_prompts": result["num_prompts"], "num_positions": result["num_positions"],
+                               "teacher_cache": result["teacher_cache"], "timing": timing,
+                               "versions": versions(), "command": command_line()})
+        print(f"wrote {json_path}")
+
+
+def eval_in_memory(args, spec_io, prompts, start: float):
+    """(result, summary, timing) of bcllm eval with the whole model in memory."""
+    import time
+
+    from .evaluate import TeacherCache, evaluate, measure_floor, model_file_identity, with_floor
+    from .models import load_model
+
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     t_load = time.perf_counter()
     student, summary = student_from_args(args, spec_io, model, tokenizer, eval_prompts=prompts)
@@ -239,16 +272,43 @@ def cmd_eval(args) -> None:
     timing = {"load_s": t_load - start, "student_s": t_student - t_load, "teacher_s": t_teacher - t_student,
               "teacher_cached": not teacher.computed, "floor_s": t_floor - t_teacher, "evaluate_s": t_eval - t_floor,
               "total_s": t_eval - start}
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
-    config["prompts"] = str(args.prompts or default_prompts_path())
-    print_eval(args, result, summary, timing)
-    if json_path:
-        write_json(json_path, {"model": args.model, "config": config, "metrics": result["metrics"],
-                               "ci": result["ci"], "compression": summary, "per_prompt": result["per_prompt"],
-                               "num_prompts": result["num_prompts"], "num_positions": result["num_positions"],
-                               "teacher_cache": result["teacher_cache"], "timing": timing,
-                               "versions": versions(), "command": command_line()})
-        print(f"wrote {json_path}")
+    return result, summary, timing
+
+
+def streamed_student(args, spec_io, eval_prompts=None):
+    """(summary, Streamer, tokenizer): the student of the arguments fitted one decoder layer at a time."""
+    from .streaming import Streamer, check_streamable, fit_streamed_
+
+    spec, io = spec_io
+    check_streamable(spec, io)  # before anything loads
+    streamer, tokenizer = Streamer.open(args.model, dtype=args.dtype, device=args.device)
+    summary = fit_streamed_(streamer, tokenizer, spec, io, eval_prompts=eval_prompts, model_id=args.model)
+    return summary, streamer, tokenizer
+
+
+def print_stream(stream: dict) -> None:
+    mb = 1 / 2 ** 20
+    print(f"streamed: at most {stream['peak_bytes'] * mb:,.1f} MiB of parameters loaded at once "
+          f"(whole model {stream['model_bytes'] * mb:,.1f} MiB)")
+
+
+def eval_streamed(args, spec_io, prompts, start: float):
+    """(result, summary, timing) of bcllm eval --stream: fit and measure one decoder layer at a time."""
+    import time
+
+    from .streaming import evaluate_streamed
+
+    if args.max_new_tokens:
+        raise InputError("--stream measures the teacher-forced metrics only (greedy generation runs every layer "
+                         "for each new token): pass --max-new-tokens 0")
+    summary, streamer, tokenizer = streamed_student(args, spec_io, prompts)
+    t_student = time.perf_counter()
+    result = evaluate_streamed(streamer, tokenizer, prompts, summary["modules"], chat=args.chat, seed=args.seed)
+    summary["stream"] = result["stream"]
+    t_eval = time.perf_counter()
+    timing = {"stream": True, "student_s": t_student - start, "evaluate_s": t_eval - t_student,
+              "total_s": t_eval - start}
+    return result, summary, timing
 
 
 def print_eval(args, result: dict, summary: dict, timing: dict) -> None:
@@ -270,6 +330,11 @@ def print_eval(args, result: dict, summary: dict, timing: dict) -> None:
         print(f"\nfloor: the same {summary['num_modules']} modules removed (output zero): token_agreement "
               f"{num(m['floor_token_agreement'])}, kl_mean {num(m['floor_kl_mean'])}; kl_recovered "
               f"{num(m['kl_recovered'])} (1 - student KL / floor KL)")
+    if timing.get("stream"):
+        print_stream(summary["stream"])
+        print(f"\ntime: student {timing['student_s']:.1f} s (streamed), teacher, student and floor side by side "
+              f"{timing['evaluate_s']:.1f} s, total {timing['total_s']:.1f} s")
+        return
     print(f"\ntime: load {timing['load_s']:.1f} s, student {timing['student_s']:.1f} s, teacher "
           f"{timing['teacher_s']:.1f} s{' (cached)' if timing['teacher_cached'] else ''}, floor "
           f"{timing['floor_s']:.1f} s, evaluate {timing['evaluate_s']:.1f} s, total {timing['total_s']:.1f} s")
@@ -350,6 +415,11 @@ def cmd_lm_eval(args) -> None:
     print(f"\n{args.model}: {header_line(result)}")
     print_summary(summary)
     print("\n" + format_table(result))
+    if timing.get("stream"):
+        print_stream(summary["stream"])
+        print(f"\ntime: student {timing['student_s']:.1f} s (streamed), teacher, student and floor side by side "
+              f"{timing['evaluate_s']:.1f} s, total {timing['total_s']:.1f} s")
+        return
     print(f"\ntime: load {timing['load_s']:.1f} s, student {timing['student_s']:.1f} s, lm-eval (teacher and "
           f"student) {timing['lm_eval_s']:.1f} s, total {timing['total_s']:.1f} s")
     if json_path:
@@ -532,6 +602,7 @@ def add_student_commands(sub) -> None:
     p = sub.add_parser("compress", help="compress a model and print what was replaced")
     add_model_args(p)
     add_compress_args(p)
+    add_stream_arg(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="compress a model and measure it against the original: logit distances, "
@@ -542,6 +613,7 @@ def add_student_commands(sub) -> None:
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="evaluation prompts, one a line (default: the bundled 100 prompts)")
     p.add_argument("--json", metavar="PATH", help="write metrics, per-prompt values and provenance here")
+    add_stream_arg(p)
     p.set_defaults(func=cmd_eval, layers=EVAL_DEFAULT_LAYERS)
 
     p = sub.add_parser("generate", help="teacher and student greedy completions of a prompt, side by side")
