@@ -311,6 +311,7 @@ class Session:
         from .surgery import decoder_layers, num_params
 
         self.start = time.perf_counter()
+        self.with_floor = True  # measure each point's floor (same modules removed) beside it
         self.settings, self.base, self.io = settings, base, dataclasses.replace(io, save=None, load=None)
         self.prompts = load_prompts(settings.prompts)
         torch.manual_seed(settings.seed)
@@ -344,7 +345,9 @@ class Session:
         student, summary = build_student(self.model, self.tokenizer, spec, self.io, eval_prompts=self.prompts,
                                          model_id=self.settings.model, progress=False)
         result = ev.evaluate(student, self.tokenizer, self.prompts, teacher=self.teacher, progress=False)
-        metrics = ev.with_floor(result["metrics"], self.floor(summary["modules"]))
+        metrics = result["metrics"]
+        if self.with_floor:
+            metrics = ev.with_floor(metrics, self.floor(summary["modules"]))
         return {"metrics": metrics, "ci": result["ci"], "compression": summary,
                 "param_reduction": (summary["model_params_before"] - summary["model_params_after"])
                 / summary["model_params_before"],
@@ -501,10 +504,19 @@ def _summary(record: dict) -> dict:
 
 
 def longest_prefix(path: list, measure, floor: float, deadline: float) -> int:
-    """Index+1 of the longest prefix of `path` whose measured token agreement is >= floor, by
-    bisection (agreement taken to fall along the path); 0 if none. Stops at `deadline`."""
+    """Index+1 of the longest prefix of `path` whose measured token agreement is >= floor; 0 if
+    none. Galloping (prefixes 1, 2, 4, ... until one fails), then bisection, agreement taken to
+    fall along the path: O(log k) measurements, the short prefixes (cheap to fit) first. Stops at
+    `deadline` with the longest prefix known to hold."""
     lo, hi = 0, len(path)  # prefix lo is known to hold (0: dense); hi is the largest still possible
-    while lo < hi and time.perf_counter() < deadline:
+    step = 1
+    while lo < hi and time.perf_counter() < deadline:  # gallop
+        k = min(lo + step, hi)
+        if measure(path[k - 1])["token_agreement"] < floor:
+            hi = k - 1
+            break
+        lo, step = k, 2 * step
+    while lo < hi and time.perf_counter() < deadline:  # bisect
         mid = (lo + hi + 1) // 2
         if measure(path[mid - 1])["token_agreement"] >= floor:
             lo = mid
@@ -519,8 +531,10 @@ def frontier_scan(session: Session, point: dict, layers: list[int], sizes: list[
 
     points = [{**point, "layers": str(i), "block_size": b, "block_sizes": "", "fit": scan_fit}
               for i in layers for b in sizes]
+    session.with_floor = False  # only an ordering: the floors are measured on the path, not per layer
     with shared_input_stats():  # an aware scan runs its calibration pass once
         scanned = session.run(points, "frontier scan")
+    session.with_floor = True
     return {(int(r["point"]["layers"]), r["point"]["block_size"]): {
         "damage": r["metrics"]["kl_mean"],
         "saved": r["compression"]["model_params_before"] - r["compression"]["model_params_after"]} for r in scanned}
