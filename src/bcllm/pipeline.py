@@ -218,7 +218,8 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
     if spec.transform != "none":
         summary["transform"] = {"kind": spec.transform, "search_s": seconds, "history": transform.history}
     if spec.fit != "frobenius" or spec.steps:
-        summary["calibration"] = calibrate_(student, teacher, tokenizer, spec, io, eval_prompts, model_id, progress)
+        summary["calibration"] = calibrate_(student, model, tokenizer, spec, io, eval_prompts, model_id, progress,
+                                            teacher=teacher)
     if io.save:
         save_fitted(student, io.save, config, model_fingerprint(model),
                     summary.get("calibration", {}).get("extra_params", []), info=summary,
@@ -248,8 +249,10 @@ def transform_for(model: nn.Module, tokenizer, spec: StudentSpec, config, model_
 
 
 def calibrate_(student, model, tokenizer, spec: StudentSpec, io: StudentIO, eval_prompts, model_id: str,
-               progress: bool) -> dict:
-    """Calibration text (checked against the evaluation prompts), then the fit and the distillation."""
+               progress: bool, teacher=None) -> dict:
+    """Calibration text (checked against the evaluation prompts), then the fit and the distillation.
+    The text comes from `model` (self-written text is cached per model); the fit targets `teacher`
+    (default: model; a transformed copy of it when the spec has a transform)."""
     if io.resume and not io.distill_dir:
         raise InputError("resume needs distill_dir (where the interrupted run left its checkpoint)", "resume")
     samples = load_calibration(spec.calib, model, tokenizer, spec.calib_samples, spec.calib_tokens, spec.seed,
@@ -262,7 +265,7 @@ def calibrate_(student, model, tokenizer, spec: StudentSpec, io: StudentIO, eval
                                 vocab=spec.distill_vocab)
     block = BlockConfig(epochs=spec.block_epochs, lr=spec.block_lr, batch_tokens=spec.block_batch_tokens,
                         target=spec.block_target, seed=spec.seed)
-    info = fit_student_(student, model, tokenizer, samples, spec.fit, spec.ridge, spec.calib_tokens + 64,
+    info = fit_student_(student, model if teacher is None else teacher, tokenizer, samples, spec.fit, spec.ridge, spec.calib_tokens + 64,
                         spec.distill_batch, distill, distill_dir=io.distill_dir, resume=io.resume, progress=progress,
                         block=block)
     info["calib"] = spec.calib
