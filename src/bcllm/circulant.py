@@ -136,8 +136,11 @@ REAL_PATH_MAX_ROWS = 8
 # (measured on 2 loaded cores, 1 row: 1536x576 b=16 median 60 ms at 2 threads, 0.15 ms at 1;
 # 11008x4096 b=64 82 ms vs 6 ms).
 SINGLE_THREAD_MAX_BYTES = 4 << 20
-# The same for the fused kernel (bcllm.kernel), which runs one parallel region per call.
-KERNEL_SINGLE_THREAD_MAX_BYTES = 4 << 20
+# The same for the fused kernel (bcllm.kernel), which runs one parallel region per call. On a
+# quiet 2-core Xeon, 1 row, cold: 11008x4096 b=64 (2.9 MB of spectra) takes 227 us on one thread
+# and 147 us on two; 1536x576 b=16 (0.25 MB) 39 us on one and 46 us on two. A loaded machine
+# still pays for the second thread on the large product.
+KERNEL_SINGLE_THREAD_MAX_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
