@@ -175,7 +175,10 @@ else:
     floor = measure_floor(model, summary["modules"], tokenizer, prompts, teacher)
     result = evaluate(student, tokenizer, prompts, teacher, progress=False)
     result["metrics"] = with_floor(result["metrics"], floor)
-out.update(metrics=result["metrics"], rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM: this process's peak RSS since exec (ru_maxrss would carry the forking parent's peak over exec)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+rss_mib = int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+out.update(metrics=result["metrics"], rss_mib=rss_mib,
            seconds=time.perf_counter() - start)
 print("RESULT " + json.dumps(out))
 """
