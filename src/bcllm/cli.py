@@ -415,11 +415,6 @@ def cmd_lm_eval(args) -> None:
     print(f"\n{args.model}: {header_line(result)}")
     print_summary(summary)
     print("\n" + format_table(result))
-    if timing.get("stream"):
-        print_stream(summary["stream"])
-        print(f"\ntime: student {timing['student_s']:.1f} s (streamed), teacher, student and floor side by side "
-              f"{timing['evaluate_s']:.1f} s, total {timing['total_s']:.1f} s")
-        return
     print(f"\ntime: load {timing['load_s']:.1f} s, student {timing['student_s']:.1f} s, lm-eval (teacher and "
           f"student) {timing['lm_eval_s']:.1f} s, total {timing['total_s']:.1f} s")
     if json_path:
