@@ -39,7 +39,6 @@ KINDS = ("none", "hidden", "residual", "both")
 MLP = ("gate_proj", "up_proj", "down_proj")
 READ = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")   # linears that read the residual stream
 WRITE = ("o_proj", "down_proj")                                 # linears that write it
-SCALE_RANGE = (0.25, 4.0)  # hidden rescaling is clamped: a huge factor would only trade error between up and down
 
 
 @dataclass
@@ -174,7 +173,7 @@ class MLPData:
 
     def fits(self, ridge: float) -> tuple:
         """Dense (gate, up, down) of the activation-aware block-circulant fits."""
-        return tuple(circulant_fit(m, xx, self.block_size, ridge)[1] for m, xx in zip(self.w, (self.sx, self.sx, self.sh)))
+        return tuple(circulant_dense(m, xx, self.block_size, ridge) for m, xx in zip(self.w, (self.sx, self.sx, self.sh)))
 
     def forward(self, w: tuple) -> torch.Tensor:
         g, u, d = (m.float() for m in w)
@@ -198,11 +197,9 @@ class MLPData:
         return col * (u * slope).pow(2).mean(0), col * a.detach().pow(2).mean(0)
 
 
-def circulant_fit(w: torch.Tensor, xx: torch.Tensor, block_size: int, ridge: float) -> tuple[float, torch.Tensor]:
-    """(||(W - C) X||^2, dense C) of the activation-aware block-circulant fit C of W, float64."""
-    c = to_dense(fit_aware(w, xx, xx, block_size, ridge), *w.shape).to(torch.float64)
-    d = w.to(torch.float64) - c
-    return float(((d @ xx) * d).sum()), c
+def circulant_dense(w: torch.Tensor, xx: torch.Tensor, block_size: int, ridge: float) -> torch.Tensor:
+    """The activation-aware block-circulant fit of W on inputs with second moment xx, as a dense float64 matrix."""
+    return to_dense(fit_aware(w, xx, xx, block_size, ridge), *w.shape).to(torch.float64)
 
 
 def _row_costs(w: torch.Tensor, c: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
@@ -228,9 +225,9 @@ def _assign(cost: torch.Tensor) -> torch.Tensor:
     return sigma
 
 
-def _hidden_costs(mlp: MLPData, fits: tuple) -> torch.Tensor:
-    """cost[k, p]: the output error of intermediate channel k placed at position p, fits held fixed."""
-    kg, ku = mlp.sensitivity()
+def _hidden_costs(mlp: MLPData, fits: tuple, kg: torch.Tensor, ku: torch.Tensor) -> torch.Tensor:
+    """cost[k, p]: the output error of intermediate channel k placed at position p, fits held fixed;
+    kg, ku: mlp.sensitivity()."""
     return (kg[:, None] * _row_costs(mlp.w[0], fits[0], mlp.sx) + ku[:, None] * _row_costs(mlp.w[1], fits[1], mlp.sx)
             + _column_costs(mlp.w[2], fits[2], mlp.sh.diagonal(), torch.ones(mlp.w[2].shape[0], dtype=torch.float64)))
 
@@ -238,10 +235,10 @@ def _hidden_costs(mlp: MLPData, fits: tuple) -> torch.Tensor:
 SCALE_GRID = torch.exp(torch.linspace(-1.5, 1.5, 31, dtype=torch.float64))  # factors e^-1.5 .. e^1.5, 1 included
 
 
-def _rescale(mlp: MLPData, fits: tuple) -> torch.Tensor:
+def _rescale(mlp: MLPData, fits: tuple, ku: torch.Tensor) -> torch.Tensor:
     """Per channel, the factor t (on SCALE_GRID) minimising, fits held fixed, the up row's output
-    error k_up ||(t u - c_u) X||^2 / t^2 plus the down column's sh_pp ||w_d - t c_d||^2."""
-    _, ku = mlp.sensitivity()
+    error k_up ||(t u - c_u) X||^2 / t^2 plus the down column's sh_pp ||w_d - t c_d||^2
+    (ku: mlp.sensitivity()[1])."""
     _, u, d = mlp.w
     _, cu, cd = fits
     ux, cx = u @ mlp.sx, cu @ mlp.sx
@@ -263,9 +260,11 @@ def search_hidden(mlp: MLPData, ridge: float = 1e-4, iters: int = 8, rescale: bo
     fits = mlp.fits(ridge)
     history = [mlp.error(fits)]
     for _ in range(iters):
-        sigma = _assign(_hidden_costs(mlp, fits))
+        kg, ku = mlp.sensitivity()
+        sigma = _assign(_hidden_costs(mlp, fits, kg, ku))
         new = mlp.permute_hidden(sigma)
-        t = _rescale(new, fits) if rescale else torch.ones(m, dtype=torch.float64)
+        # a channel's sensitivity moves with it: ku[sigma] is the permuted MLP's, not recomputed
+        t = _rescale(new, fits, ku[sigma]) if rescale else torch.ones(m, dtype=torch.float64)
         new = new.permute_hidden(torch.arange(m), t)
         new_fits = new.fits(ridge)
         value = new.error(new_fits)
