@@ -208,18 +208,23 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
     if io.load:  # a saved student: its own config, no fitting
         return student, load_fitted(student, io.load)
     config = config_for(spec)
+    if io.resume and not io.distill_dir:
+        raise InputError("resume needs distill_dir (where the interrupted run left its checkpoint)", "resume")
+    calibrated = spec.fit != "frobenius" or spec.steps
+    samples = None
+    if calibrated or spec.transform != "none":  # read once, checked against the prompts before any use
+        samples = calibration_text(model, tokenizer, spec, io, eval_prompts, model_id, progress)
     transform, teacher = Transform(), model
     if spec.transform != "none":  # the student and the teacher it is fitted to, both reordered (same function)
-        transform, seconds = transform_for(model, tokenizer, spec, config, model_id, progress)
+        transform, seconds = transform_for(model, tokenizer, spec, config, samples, progress)
         apply_transform_(student, transform)
         teacher = apply_transform_(copy.deepcopy(model), transform)
     summary = compress_(student, config)  # frobenius: compress_ projects each weight
     summary["fit"] = spec.fit
     if spec.transform != "none":
         summary["transform"] = {"kind": spec.transform, "search_s": seconds, "history": transform.history}
-    if spec.fit != "frobenius" or spec.steps:
-        summary["calibration"] = calibrate_(student, model, tokenizer, spec, io, eval_prompts, model_id, progress,
-                                            teacher=teacher)
+    if calibrated:
+        summary["calibration"] = calibrate_(student, teacher, tokenizer, spec, io, samples, progress)
     if io.save:
         save_fitted(student, io.save, config, model_fingerprint(model),
                     summary.get("calibration", {}).get("extra_params", []), info=summary,
@@ -227,16 +232,24 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
     return student, summary
 
 
-def transform_for(model: nn.Module, tokenizer, spec: StudentSpec, config, model_id: str, progress: bool):
-    """(transforms.Transform, seconds): the spec's transform searched on its calibration text for
+def calibration_text(model: nn.Module | None, tokenizer, spec: StudentSpec, io: StudentIO, eval_prompts,
+                     model_id: str, progress: bool) -> list[str]:
+    """The spec's calibration samples (self-written ones come from `model`, cached per model),
+    refused when they overlap the evaluation prompts (None: the bundled prompts) unless io.force_overlap."""
+    samples = load_calibration(spec.calib, model, tokenizer, spec.calib_samples, spec.calib_tokens, spec.seed,
+                               model_id, progress=progress)
+    check_overlap(samples, eval_prompts if eval_prompts is not None else load_prompts(), force=io.force_overlap)
+    return samples
+
+
+def transform_for(model: nn.Module, tokenizer, spec: StudentSpec, config, samples: list[str], progress: bool):
+    """(transforms.Transform, seconds): the spec's transform searched on the calibration `samples` for
     the MLPs it compresses (each at its own block size)."""
     start = time.perf_counter()
     prefix, _ = decoder_layers(model)
     sizes = {}
     for name in select_modules(model, config.targets, config.layers):
         sizes.setdefault(layer_index(name, prefix), config.block_size_for(name))
-    samples = load_calibration(spec.calib, model, tokenizer, spec.calib_samples, spec.calib_tokens, spec.seed,
-                               model_id, progress=progress)
     batches = make_batches(tokenizer, samples, spec.distill_batch, spec.calib_tokens + 64,
                            next(model.parameters()).device)
     transform = find_transform(model, batches, sizes, spec.transform, spec.ridge, progress=progress)
@@ -248,16 +261,10 @@ def transform_for(model: nn.Module, tokenizer, spec: StudentSpec, config, model_
     return transform, seconds
 
 
-def calibrate_(student, model, tokenizer, spec: StudentSpec, io: StudentIO, eval_prompts, model_id: str,
-               progress: bool, teacher=None) -> dict:
-    """Calibration text (checked against the evaluation prompts), then the fit and the distillation.
-    The text comes from `model` (self-written text is cached per model); the fit targets `teacher`
-    (default: model; a transformed copy of it when the spec has a transform)."""
-    if io.resume and not io.distill_dir:
-        raise InputError("resume needs distill_dir (where the interrupted run left its checkpoint)", "resume")
-    samples = load_calibration(spec.calib, model, tokenizer, spec.calib_samples, spec.calib_tokens, spec.seed,
-                               model_id, progress=progress)
-    check_overlap(samples, eval_prompts if eval_prompts is not None else load_prompts(), force=io.force_overlap)
+def calibrate_(student, teacher, tokenizer, spec: StudentSpec, io: StudentIO, samples: list[str],
+               progress: bool) -> dict:
+    """The fit and the distillation of `student` to `teacher` on the calibration `samples`
+    (calibration_text)."""
     distill = None
     if spec.steps:
         distill = DistillConfig(steps=spec.steps, lr=spec.distill_lr, hidden_mse=spec.hidden_mse,
@@ -265,7 +272,7 @@ def calibrate_(student, model, tokenizer, spec: StudentSpec, io: StudentIO, eval
                                 vocab=spec.distill_vocab)
     block = BlockConfig(epochs=spec.block_epochs, lr=spec.block_lr, batch_tokens=spec.block_batch_tokens,
                         target=spec.block_target, seed=spec.seed)
-    info = fit_student_(student, model if teacher is None else teacher, tokenizer, samples, spec.fit, spec.ridge, spec.calib_tokens + 64,
+    info = fit_student_(student, teacher, tokenizer, samples, spec.fit, spec.ridge, spec.calib_tokens + 64,
                         spec.distill_batch, distill, distill_dir=io.distill_dir, resume=io.resume, progress=progress,
                         block=block)
     info["calib"] = spec.calib

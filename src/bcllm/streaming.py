@@ -33,13 +33,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calib_data import check_overlap, load_calibration, make_batches
+from .calib_data import make_batches
 from .calibrate import aware_layer_, sequential_layer_
 from .checkpoint import save_fitted
 from .errors import InputError
 from .evaluate import ZeroLinear, length_batches, prompt_stats, summarize, with_floor
 from .models import _convert_gguf, _gguf_cache_folder, resolve_dtype, resolve_spec
-from .pipeline import StudentIO, StudentSpec, config_for
+from .pipeline import StudentIO, StudentSpec, calibration_text, config_for
 from .prompts import context_length, tokenize_prompts
 from .reconstruct import BlockConfig, reconstruct_layer_
 from .surgery import compress_, decoder_layers, layer_index, num_params, select_modules, set_module
@@ -340,11 +340,7 @@ class _Calibration:
 def _calibration(streamer: Streamer, tokenizer, spec: StudentSpec, io: StudentIO, eval_prompts, model_id: str,
                  progress: bool) -> _Calibration:
     """The calibration batches (as pipeline.calibrate_ makes them) and what enters decoder layer 0."""
-    from .prompts import load_prompts
-
-    samples = load_calibration(spec.calib, None, tokenizer, spec.calib_samples, spec.calib_tokens, spec.seed,
-                               model_id, progress=progress)
-    check_overlap(samples, eval_prompts if eval_prompts is not None else load_prompts(), force=io.force_overlap)
+    samples = calibration_text(None, tokenizer, spec, io, eval_prompts, model_id, progress)
     max_length = spec.calib_tokens + 64
     batches = make_batches(tokenizer, samples, spec.distill_batch, max_length, streamer.device)
     inputs = [{"input_ids": b["input_ids"], "attention_mask": b.get("attention_mask"), "use_cache": False}
