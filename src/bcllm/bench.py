@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from . import circulant, costs, kernel
+from . import circulant, costs
 from .modules import BlockCirculantLinear
 
 DEFAULT_TOKENS = (1, 16, 128, 512)
@@ -149,7 +149,7 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         t_circ_hot, _ = median_time(calls(circ[:1], hot), repeats, warmup, budget_s, done)
         t_dense, r_dense = median_time(calls(dense, max(n_dense, 2)), repeats, 1, budget_s, done)
         t_circ, r_circ = median_time(calls(circ, n_circ), repeats, 1, budget_s, done)
-        fused_kernel = tokens <= circulant.REAL_PATH_MAX_ROWS and kernel.applies(x, circ[0].spectra())
+        fused_kernel = circulant.uses_kernel(x.float(), circ[0].spectra())  # the product computes in float32
     return {
         "shape": f"{out_features}x{in_features}", "out_features": out_features, "in_features": in_features,
         "block_size": block_size, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),

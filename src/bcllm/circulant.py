@@ -153,6 +153,11 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+def uses_kernel(x: torch.Tensor, spec: torch.Tensor) -> bool:
+    """Whether circulant_matmul hands the float32 rows `x` to the fused kernel (bcllm.kernel)."""
+    return x.shape[0] <= REAL_PATH_MAX_ROWS and kernel.applies(x, spec)
+
+
 def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
                      block_size: int) -> torch.Tensor:
     """y = x @ W.T for the block-circulant W with frequency-major spectra `spec` (F, q, p).
@@ -165,7 +170,7 @@ def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
     """
     if x.dtype != torch.float32:
         x = x.float()
-    if x.shape[0] <= REAL_PATH_MAX_ROWS and kernel.applies(x, spec):  # fused C++ kernel (float32 whatever autocast says)
+    if uses_kernel(x, spec):  # fused C++ kernel (float32 whatever autocast says)
         threads = 1 if spec.numel() * 8 <= KERNEL_SINGLE_THREAD_MAX_BYTES else torch.get_num_threads()
         return kernel.circulant_decode(x, spec, out_features, in_features, block_size, threads)
     if torch.is_autocast_enabled(x.device.type):  # else the real path's matmuls (not the complex) drop to 16 bits
