@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calib_data import make_batches
-from .calibrate import aware_layer_, sequential_layer_
+from .calibrate import _model_inputs, _run_layer, _Stop, aware_layer_, sequential_layer_
 from .checkpoint import save_fitted
 from .errors import InputError
 from .evaluate import ZeroLinear, length_batches, prompt_stats, summarize, with_floor
@@ -236,10 +236,6 @@ class _Stub(nn.Module):
         return self.call(self.index, hidden_states, args, kwargs)
 
 
-class _Stop(Exception):
-    pass
-
-
 @contextmanager
 def _stubbed(model: nn.Module, prefix: str, call):
     layers = model.get_submodule(prefix)
@@ -287,11 +283,7 @@ def head_logits(model: nn.Module, prefix: str, input_ids: torch.Tensor, hidden: 
 
 
 def _run(layer: nn.Module, hidden: list, extra: list) -> list:
-    out = []
-    for h, (args, kwargs) in zip(hidden, extra):
-        y = layer(h, *args, **kwargs)
-        out.append(y[0] if isinstance(y, tuple) else y)
-    return out
+    return [_run_layer(layer, h, e) for h, e in zip(hidden, extra)]
 
 
 # ---- calibration, one layer at a time ----
@@ -343,8 +335,7 @@ def _calibration(streamer: Streamer, tokenizer, spec: StudentSpec, io: StudentIO
     samples = calibration_text(None, tokenizer, spec, io, eval_prompts, model_id, progress)
     max_length = spec.calib_tokens + 64
     batches = make_batches(tokenizer, samples, spec.distill_batch, max_length, streamer.device)
-    inputs = [{"input_ids": b["input_ids"], "attention_mask": b.get("attention_mask"), "use_cache": False}
-              for b in batches]
+    inputs = [_model_inputs(b) for b in batches]
     hidden, extra = layer_arguments(streamer.teacher, streamer.prefix, inputs)
     info = {"fit": spec.fit, "samples": len(samples), "ridge": spec.ridge, "max_length": max_length,
             "tokens": int(sum(b["attention_mask"].sum() for b in batches)), "calib": spec.calib}
