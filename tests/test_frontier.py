@@ -104,3 +104,16 @@ def test_shared_input_stats_give_the_same_fits_from_one_pass():
         shared = [fitted(i, True) for i in (1, 3)]
     assert len(passes) == 3  # one pass over the batches for both fits
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(alone, shared))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--min-agreement", "1.5"], "--min-agreement must be in (0, 1], got 1.5"),
+    (["--min-agreement", "0.8", "--compare", "circulant"], "--compare must be none or a budgeted structure"),
+    (["--min-agreement", "0.8", "--structure", "lowrank"], "frontier searches block-circulant block sizes"),
+])
+def test_frontier_refuses_bad_arguments_before_loading_a_model(tmp_path, capsys, extra, message):
+    from bcllm.cli import main
+
+    assert main(["frontier", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "run"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -549,6 +549,22 @@ def save_chosen(session: Session, base: StudentSpec, point: dict, row: dict) -> 
                   progress=False)
 
 
+def check_frontier(base: StudentSpec, floors: list[float], compare: str | None) -> None:
+    """The frontier's own arguments, checked before any model loads."""
+    from .structures import STRUCTURES
+
+    for a in floors:
+        if not 0 < a <= 1:
+            raise InputError(f"min_agreement must be in (0, 1], got {a}", "min_agreement")
+    budgeted = [s for s in STRUCTURES if s != "circulant"]
+    if compare is not None and compare not in budgeted:
+        raise InputError(f"compare must be none or a budgeted structure ({', '.join(budgeted)}), got {compare!r}",
+                         "compare")
+    if base.structure != "circulant" or base.block_sizes:
+        raise InputError("frontier searches block-circulant block sizes: leave structure and block_sizes at their "
+                         "defaults (compare sets the structure measured beside it)", "structure")
+
+
 def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float], sizes: list[int],
              compare: str | None = "lowrank", time_budget_s: float = float("inf"), io: StudentIO = StudentIO(),
              scan_fit: str = "aware") -> dict:
@@ -557,6 +573,7 @@ def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float]
     bisect the path with measurements, then measure `compare` (a budgeted structure) at the same
     per-module budgets and save the chosen students. The scan (only an ordering) fits with
     `scan_fit`; the path's points with base.fit. Resumable: every point is in results.jsonl."""
+    check_frontier(base, floors, compare)
     session = Session(settings, out, base, io)
     deadline = session.start + time_budget_s
     point, n = session.base_point(), session.num_layers
@@ -567,9 +584,9 @@ def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float]
     def measure(state, structure="circulant"):
         p = state_point({**point, "structure": structure}, state, base.block_size, n)
         record = session.run([p], f"frontier {structure}")[0]
-        measured[json.dumps([structure, sorted(state.items())])] = {**_summary(record), "structure": structure,
-                                                                    "state": state}
-        return measured[json.dumps([structure, sorted(state.items())])]
+        row = measured[json.dumps([structure, sorted(state.items())])] = {**_summary(record), "structure": structure,
+                                                                          "state": state}
+        return row
 
     chosen = []
     for floor in floors:
@@ -580,12 +597,12 @@ def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float]
             if compare:
                 row["compare"] = measure(path[k - 1], compare)
         chosen.append(row)
-    curve = sorted(measured.values(), key=lambda r: (r["structure"], r["param_reduction"]))
     if compare:  # the comparison at every circulant point measured: one curve each
-        for r in [r for r in curve if r["structure"] == "circulant"]:
+        for r in sorted((r for r in measured.values() if r["structure"] == "circulant"),
+                        key=lambda r: r["param_reduction"]):
             if time.perf_counter() < deadline:
                 measure(r["state"], compare)
-        curve = sorted(measured.values(), key=lambda r: (r["structure"], r["param_reduction"]))
+    curve = sorted(measured.values(), key=lambda r: (r["structure"], r["param_reduction"]))
     for row in chosen:
         if row["steps"]:
             save_chosen(session, base, point, row)
