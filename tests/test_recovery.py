@@ -189,3 +189,16 @@ def test_distillation_over_the_teachers_vocabulary():
     assert runs["teacher", 128]["loss"] == pytest.approx(runs["full", 128]["loss"], rel=1e-4)
     small = runs["teacher", 8]
     assert small["held_out_kl"][-1][1] < small["held_out_kl"][0][1]
+
+
+def test_block_settings_are_checked_where_they_are_made():
+    """BlockConfig checks itself, so every path that builds one (pipeline, streaming) refuses bad settings."""
+    from bcllm.errors import InputError
+    from bcllm.pipeline import StudentSpec, block_config
+
+    with pytest.raises(InputError, match="lr > 0"):
+        BlockConfig(lr=0)
+    with pytest.raises(InputError, match="unknown block target"):
+        BlockConfig(target="attention")
+    with pytest.raises(InputError, match="lr > 0"):
+        block_config(StudentSpec(fit="block", block_lr=0.0))

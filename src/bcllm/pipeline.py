@@ -261,6 +261,12 @@ def transform_for(model: nn.Module, tokenizer, spec: StudentSpec, config, sample
     return transform, seconds
 
 
+def block_config(spec: StudentSpec) -> BlockConfig:
+    """The block reconstruction settings of a spec with fit="block" (checked by BlockConfig)."""
+    return BlockConfig(epochs=spec.block_epochs, lr=spec.block_lr, batch_tokens=spec.block_batch_tokens,
+                       target=spec.block_target, seed=spec.seed)
+
+
 def calibrate_(student, teacher, tokenizer, spec: StudentSpec, io: StudentIO, samples: list[str],
                progress: bool) -> dict:
     """The fit and the distillation of `student` to `teacher` on the calibration `samples`
@@ -270,8 +276,7 @@ def calibrate_(student, teacher, tokenizer, spec: StudentSpec, io: StudentIO, sa
         distill = DistillConfig(steps=spec.steps, lr=spec.distill_lr, hidden_mse=spec.hidden_mse,
                                 train_norms=spec.train_norms, seed=spec.seed, bf16=spec.distill_bf16,
                                 vocab=spec.distill_vocab)
-    block = BlockConfig(epochs=spec.block_epochs, lr=spec.block_lr, batch_tokens=spec.block_batch_tokens,
-                        target=spec.block_target, seed=spec.seed)
+    block = block_config(spec) if spec.fit == "block" else None
     info = fit_student_(student, teacher, tokenizer, samples, spec.fit, spec.ridge, spec.calib_tokens + 64,
                         spec.distill_batch, distill, distill_dir=io.distill_dir, resume=io.resume, progress=progress,
                         block=block)

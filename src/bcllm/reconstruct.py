@@ -48,16 +48,18 @@ class BlockConfig:
     held_out: float = 0.1         # share of the calibration batches held out for the error and model choice
     seed: int = 0
 
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise InputError(f"unknown block target {self.target!r}; allowed: {', '.join(TARGETS)}", "block_target")
+        if self.epochs < 0 or self.lr <= 0 or self.batch_tokens < 1:
+            raise InputError(f"block reconstruction needs epochs >= 0, lr > 0 and batch_tokens >= 1; got "
+                             f"{self.epochs}, {self.lr}, {self.batch_tokens}", "block_epochs")
+
 
 def reconstruct_(student: nn.Module, teacher: nn.Module, batches, cfg: BlockConfig | None = None,
                  ridge: float = 1e-4, progress: bool = True) -> dict:
     """Sequential closed form, then block reconstruction of every layer; returns per-layer errors."""
     cfg = cfg or BlockConfig()
-    if cfg.target not in TARGETS:
-        raise InputError(f"unknown block target {cfg.target!r}; allowed: {', '.join(TARGETS)}", "block_target")
-    if cfg.epochs < 0 or cfg.lr <= 0 or cfg.batch_tokens < 1:
-        raise InputError(f"block reconstruction needs epochs >= 0, lr > 0 and batch_tokens >= 1; got "
-                         f"{cfg.epochs}, {cfg.lr}, {cfg.batch_tokens}", "block_epochs")
     bar = tqdm(desc="block reconstruction", unit="layer", disable=not progress)
 
     def refine(layer: SequentialLayer) -> dict:

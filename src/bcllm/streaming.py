@@ -39,9 +39,9 @@ from .checkpoint import save_fitted
 from .errors import InputError
 from .evaluate import ZeroLinear, length_batches, prompt_stats, summarize, with_floor
 from .models import _convert_gguf, _gguf_cache_folder, resolve_dtype, resolve_spec
-from .pipeline import StudentIO, StudentSpec, calibration_text, config_for
+from .pipeline import StudentIO, StudentSpec, block_config, calibration_text, config_for
 from .prompts import context_length, tokenize_prompts
-from .reconstruct import BlockConfig, reconstruct_layer_
+from .reconstruct import reconstruct_layer_
 from .surgery import compress_, decoder_layers, layer_index, num_params, select_modules, set_module
 
 SELF_WRITTEN = ("mix", "self-chat", "self-seed")  # calibration sources the model generates: need the whole model
@@ -404,9 +404,7 @@ def fit_streamed_(streamer: Streamer, tokenizer, spec: StudentSpec, io: StudentI
 
 def _refine(spec: StudentSpec):
     """fit block: block reconstruction of each layer after its closed form (reconstruct.reconstruct_)."""
-    cfg = BlockConfig(epochs=spec.block_epochs, lr=spec.block_lr, batch_tokens=spec.block_batch_tokens,
-                      target=spec.block_target, seed=spec.seed)
-
+    cfg = block_config(spec)
     return lambda layer: reconstruct_layer_(layer, cfg)
 
 
@@ -414,10 +412,8 @@ def _fit_info(info: dict, spec: StudentSpec, refined: list, tokens: int, seconds
     """pipeline.fit_student_'s record of the fit."""
     info = dict(info, fit_s=seconds)
     if spec.fit == "block":
-        cfg = BlockConfig(epochs=spec.block_epochs, lr=spec.block_lr, batch_tokens=spec.block_batch_tokens,
-                          target=spec.block_target, seed=spec.seed)
         info["block"] = {"fit": "block", "tokens": tokens, "ridge": spec.ridge, "layers": refined,
-                         "block": vars(cfg).copy(), "block_s": seconds}
+                         "block": vars(block_config(spec)).copy(), "block_s": seconds}
     return info
 
 
