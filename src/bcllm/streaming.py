@@ -160,8 +160,9 @@ class Streamer:
         return [n for n in self.tied if n.startswith(f"{inside}{layer}.")]
 
     def load_(self, layer: int | None = None) -> None:
-        """Read a decoder layer's parameters (None: embeddings, final norm, head) into both models."""
-        names = self._names(layer)
+        """Read a decoder layer's parameters (None: embeddings, final norm, head) into both models;
+        those already loaded are not read again."""
+        names = [n for n in self._names(layer) if self.teacher.get_parameter(n).device.type == "meta"]
         tensors = self.shards.read(sorted({self.tied[n] for n in names}), self.dtype, self.device)
         params = {key: nn.Parameter(t, requires_grad=False) for key, t in tensors.items()}
         for name in names:
@@ -366,9 +367,10 @@ def fit_streamed_(streamer: Streamer, tokenizer, spec: StudentSpec, io: StudentI
     check_streamable(spec, io)
     config = config_for(spec)
     by_layer = _selection(streamer, config)
-    streamer.load_()
-    cal = _calibration(streamer, tokenizer, spec, io, eval_prompts, model_id, progress) \
-        if spec.fit != "frobenius" else None
+    cal = None
+    if spec.fit != "frobenius":  # the calibration inputs need the embeddings; a Frobenius projection does not
+        streamer.load_()
+        cal = _calibration(streamer, tokenizer, spec, io, eval_prompts, model_id, progress)
     refine = _refine(spec) if spec.fit == "block" else None
     h_s = h_t = cal.hidden if cal else None
     summaries, refined, tokens, start = [], [], 0, time.perf_counter()
