@@ -206,6 +206,14 @@ def greedy_generate(model, token_ids: list[list[int]], max_new_tokens: int, eos_
     return new
 
 
+def length_groups(token_ids: list[list[int]]) -> list[list[int]]:
+    """Indices of the prompts of equal length, grouped in first-seen order: each group runs unpadded."""
+    by_length: dict[int, list[int]] = {}
+    for j, t in enumerate(token_ids):
+        by_length.setdefault(len(t), []).append(j)
+    return list(by_length.values())
+
+
 @torch.inference_mode()
 def run_batch(model, token_ids: list[list[int]], max_new_tokens: int, eos_ids=()):
     """([(L_i, V) float32 logits at every position of prompt i], (B, N) greedy continuations).
@@ -215,10 +223,7 @@ def run_batch(model, token_ids: list[list[int]], max_new_tokens: int, eos_ids=()
     """
     device = model_device(model)
     logits: list = [None] * len(token_ids)
-    by_length: dict[int, list[int]] = {}
-    for j, t in enumerate(token_ids):
-        by_length.setdefault(len(t), []).append(j)
-    for rows in by_length.values():
+    for rows in length_groups(token_ids):
         z = model(input_ids=torch.tensor([token_ids[j] for j in rows], device=device), use_cache=False).logits
         for k, j in enumerate(rows):
             logits[j] = z[k].float()

@@ -37,7 +37,7 @@ from .calib_data import make_batches
 from .calibrate import _model_inputs, _run_layer, _Stop, aware_layer_, sequential_layer_
 from .checkpoint import save_fitted
 from .errors import InputError
-from .evaluate import ZeroLinear, length_batches, prompt_stats, summarize, with_floor
+from .evaluate import ZeroLinear, length_batches, length_groups, prompt_stats, summarize, with_floor
 from .models import _convert_gguf, _gguf_cache_folder, resolve_dtype, resolve_spec
 from .pipeline import StudentIO, StudentSpec, block_config, calibration_text, config_for
 from .prompts import context_length, tokenize_prompts
@@ -426,10 +426,9 @@ def _prompt_groups(token_ids: list[list[int]], device) -> list[tuple[list[int], 
     within the batches TeacherCache.build and evaluate cut (length_batches, their defaults)."""
     groups = []
     for batch in length_batches(token_ids):
-        by_length: dict[int, list[int]] = {}
-        for i in batch:
-            by_length.setdefault(len(token_ids[i]), []).append(i)
-        groups += [(rows, torch.tensor([token_ids[i] for i in rows], device=device)) for rows in by_length.values()]
+        for group in length_groups([token_ids[i] for i in batch]):
+            rows = [batch[k] for k in group]
+            groups.append((rows, torch.tensor([token_ids[i] for i in rows], device=device)))
     return groups
 
 
