@@ -28,7 +28,7 @@ CASES = {  # name: (arch, config)
     "qwen2-circulant-padded": ("qwen2", lambda: CirculantConfig(block_size=12, targets=("mlp", "attn"))),
     "gemma3-hybrid": ("gemma3", lambda: HybridConfig(block_size=10, rank=3, targets=("mlp", "attn"))),
 }
-INPUTS = {"batch": torch.arange(24).reshape(2, 12) * 5 % 128,   # 24 rows: bcllm's complex FFT path
+INPUTS = {"batch": torch.arange(24).reshape(2, 12) * 5 % 128,   # 24 rows: more than the kernel takes
           "decode": torch.tensor([[3, 17, 99]])}                 # 3 rows: bcllm's real path
 
 

@@ -19,7 +19,7 @@ CUDA = "cuda"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 SHAPES = [(256, 192, 1), (256, 192, 8), (256, 192, 16), (256, 192, 64),
           (200, 130, 16), (130, 210, 20)]  # last two: b divides neither side; 20 is not a power of two
-ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 512]  # real path up to REAL_PATH_MAX_ROWS, complex path beyond
+ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 512]  # the planar path at every row count (the CPU kernel never runs on CUDA)
 
 
 def rel_err(a, b):
@@ -59,17 +59,17 @@ def test_both_paths_on_cuda(n):
     spec = circulant.spectra(c)
     x = torch.randn(n, 270, device=CUDA)
     ref = x.double() @ circulant.to_dense(c.double(), 380, 270).T
-    for path in (circulant.circulant_matmul_real, circulant.circulant_matmul_complex):
+    for path in (circulant.circulant_matmul_planar, circulant.circulant_matmul):
         assert rel_err(path(x, spec, 380, 270, 16), ref) < 1e-4, path.__name__
 
 
 def test_autocast_runs():
     layer = layer_on_cuda(256, 192, 16)
-    for n in (1, 64):  # both paths; float32 parameters under bf16 autocast
+    for n in (1, 64):  # few and many rows; float32 parameters under bf16 autocast
         x = torch.randn(n, 192, device=CUDA)
         with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
             y = layer(x)
-        assert rel_err(y, reference(layer, x)) < 1e-2  # 16-bit matmuls on the real path (rows <= 8)
+        assert rel_err(y, reference(layer, x)) < 1e-2  # float32 product under autocast
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -99,7 +99,7 @@ def test_fused_mlp_equals_unfused(dtype):
     ids = torch.randint(0, 128, (2, 7), device=CUDA)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     with torch.inference_mode():
-        assert rel_err(fused(ids).logits, model(ids).logits) < tol          # prefill: complex path
+        assert rel_err(fused(ids).logits, model(ids).logits) < tol          # prefill: many rows
         assert rel_err(fused(ids[:1, :1]).logits, model(ids[:1, :1]).logits) < tol  # one row: real path
         if dtype == torch.float32:
             a = model.generate(ids[:1], max_new_tokens=6, do_sample=False)

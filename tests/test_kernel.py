@@ -56,7 +56,7 @@ def test_kernel_matches_explicit_dense_and_reference(built, out_f, in_f, b):
     for n in ROWS:
         x = torch.randn(n, in_f)
         ref = x.double() @ dense.T
-        reference = circulant.circulant_matmul_complex(x, spec, out_f, in_f, b)
+        reference = circulant.circulant_matmul_planar(x, spec, out_f, in_f, b)
         for threads in (1, 2, 3):
             y = kernel.circulant_decode(x, spec, out_f, in_f, b, threads)
             assert y.shape == (n, out_f) and y.dtype == torch.float32 and y.is_contiguous()
@@ -83,7 +83,7 @@ def test_module_decode_takes_the_kernel_and_matches_dense(built, monkeypatch, ou
             ref = x[0].double() @ dense.T + layer.bias.double()
             assert row_errors(layer(x)[0], ref) < 1e-5
         assert calls == list(ROWS)
-        layer(torch.randn(9, in_f))  # more rows than REAL_PATH_MAX_ROWS: the complex path
+        layer(torch.randn(9, in_f))  # more rows than KERNEL_MAX_ROWS: the planar torch path
     assert calls == list(ROWS)
 
 

@@ -22,39 +22,43 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("out_f,in_f,b", [(16, 24, 8), (9, 7, 3), (10, 13, 4), (5, 5, 5), (4, 4, 1),
-                                          (17, 33, 8), (96, 64, 16), (130, 200, 64)])
-@pytest.mark.parametrize("n", [1, 3, 8, 9, 20])
-def test_fast_paths_match_reference_and_dense(out_f, in_f, b, n):
+                                          (17, 33, 8), (96, 64, 16), (130, 200, 64), (200, 150, 65),
+                                          (260, 300, 128)])
+@pytest.mark.parametrize("n", [1, 3, 8, 9, 20, 130])
+def test_fast_paths_match_explicit_dense(out_f, in_f, b, n):
+    """Planar path (table DFTs up to b = 64, FFTs above) and the dispatcher against x @ W.T."""
     torch.manual_seed(0)
     p, q = circulant.grid_shape(out_f, in_f, b)
     c = torch.randn(p, q, b)
     spec = circulant.spectra(c)
+    assert spec.shape == (2, b // 2 + 1, q, p) and spec.dtype == torch.float32
     x = torch.randn(n, in_f)
     dense = x.double() @ circulant.to_dense(c.double(), out_f, in_f).T
-    ref = circulant.circulant_matmul_complex(x, spec, out_f, in_f, b)
-    for path in (circulant.circulant_matmul_real, circulant.circulant_matmul):
+    for path in (circulant.circulant_matmul_planar, circulant.circulant_matmul):
         y = path(x, spec, out_f, in_f, b)
         assert y.shape == (n, out_f)
-        assert rel_err(y, ref) < 1e-4
-        assert rel_err(y.double(), dense) < 1e-4
+        assert rel_err(y.double(), dense) < 1e-5
 
 
-def test_real_path_gradients_match_reference():
+@pytest.mark.parametrize("b", [8, 65])
+def test_planar_path_gradients_match_explicit_dense(b):
     torch.manual_seed(0)
-    c = torch.randn(3, 4, 8, requires_grad=True)
-    x = torch.randn(2, 30, requires_grad=True)
+    c = torch.randn(3, 4, b, requires_grad=True)
+    x = torch.randn(5, 4 * b - 2, requires_grad=True)
+    out_f = 3 * b - 3
+    weights = torch.arange(5 * out_f).view(5, out_f).sin()
     grads = []
-    for path in (circulant.circulant_matmul_real, circulant.circulant_matmul_complex):
+    for product in (lambda: circulant.circulant_matmul_planar(x, circulant.spectra(c), out_f, 4 * b - 2, b),
+                    lambda: x @ circulant.to_dense(c, out_f, 4 * b - 2).T):
         c.grad = x.grad = None
-        y = path(x, circulant.spectra(c), 21, 30, 8)
-        (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+        (product() * weights).sum().backward()
         grads.append((c.grad.clone(), x.grad.clone()))
-    assert rel_err(grads[0][0], grads[1][0]) < 1e-4
-    assert rel_err(grads[0][1], grads[1][1]) < 1e-4
+    assert rel_err(grads[0][0], grads[1][0]) < 1e-5
+    assert rel_err(grads[0][1], grads[1][1]) < 1e-5
 
 
-def test_inverse_dft_matrix_built_in_inference_mode_serves_autograd_later():
-    circulant.inverse_dft_matrix.cache_clear()
+def test_dft_tables_built_in_inference_mode_serve_autograd_later():
+    circulant.dft_tables.cache_clear()
     layer = BlockCirculantLinear(12, 12, 6)
     with torch.inference_mode():
         layer(torch.randn(1, 12))
@@ -208,8 +212,9 @@ def test_bench_model_on_tiny_model(tmp_path):
     student = copy.deepcopy(model)
     compress_(student, CirculantConfig(block_size=16, targets="mlp"))
     fuse_circulant_mlp_(student)
-    r = bench_model(model, student, [[1, 2, 3, 4], [5, 6]], new_tokens=3, repeats=1)
-    assert r["prefill_tokens"] == 6 and r["new_tokens"] == 3
+    r = bench_model(model, student, [[1, 2, 3, 4], [5, 6]], new_tokens=3, repeats=1, compile=False)
+    assert r["prefill_tokens"] == 6 and r["new_tokens"] == 3 and not r["compiled"]
+    assert r["eager_decode_speedup"] == r["decode_speedup"]
     assert r["prefill_speedup"] == pytest.approx(r["compressed_prefill_tokens_per_s"] / r["dense_prefill_tokens_per_s"])
     assert r["compressed_param_bytes"] < r["dense_param_bytes"]
     assert math.isfinite(r["decode_speedup"]) and r["decode_byte_ratio"] > 1
@@ -232,6 +237,39 @@ def test_lean_decode_gives_hf_generate_tokens(arch):
             ref = m.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
                              attention_mask=torch.ones_like(ids))
         assert tokens.tolist() == ref[:, ids.shape[1]:].tolist()
+
+
+def test_compiled_lean_decode_is_one_graph_with_the_kernel_and_same_tokens():
+    """Under torch.compile the fused student's decode step is a single graph (the kernel is an
+    operator, the spectra a captured cache), decodes the eager tokens, and compiles once for
+    prompts of different lengths sharing one static cache."""
+    from bcllm import kernel
+    from bcllm.bench import lean_decode, static_cache
+
+    torch._dynamo.reset()
+    student = tiny_model("llama", layers=2)
+    compress_(student, CirculantConfig(block_size=16, targets="mlp"))
+    fuse_circulant_mlp_(student)
+    prompts = [torch.tensor([[5, 9, 2, 7, 1]]), torch.tensor([[3, 4]])]
+    cache = static_cache(student, 12)
+    calls = []
+    real = kernel.circulant_decode_op
+    with torch.inference_mode():
+        eager = [lean_decode(student, ids, 6, cache)[1] for ids in prompts]
+        token, position = prompts[0][:, -1:], torch.tensor([5])
+        explained = torch._dynamo.explain(student)(token, cache_position=position, past_key_values=cache,
+                                                   use_cache=True, logits_to_keep=1)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0
+        torch._dynamo.reset()
+        step = torch.compile(student, dynamic=False)
+        from torch._dynamo.utils import counters
+        counters.clear()
+        compiled = [lean_decode(student, ids, 6, cache, step)[1] for ids in prompts]
+    assert [t.tolist() for t in compiled] == [t.tolist() for t in eager]
+    assert counters["stats"]["unique_graphs"] == 1
+    if kernel.load() is not None and not kernel.disabled():
+        assert "bcllm.circulant_decode" in str(explained.graphs[0].graph) or \
+            "bcllm::circulant_decode" in str(explained.graphs[0].graph)
 
 
 def test_memory_bandwidth_is_a_copy_rate():

@@ -21,6 +21,7 @@ import math
 import statistics
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -188,28 +189,42 @@ def spectra_cache_bytes(model: nn.Module) -> int:
                if getattr(m, "_spec", None) is not None)
 
 
-def lean_decode(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
-    """(seconds, tokens) of new_tokens greedy steps after an untimed prefill: a static KV cache
-    allocated once, positions and the next token written in place, logits of the last position
-    only; per token nothing runs but the model call and an argmax."""
+def static_cache(model, max_len: int):
+    """A transformers StaticCache of max_len positions for `model` (allocated once, reset per use)."""
     from transformers import StaticCache
 
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def lean_decode(model, ids: torch.Tensor, new_tokens: int, cache=None, step=None) -> tuple[float, torch.Tensor]:
+    """(seconds, tokens) of new_tokens greedy steps after an untimed prefill: a static KV cache,
+    positions and the next token written in place, logits of the last position only; per token
+    nothing runs but the model call and an argmax.
+
+    cache: a StaticCache to reuse (reset here; at least prompt + new_tokens long), else one is
+    allocated. step: what runs each decode step, default the model itself; bench_model passes
+    torch.compile(model), which keeps one graph for every step when the cache is reused (the
+    prefill always runs eager: prompt lengths vary)."""
     n = ids.shape[1]
+    if cache is None:
+        cache = static_cache(model, n + new_tokens)
+    else:
+        cache.reset()
+    step = model if step is None else step  # (not `or`: a compiled module refuses bool())
     # transformers 5.x renamed past_key_values to cache; accept both.
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    cache = {name: StaticCache(config=model.config, max_cache_len=n + new_tokens)}
-    position = torch.arange(n, device=ids.device)
-    out = model(ids, cache_position=position, use_cache=True, logits_to_keep=1, **cache)
+    kw = {name: cache, "use_cache": True, "logits_to_keep": 1}
+    out = model(ids, cache_position=torch.arange(n, device=ids.device), **kw)
     token = out.logits[:, -1:].argmax(-1)
     tokens = torch.empty(ids.shape[0], new_tokens, dtype=torch.long, device=ids.device)
-    step = torch.tensor([n], device=ids.device)
+    position = torch.tensor([n], device=ids.device)
     sync(ids.device)  # the untimed prefill may still be running on a GPU
     t = time.perf_counter()
     for i in range(new_tokens):
         tokens[:, i:i + 1] = token
-        out = model(token, cache_position=step, use_cache=True, logits_to_keep=1, **cache)
+        out = step(token, cache_position=position, **kw)
         token = out.logits[:, -1:].argmax(-1)
-        step += 1
+        position += 1
     sync(ids.device)
     return time.perf_counter() - t, tokens
 
@@ -248,17 +263,43 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compile_steps(models: dict, prompt: torch.Tensor, caches: dict) -> tuple[dict, dict, str | None]:
+    """({name: torch.compile(model)}, {name: compile seconds}, None), or (the models, {}, why) where
+    torch.compile fails here (no compiler, an unsupported op): the lean loop then runs eager."""
+    steps, seconds = {}, {}
+    for name, m in models.items():
+        t = time.perf_counter()
+        try:
+            steps[name] = torch.compile(m, dynamic=False)
+            lean_decode(m, prompt, 2, caches[name], steps[name])  # traces and compiles the decode step
+        except Exception as e:  # noqa: BLE001 - any compile failure leaves the eager figures standing
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            warnings.warn(f"bcllm: torch.compile failed ({why}); the lean loop runs eager", RuntimeWarning)
+            return dict(models), {}, why
+        seconds[name] = time.perf_counter() - t
+    return steps, seconds, None
+
+
 @torch.inference_mode()
 def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[int]], new_tokens: int = 32,
-                repeats: int = 3, progress=None) -> dict:
-    """Prefill and decode throughput of both models, alternating within each repeat."""
+                repeats: int = 3, compile: bool = True, progress=None) -> dict:
+    """Prefill and decode throughput of both models, alternating within each repeat.
+
+    Decode runs three ways: the lean loop with each step through torch.compile (`decode_*`; eager
+    where compile is off or fails), the same loop eager (`eager_decode_*`), and Hugging Face
+    generate (`generate_decode_*`). One static cache per model serves every prompt, so the
+    compiled step has one shape."""
     device = next(model.parameters()).device
     prompts = [torch.tensor([ids], device=device) for ids in prompt_ids]
     models = {"dense": model, "compressed": compressed}
-    for m in models.values():  # warm-up: caches, allocator, spectra
+    max_len = max(len(ids) for ids in prompt_ids) + new_tokens
+    caches = {name: static_cache(m, max_len) for name, m in models.items()}
+    for name, m in models.items():  # warm-up: caches, allocator, spectra (built before any graph captures them)
         m(prompts[0])
-        lean_decode(m, prompts[0], 2)
-    prefill, decode, generate = ({k: [] for k in models} for _ in range(3))
+        lean_decode(m, prompts[0], 2, caches[name])
+    steps, compile_s, compile_error = compile_steps(models, prompts[0], caches) if compile else (dict(models), {}, None)
+    compiled = compile and compile_error is None
+    prefill, decode, eager, generate = ({k: [] for k in models} for _ in range(4))
     for _ in range(repeats):
         for name, m in models.items():
             t = time.perf_counter()
@@ -266,47 +307,55 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
                 m(ids, use_cache=True)
             sync(device)
             prefill[name].append(time.perf_counter() - t)
-            decode[name].append(sum(lean_decode(m, ids, new_tokens)[0] for ids in prompts))
+            decode[name].append(sum(lean_decode(m, ids, new_tokens, caches[name], steps[name])[0] for ids in prompts))
+            if compiled:
+                eager[name].append(sum(lean_decode(m, ids, new_tokens, caches[name])[0] for ids in prompts))
             generate[name].append(sum(generate_decode(m, ids, new_tokens) for ids in prompts))
             if progress is not None:
                 progress.update(1)
+    if not compiled:
+        eager = decode
     n_prefill = sum(len(ids) for ids in prompt_ids)
     n_decode = new_tokens * len(prompts)
-    result = {}
+    result = {"compiled": compiled, "compile_seconds": compile_s, "compile_error": compile_error}
     for name in models:
         result[f"{name}_prefill_tokens_per_s"] = n_prefill / statistics.median(prefill[name])
         result[f"{name}_decode_tokens_per_s"] = n_decode / statistics.median(decode[name])
+        result[f"{name}_eager_decode_tokens_per_s"] = n_decode / statistics.median(eager[name])
         result[f"{name}_generate_decode_tokens_per_s"] = n_decode / statistics.median(generate[name])
         result[f"{name}_param_bytes"] = param_bytes(models[name])
     result["compressed_spectra_cache_bytes"] = spectra_cache_bytes(compressed)
     result["memory_bytes_per_s"] = memory_bandwidth(device)
     # decode streams every weight once a token: the best tokens/s the memory allows
     result["dense_byte_limit_tokens_per_s"] = result["memory_bytes_per_s"] / result["dense_param_bytes"]
-    result["prefill_speedup"] = result["compressed_prefill_tokens_per_s"] / result["dense_prefill_tokens_per_s"]
-    result["decode_speedup"] = result["compressed_decode_tokens_per_s"] / result["dense_decode_tokens_per_s"]
-    result["generate_decode_speedup"] = (result["compressed_generate_decode_tokens_per_s"]
-                                         / result["dense_generate_decode_tokens_per_s"])
+    for kind in ("prefill", "decode", "eager_decode", "generate_decode"):
+        result[f"{kind}_speedup"] = (result[f"compressed_{kind}_tokens_per_s"]
+                                     / result[f"dense_{kind}_tokens_per_s"])
     dense_cost, circ_cost = costs.model_costs(model), costs.model_costs(compressed)
     result["prefill_flop_ratio"] = dense_cost["flops"] / circ_cost["flops"]  # limit at large batch
     result["decode_byte_ratio"] = dense_cost["bytes"] / circ_cost["bytes"]   # limit at batch 1
     result["costs"] = {"dense": dense_cost, "compressed": circ_cost}
     result.update(prompts=len(prompts), prefill_tokens=n_prefill, new_tokens=new_tokens, repeats=repeats,
-                  raw_seconds={"prefill": prefill, "decode": decode, "generate_decode": generate})
+                  raw_seconds={"prefill": prefill, "decode": decode, "eager_decode": eager,
+                               "generate_decode": generate})
     return result
 
 
 def model_table(r: dict) -> str:
-    return ("| | dense | compressed | ratio | analytic limit |\n| --- | ---: | ---: | ---: | ---: |\n"
-            f"| prefill tokens/s | {r['dense_prefill_tokens_per_s']:.1f} | {r['compressed_prefill_tokens_per_s']:.1f} | "
-            f"{r['prefill_speedup']:.2f}x | {r['prefill_flop_ratio']:.2f}x (FLOPs) |\n"
-            f"| decode tokens/s | {r['dense_decode_tokens_per_s']:.1f} | {r['compressed_decode_tokens_per_s']:.1f} | "
-            f"{r['decode_speedup']:.2f}x | {r['decode_byte_ratio']:.2f}x (bytes) |\n"
-            f"| dense decode limit (memory {r['memory_bytes_per_s'] / 1e9:.1f} GB/s over the weights) | "
-            f"{r['dense_byte_limit_tokens_per_s']:.1f} | | | |\n"
-            f"| decode tokens/s, HF generate | {r['dense_generate_decode_tokens_per_s']:.1f} | "
-            f"{r['compressed_generate_decode_tokens_per_s']:.1f} | {r['generate_decode_speedup']:.2f}x | |\n"
-            f"| parameter MiB | {r['dense_param_bytes'] / 2**20:.1f} | {r['compressed_param_bytes'] / 2**20:.1f} | "
-            f"{r['dense_param_bytes'] / r['compressed_param_bytes']:.2f}x | |\n")
+    lean = "decode tokens/s, lean loop" + (" (torch.compile)" if r.get("compiled") else "")
+    rows = [("prefill tokens/s", "prefill", f"{r['prefill_flop_ratio']:.2f}x (FLOPs)"),
+            (lean, "decode", f"{r['decode_byte_ratio']:.2f}x (bytes)")]
+    if r.get("compiled"):
+        rows.append(("decode tokens/s, lean loop eager", "eager_decode", ""))
+    rows.append(("decode tokens/s, HF generate", "generate_decode", ""))
+    text = "| | dense | compressed | ratio | analytic limit |\n| --- | ---: | ---: | ---: | ---: |\n"
+    for label, kind, limit in rows:
+        text += (f"| {label} | {r[f'dense_{kind}_tokens_per_s']:.1f} | {r[f'compressed_{kind}_tokens_per_s']:.1f} | "
+                 f"{r[f'{kind}_speedup']:.2f}x | {limit} |\n")
+    return text + (f"| dense decode limit (memory {r['memory_bytes_per_s'] / 1e9:.1f} GB/s over the weights) | "
+                   f"{r['dense_byte_limit_tokens_per_s']:.1f} | | | |\n"
+                   f"| parameter MiB | {r['dense_param_bytes'] / 2**20:.1f} | {r['compressed_param_bytes'] / 2**20:.1f} | "
+                   f"{r['dense_param_bytes'] / r['compressed_param_bytes']:.2f}x | |\n")
 
 
 def header_lines(versions: dict) -> str:

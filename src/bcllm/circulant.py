@@ -66,16 +66,18 @@ def to_dense(c: torch.Tensor, out_features: int, in_features: int) -> torch.Tens
 
 
 def spectra(c: torch.Tensor) -> torch.Tensor:
-    """Frequency-major spectra (F, q, p) complex64 of c[p, q, b], F = b // 2 + 1.
+    """Planar frequency-major spectra (2, F, q, p) float32 of c[p, q, b], F = b // 2 + 1:
+    [0] the real parts, [1] the imaginary parts of rfft(c) (DESIGN.md section 4).
 
-    y_hat[f] = x_hat[f] @ spectra[f], one batched matmul over frequencies.
+    y_hat[f] = x_hat[f] @ (spec[0, f] + i spec[1, f]): per part one batched real matmul over
+    frequencies, each spectrum value stored once (the same 8 bytes as a complex64 value).
     """
-    return torch.fft.rfft(c.float(), dim=-1).permute(2, 1, 0).contiguous()
+    return torch.view_as_real(torch.fft.rfft(c.float(), dim=-1)).permute(3, 2, 1, 0).contiguous()
 
 
 def spectra_to_c(spec: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Inverse of `spectra`: (F, q, p) complex -> c[p, q, b] real."""
-    return torch.fft.irfft(spec.permute(2, 1, 0), n=block_size, dim=-1)
+    """Inverse of `spectra`: (2, F, q, p) -> c[p, q, b] real."""
+    return torch.fft.irfft(torch.complex(spec[0], spec[1]).permute(2, 1, 0), n=block_size, dim=-1)
 
 
 def block_spectra(x: torch.Tensor, in_features: int, block_size: int) -> torch.Tensor:
@@ -85,56 +87,59 @@ def block_spectra(x: torch.Tensor, in_features: int, block_size: int) -> torch.T
     return torch.fft.rfft(x.reshape(x.shape[0], q, block_size), dim=-1).permute(2, 0, 1)
 
 
-def circulant_matmul_complex(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
-                             block_size: int) -> torch.Tensor:
-    """The reference product (and the faster one from about 16 rows up): rfft, complex bmm, irfft."""
-    x_hat = block_spectra(x, in_features, block_size)          # (F, N, q)
-    y_hat = torch.bmm(x_hat, spec)                             # (F, N, p)
-    y = torch.fft.irfft(y_hat.permute(1, 2, 0), n=block_size, dim=-1)  # (N, p, b)
-    return y.reshape(x.shape[0], -1)[:, :out_features]
+# Up to this block size the block DFTs run as real matmuls against (2F, b) tables, which also
+# produce the planar layout the products need; above it an FFT and a layout copy cost less
+# (the table's 2(b+2) multiply-adds per value grow past the product's own at b = 128).
+DFT_MATMUL_MAX_BLOCK = 64
 
 
 @functools.lru_cache(maxsize=None)
-def inverse_dft_matrix(block_size: int, device: torch.device) -> torch.Tensor:
-    """(4F, b) float32 M with y = P @ M, where P holds the four real products of the real path
-    per frequency, ordered [Re x Re s, Re x Im s, Im x Re s, Im x Im s] x f. Folds the complex
-    multiply's combination and the irfft into one real matmul."""
+def dft_tables(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forward, inverse), both (2F, b) float32. forward @ x_block = [Re; Im] of rfft(x_block);
+    y_block = inverse.T @ [Re; Im] y_hat is irfft(y_hat), so an inverse DFT is one matmul."""
     b, F = block_size, block_size // 2 + 1
+    angle = 2 * math.pi * torch.arange(F, dtype=torch.float64)[:, None] * torch.arange(b)[None, :] / b
     weight = torch.full((F, 1), 2.0, dtype=torch.float64)  # irfft counts the mirrored half twice...
     weight[0] = 1
     if b % 2 == 0:
         weight[-1] = 1  # ...but not f = 0 and the Nyquist frequency
-    angle = 2 * math.pi * torch.arange(F, dtype=torch.float64)[:, None] * torch.arange(b)[None, :] / b
-    re = weight * torch.cos(angle) / b     # coefficient of Re y_hat[f] in y[t]
-    im = -weight * torch.sin(angle) / b    # coefficient of Im y_hat[f]
+    forward = torch.cat([torch.cos(angle), -torch.sin(angle)])
+    inverse = torch.cat([weight * torch.cos(angle), -weight * torch.sin(angle)]) / b
     with torch.inference_mode(False):  # a cached inference tensor would break later autograd use
-        return torch.cat([re, im, im, -re]).to(device=device, dtype=torch.float32)
+        return (forward.to(device=device, dtype=torch.float32), inverse.to(device=device, dtype=torch.float32))
 
 
-def circulant_matmul_real(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
-                          block_size: int) -> torch.Tensor:
-    """Same product in real arithmetic: one real bmm reading each spectrum value once, then
-    inverse DFT + complex combination as one matmul. Fastest for few rows (decode), where
-    torch's complex bmm loops over frequencies with a copy each."""
+def circulant_matmul_planar(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
+                            block_size: int) -> torch.Tensor:
+    """The torch product at any row count, in real arithmetic on planar spectra (2, F, q, p):
+    block DFT as one matmul into planar (2, F, N, q), the complex products as four batched real
+    matmuls (Re = Xr Sr - Xi Si, Im = Xr Si + Xi Sr), inverse DFT as one matmul reading that
+    output transposed. No layout copies for b <= DFT_MATMUL_MAX_BLOCK; differentiable."""
     n, b = x.shape[0], block_size
-    F, q, p = spec.shape
+    _, F, q, p = spec.shape
     if q * b != in_features:
         x = torch.nn.functional.pad(x, (0, q * b - in_features))
-    x_hat = torch.fft.rfft(x.reshape(n, q, b), dim=-1)                            # (n, q, F)
-    z = torch.view_as_real(x_hat).permute(2, 3, 0, 1).reshape(F, 2 * n, q)       # rows [Re; Im]
-    prod = torch.bmm(z, torch.view_as_real(spec).reshape(F, q, 2 * p))           # (F, 2n, 2p)
-    prod = prod.view(F, 2, n, p, 2).permute(2, 3, 1, 4, 0).reshape(n * p, 4 * F)
-    y = prod @ inverse_dft_matrix(b, x.device)                                   # (n*p, b)
-    return y.view(n, p * b)[:, :out_features]
+    blocks = x.reshape(n * q, b)
+    if b <= DFT_MATMUL_MAX_BLOCK:
+        forward, inverse = dft_tables(b, x.device)
+        x_hat = (forward @ blocks.T).view(2, F, n, q)
+    else:
+        x_hat = torch.view_as_real(torch.fft.rfft(blocks, dim=-1)).view(n, q, F, 2).permute(3, 2, 0, 1).contiguous()
+    real = torch.baddbmm(torch.bmm(x_hat[0], spec[0]), x_hat[1], spec[1], alpha=-1)   # (F, N, p)
+    imag = torch.baddbmm(torch.bmm(x_hat[0], spec[1]), x_hat[1], spec[0])
+    if b <= DFT_MATMUL_MAX_BLOCK:
+        y = torch.addmm(real.view(F, n * p).T @ inverse[:F], imag.view(F, n * p).T, inverse[F:])  # (N*p, b)
+    else:
+        y = torch.fft.irfft(torch.complex(real, imag).permute(1, 2, 0), n=b, dim=-1)
+    return y.reshape(n, p * b)[:, :out_features]
 
 
-# Largest row count for which circulant_matmul takes the real path (measured crossover ~16 on
-# a 2-core EPYC for 1536x576 b=16 and 11008x4096 b=64; see bcllm bench layer).
-REAL_PATH_MAX_ROWS = 8
-# Decode products with spectra up to this size run on one thread: they gain nothing from a
-# second one, and on a busy machine each parallel region waits for a descheduled thread
-# (measured on 2 loaded cores, 1 row: 1536x576 b=16 median 60 ms at 2 threads, 0.15 ms at 1;
-# 11008x4096 b=64 82 ms vs 6 ms).
+# Up to this many rows circulant_matmul hands float32 CPU rows to the fused kernel (bcllm.kernel).
+KERNEL_MAX_ROWS = 8
+# Products of few rows with spectra up to this size run on one thread when they take the torch
+# path: they gain nothing from a second one, and on a busy machine each parallel region waits
+# for a descheduled thread (measured on 2 loaded cores, 1 row: 1536x576 b=16 median 60 ms at 2
+# threads, 0.15 ms at 1; 11008x4096 b=64 82 ms vs 6 ms).
 SINGLE_THREAD_MAX_BYTES = 4 << 20
 # The same for the fused kernel (bcllm.kernel), which runs one parallel region per call. On a
 # quiet 2-core Xeon, 1 row, cold: 11008x4096 b=64 (2.9 MB of spectra) takes 227 us on one thread
@@ -155,33 +160,33 @@ def single_thread():
 
 def uses_kernel(x: torch.Tensor, spec: torch.Tensor) -> bool:
     """Whether circulant_matmul hands the float32 rows `x` to the fused kernel (bcllm.kernel)."""
-    return x.shape[0] <= REAL_PATH_MAX_ROWS and kernel.applies(x, spec)
+    return x.shape[0] <= KERNEL_MAX_ROWS and kernel.applies(x, spec)
 
 
 def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
                      block_size: int) -> torch.Tensor:
-    """y = x @ W.T for the block-circulant W with frequency-major spectra `spec` (F, q, p).
+    """y = x @ W.T for the block-circulant W with planar spectra `spec` (2, F, q, p).
 
     x: (N, in), computed in float32 whatever its dtype (no 16-bit FFT on the CPU, none for bf16
     on CUDA, fp16 there only for powers of two). Returns (N, out) float32 (a view: may be
-    non-contiguous when out is not a multiple of b). Picks the faster formulation by row count;
-    up to REAL_PATH_MAX_ROWS rows on the CPU without gradients, the fused kernel (bcllm.kernel)
-    where it is built, else the real path.
+    non-contiguous when out is not a multiple of b). Up to KERNEL_MAX_ROWS rows on the CPU
+    without gradients the fused kernel (bcllm.kernel) where it is built, else the planar path.
     """
     if x.dtype != torch.float32:
         x = x.float()
     if uses_kernel(x, spec):  # fused C++ kernel (float32 whatever autocast says)
-        threads = 1 if spec.numel() * 8 <= KERNEL_SINGLE_THREAD_MAX_BYTES else torch.get_num_threads()
+        threads = 1 if spec.numel() * 4 <= KERNEL_SINGLE_THREAD_MAX_BYTES else torch.get_num_threads()
+        if torch.compiler.is_compiling():  # an operator the graph can hold (bench.lean_decode's compile)
+            return kernel.circulant_decode_op(x, spec, out_features, in_features, block_size, threads)
         return kernel.circulant_decode(x, spec, out_features, in_features, block_size, threads)
-    if torch.is_autocast_enabled(x.device.type):  # else the real path's matmuls (not the complex) drop to 16 bits
+    if torch.is_autocast_enabled(x.device.type):  # else the matmuls drop to 16 bits
         with torch.autocast(x.device.type, enabled=False):
             return circulant_matmul(x, spec, out_features, in_features, block_size)
-    if x.shape[0] > REAL_PATH_MAX_ROWS:
-        return circulant_matmul_complex(x, spec, out_features, in_features, block_size)
-    if x.device.type == "cpu" and spec.numel() * 8 <= SINGLE_THREAD_MAX_BYTES and torch.get_num_threads() > 1:
+    if (x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and spec.numel() * 4 <= SINGLE_THREAD_MAX_BYTES
+            and torch.get_num_threads() > 1):
         with single_thread():
-            return circulant_matmul_real(x, spec, out_features, in_features, block_size)
-    return circulant_matmul_real(x, spec, out_features, in_features, block_size)
+            return circulant_matmul_planar(x, spec, out_features, in_features, block_size)
+    return circulant_matmul_planar(x, spec, out_features, in_features, block_size)
 
 
 def _block_dft(m: torch.Tensor, rows: int, cols: int, block_size: int) -> torch.Tensor:
@@ -228,7 +233,7 @@ def fit_aware(weight: torch.Tensor, xx: torch.Tensor, xt: torch.Tensor, block_si
     spec[0] = spec[0].real
     if b % 2 == 0:
         spec[-1] = spec[-1].real
-    c = spectra_to_c(spec, b)
+    c = torch.fft.irfft(spec.permute(2, 1, 0), n=b, dim=-1)
 
     rows_left = out_features - (p - 1) * b
     if rows_left < b:  # partial last block row: exact least squares over its existing rows

@@ -572,7 +572,7 @@ def cmd_bench_model(args) -> None:
     ids = tokenize_prompts(tokenizer, prompts)
     with tqdm(total=args.repeats * 2, desc="bench model", unit="run") as bar:
         results.update(bench_model(model, student, ids, new_tokens=args.new_tokens, repeats=args.repeats,
-                                   progress=bar))
+                                   compile=not args.no_compile, progress=bar))
     results["compression"] = summary
     write_bench(args, results, model_table(results))
 
@@ -699,6 +699,9 @@ def add_bench_commands(sub) -> None:
     p.add_argument("--num-prompts", type=int, default=8, help="first N prompts of the file")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps per prompt")
     p.add_argument("--no-fuse", action="store_true", help="keep gate_proj and up_proj as separate products")
+    p.add_argument("--no-compile", action="store_true",
+                   help="run the lean decode loop eager only (default: also through torch.compile, about a "
+                        "minute per model on 2 cores)")
     add_bench_args(p)
     p.set_defaults(func=cmd_bench_model, repeats=3)
     p = sub.add_parser("kernel", help="build the fused CPU decode kernel now (make setup does, else the first decode "

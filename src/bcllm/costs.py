@@ -5,7 +5,8 @@ A dense layer does 2*out*in FLOPs and reads out*in weights in the parameter dtyp
 A block-circulant layer (p x q blocks of size b, F = b//2 + 1 frequencies) does an
 rfft of its q input blocks and an irfft of its p output blocks (2.5 b log2 b real
 FLOPs each, half a complex FFT) and F*q*p complex multiply-adds (8 real FLOPs each),
-and reads its cached complex64 spectra: 8*F*q*p bytes, whatever the model dtype.
+and reads its cached planar float32 spectra (real and imaginary parts): 8*F*q*p bytes, whatever
+the model dtype.
 Norms, attention over the KV cache, embeddings and activations are not counted, so a
 measured model ratio sits below these limits. At batch 1 a layer is bound by its
 bytes (the decode limit is the byte ratio); at large batch by its FLOPs.

@@ -32,8 +32,10 @@ class FusedCirculantMLP(nn.Module):
         self._spec_key = None
 
     def spectra(self) -> torch.Tensor:
-        """(F, q, p_gate + p_up) spectra of gate and up side by side; cached as in BlockCirculantLinear."""
+        """(2, F, q, p_gate + p_up) spectra of gate and up side by side; cached as in BlockCirculantLinear."""
         g, u = self.gate_proj.c, self.up_proj.c
+        if torch.compiler.is_compiling() and self._spec is not None:
+            return self._spec  # as in BlockCirculantLinear.spectra
         if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
             return circulant.spectra(torch.cat([g, u]))
         key = (g._version, g.data_ptr(), u._version, u.data_ptr(), g.device)

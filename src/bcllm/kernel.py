@@ -28,7 +28,7 @@ from .errors import InputError
 SOURCE = Path(__file__).resolve().parent / "kernels" / "circulant_decode.cpp"
 # -fopenmp compiles at::parallel_for's OpenMP region (without it, it runs serially); GOMP_parallel
 # then resolves to the libgomp torch itself loaded, so the kernel shares torch's threads.
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 DISABLE_ENV = "BCLLM_NO_KERNEL"
 _UNSET = object()
 _module = _UNSET  # the loaded extension, None once it failed, _UNSET before the first try
@@ -131,12 +131,12 @@ def load():
 
 
 def applies(x: torch.Tensor, spec: torch.Tensor) -> bool:
-    """Whether the kernel can take this product: 2-D float32 rows and contiguous 3-D complex64
-    spectra on the CPU, nothing that needs gradients, the kernel not disabled, and built.
+    """Whether the kernel can take this product: 2-D float32 rows and contiguous planar (2, F, q, p)
+    float32 spectra on the CPU, nothing that needs gradients, the kernel not disabled, and built.
     Cheap (about a microsecond): it runs on every decode product."""
     if _module is None or not (x.is_cpu and spec.is_cpu):
         return False
-    if x.dtype != torch.float32 or spec.dtype != torch.complex64 or x.dim() != 2 or spec.dim() != 3:
+    if x.dtype != torch.float32 or spec.dtype != torch.float32 or x.dim() != 2 or spec.dim() != 4:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or spec.requires_grad):
         return False
@@ -145,7 +145,7 @@ def applies(x: torch.Tensor, spec: torch.Tensor) -> bool:
 
 def circulant_decode(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
                      block_size: int, threads: int = 1) -> torch.Tensor:
-    """(n, out) float32 = x @ W.T for the block-circulant W with spectra `spec` (F, q, p) complex64;
+    """(n, out) float32 = x @ W.T for the block-circulant W with planar spectra `spec` (2, F, q, p);
     `threads` > 1 splits the frequencies over torch's threads. Call only where `applies`."""
     module = load()
     if module is None:
@@ -156,6 +156,20 @@ def circulant_decode(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
         if "circulant_decode:" not in str(e):
             raise
         raise InputError(str(e).strip().splitlines()[0], "x") from None
+
+
+# The kernel as a torch operator, for graphs that torch.compile captures (bench.lean_decode with
+# compile): a plain extension call would break the graph at every circulant product. Eager code
+# calls circulant_decode directly, which skips the dispatcher's few microseconds per call.
+@torch.library.custom_op("bcllm::circulant_decode", mutates_args=())
+def circulant_decode_op(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
+                        block_size: int, threads: int) -> torch.Tensor:
+    return circulant_decode(x, spec, out_features, in_features, block_size, threads)
+
+
+@circulant_decode_op.register_fake
+def _(x, spec, out_features, in_features, block_size, threads):
+    return x.new_empty(x.shape[0], out_features)
 
 
 def main() -> None:

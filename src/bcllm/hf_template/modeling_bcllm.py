@@ -23,39 +23,47 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 
-# Up to this many rows (decode) the product runs in real arithmetic, as in bcllm.circulant: both
-# paths give the same result up to float rounding, and taking the same one keeps logits identical.
-REAL_PATH_MAX_ROWS = 8
+# As in bcllm.circulant: block DFTs as matmuls against (2F, b) tables up to this block size, FFTs above.
+DFT_MATMUL_MAX_BLOCK = 64
 
 
 @functools.lru_cache(maxsize=None)
-def inverse_dft_matrix(block_size, device):
-    """(4F, b) float32: the complex combination and irfft of the real path as one matmul."""
+def dft_tables(block_size, device):
+    """(forward, inverse), both (2F, b) float32: [Re; Im] rfft of a block, and irfft as a matmul."""
     b, F = block_size, block_size // 2 + 1
+    angle = 2 * math.pi * torch.arange(F, dtype=torch.float64)[:, None] * torch.arange(b)[None, :] / b
     weight = torch.full((F, 1), 2.0, dtype=torch.float64)  # irfft counts the mirrored half twice...
     weight[0] = 1
     if b % 2 == 0:
         weight[-1] = 1  # ...but not f = 0 and the Nyquist frequency
-    angle = 2 * math.pi * torch.arange(F, dtype=torch.float64)[:, None] * torch.arange(b)[None, :] / b
-    re, im = weight * torch.cos(angle) / b, -weight * torch.sin(angle) / b
+    forward = torch.cat([torch.cos(angle), -torch.sin(angle)])
+    inverse = torch.cat([weight * torch.cos(angle), -weight * torch.sin(angle)]) / b
     with torch.inference_mode(False):
-        return torch.cat([re, im, im, -re]).to(device=device, dtype=torch.float32)
+        return forward.to(device=device, dtype=torch.float32), inverse.to(device=device, dtype=torch.float32)
+
+
+def spectra(c):
+    """Planar frequency-major spectra (2, b//2 + 1, q, p) float32 of c: real parts, imaginary parts."""
+    return torch.view_as_real(torch.fft.rfft(c.float(), dim=-1)).permute(3, 2, 1, 0).contiguous()
 
 
 def circulant_matmul(x, spec, out_features, in_features, block_size):
-    """y = x @ W.T for x (N, in) float32 and frequency-major spectra (F, q, p); padding cropped."""
+    """y = x @ W.T for x (N, in) float32 and planar spectra (2, F, q, p); padding cropped."""
     n, b = x.shape[0], block_size
-    F, q, p = spec.shape
-    x = nn.functional.pad(x, (0, q * b - in_features))
-    x_hat = torch.fft.rfft(x.reshape(n, q, b), dim=-1)                             # (n, q, F)
-    if n > REAL_PATH_MAX_ROWS:
-        y_hat = torch.bmm(x_hat.permute(2, 0, 1), spec)                            # (F, n, p)
-        y = torch.fft.irfft(y_hat.permute(1, 2, 0), n=b, dim=-1)                   # (n, p, b)
-        return y.reshape(n, -1)[:, :out_features]
-    z = torch.view_as_real(x_hat).permute(2, 3, 0, 1).reshape(F, 2 * n, q)        # rows [Re; Im]
-    prod = torch.bmm(z, torch.view_as_real(spec).reshape(F, q, 2 * p))            # (F, 2n, 2p)
-    prod = prod.view(F, 2, n, p, 2).permute(2, 3, 1, 4, 0).reshape(n * p, 4 * F)
-    return (prod @ inverse_dft_matrix(b, x.device)).view(n, p * b)[:, :out_features]
+    _, F, q, p = spec.shape
+    x = nn.functional.pad(x, (0, q * b - in_features)).reshape(n * q, b)
+    if b <= DFT_MATMUL_MAX_BLOCK:
+        forward, inverse = dft_tables(b, x.device)
+        x_hat = (forward @ x.T).view(2, F, n, q)
+    else:
+        x_hat = torch.view_as_real(torch.fft.rfft(x, dim=-1)).view(n, q, F, 2).permute(3, 2, 0, 1).contiguous()
+    real = torch.baddbmm(torch.bmm(x_hat[0], spec[0]), x_hat[1], spec[1], alpha=-1)   # (F, n, p)
+    imag = torch.baddbmm(torch.bmm(x_hat[0], spec[1]), x_hat[1], spec[0])
+    if b <= DFT_MATMUL_MAX_BLOCK:
+        y = torch.addmm(real.view(F, n * p).T @ inverse[:F], imag.view(F, n * p).T, inverse[F:])
+    else:
+        y = torch.fft.irfft(torch.complex(real, imag).permute(1, 2, 0), n=b, dim=-1)
+    return y.reshape(n, p * b)[:, :out_features]
 
 
 class BlockCirculantLinear(nn.Module):
@@ -68,13 +76,13 @@ class BlockCirculantLinear(nn.Module):
         self._spec, self._spec_key = None, None
 
     def spectra(self):
-        """Frequency-major spectra (b//2 + 1, q, p) of c; cached unless gradients must flow to c."""
+        """Planar spectra of c (see `spectra`); cached unless gradients must flow to c."""
         if torch.is_grad_enabled() and self.c.requires_grad:
-            return torch.fft.rfft(self.c.float(), dim=-1).permute(2, 1, 0).contiguous()
+            return spectra(self.c)
         key = (self.c._version, self.c.data_ptr(), self.c.device)
         if self._spec_key != key:
             with torch.inference_mode(False), torch.no_grad():
-                self._spec = torch.fft.rfft(self.c.float(), dim=-1).permute(2, 1, 0).contiguous()
+                self._spec = spectra(self.c)
             self._spec_key = key
         return self._spec
 

@@ -1,17 +1,17 @@
 // Fused block-circulant product for few rows (decode) on the CPU: bcllm.kernel builds this file
 // on first use through torch's extension mechanism. Conventions as in bcllm/circulant.py
-// (docs/DESIGN.md sections 1 and 4): x (n, in) float32, spectra (F, q, p) complex64, F = b/2 + 1,
+// (docs/DESIGN.md sections 1 and 4): x (n, in) float32, planar spectra (2, F, q, p) float32 (real
+// parts, then imaginary parts), F = b/2 + 1,
 //
 //   x_hat[r, i, f] = sum_t x[r, i*b + t] exp(-2 pi i f t / b)              (real DFT of each block)
 //   y_hat[r, j, f] = sum_i x_hat[r, i, f] spec[f, i, j]                     (complex multiply-accumulate)
 //   y[r, j*b + t]  = irfft(y_hat[r, j, :])[t]                               (inverse real DFT)
 //
-// in one pass that reads every spectrum value once, in memory order. The complex products are real
-// axpys over the interleaved (re, im) spectra, A += Re(x_hat) s and B += Im(x_hat) s, four input
-// blocks at a time, combined once per frequency (Re = A.re - B.im, Im = A.im + B.re): no shuffles
-// in the inner loop. With several threads each takes a contiguous range of frequencies (a
-// contiguous stretch of the spectra) and adds its frequencies' share of the inverse DFT into its
-// own output, summed at the end: the inverse DFT is linear in y_hat.
+// in one pass that reads every spectrum value once, in memory order (two streams, real and
+// imaginary). The complex products are real multiply-adds on the planar parts, Re += xr Sr - xi Si
+// and Im += xr Si + xi Sr, four input blocks at a time: no shuffles in the inner loop. With
+// several threads each takes a contiguous range of frequencies and adds its frequencies' share of
+// the inverse DFT into its own output, summed at the end: the inverse DFT is linear in y_hat.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -55,7 +55,7 @@ const Tables& tables(int64_t b) {
 
 struct Problem {
   const float* x;     // (n, in)
-  const float* spec;  // (F, q, p, 2): interleaved complex
+  const float* spec;  // (2, F, q, p): real parts, then imaginary parts
   int64_t n, in, out, b, F, q, p;
 };
 
@@ -103,50 +103,70 @@ void forward_dft(const Problem& P, const Tables& t, float* xr, float* xi) {
   }
 }
 
-// acc_a[r] += Re(x_hat[r, i, f]) spec[f, i, :] over a group of G consecutive input blocks i
-// (acc_b likewise with Im): G rows of spectra, each w = 2p contiguous floats, read once per call.
+// acc_r[r] += Re(x_hat) Sr - Im(x_hat) Si and acc_i[r] += Re(x_hat) Si + Im(x_hat) Sr over a group
+// of G consecutive input blocks i: G rows of the real and G of the imaginary spectra (p contiguous
+// floats each), read once per call.
 template <int G>
-void accumulate_group(const Problem& P, const float* xr, const float* xi, int64_t f, int64_t i, float* acc_a,
-                      float* acc_b) {
-  const int64_t w = 2 * P.p, q = P.q, wv = w / V * V;
-  const float* __restrict__ s = P.spec + (f * q + i) * w;
+void accumulate_group(const Problem& P, const float* xr, const float* xi, int64_t f, int64_t i, float* acc_r,
+                      float* acc_i) {
+  const int64_t p = P.p, q = P.q, pv = p / V * V;
+  const float* __restrict__ sr = P.spec + (f * q + i) * p;
+  const float* __restrict__ si = P.spec + ((P.F + f) * q + i) * p;
   for (int64_t r = 0; r < P.n; ++r) {
     float a[G], c[G];  // held in registers across the loop (the stores below cannot change them)
     for (int g = 0; g < G; ++g) {
       a[g] = xr[(r * P.F + f) * q + i + g];
       c[g] = xi[(r * P.F + f) * q + i + g];
     }
-    float* __restrict__ pa = acc_a + r * w;
-    float* __restrict__ pb = acc_b + r * w;
+    float* __restrict__ pr = acc_r + r * p;
+    float* __restrict__ pi = acc_i + r * p;
     int64_t k = 0;
-    for (; k < wv; k += V) {
-      vec sv[G];  // all loads first: the compiler need not prove the stores below alias none of them
+    for (; k < pv; k += V) {
+      vec vr[G], vi[G];  // all loads first: the compiler need not prove the stores below alias none of them
       for (int g = 0; g < G; ++g) {
-        if (r == 0) __builtin_prefetch(s + (G + g) * w + k);  // the next group's line: keeps memory busy
-        sv[g] = load(s + g * w + k);
+        if (r == 0) {  // the next group's lines: keeps memory busy
+          __builtin_prefetch(sr + (G + g) * p + k);
+          __builtin_prefetch(si + (G + g) * p + k);
+        }
+        vr[g] = load(sr + g * p + k);
+        vi[g] = load(si + g * p + k);
       }
-      vec va = load(pa + k), vb = load(pb + k);
+      vec yr = load(pr + k), yi = load(pi + k);
       for (int g = 0; g < G; ++g) {
-        va += a[g] * sv[g];
-        vb += c[g] * sv[g];
+        yr += a[g] * vr[g] - c[g] * vi[g];
+        yi += a[g] * vi[g] + c[g] * vr[g];
       }
-      store(pa + k, va);
-      store(pb + k, vb);
+      store(pr + k, yr);
+      store(pi + k, yi);
     }
-    for (; k < w; ++k) {
+    if (k < p) {  // the last partial vector: through zero-padded copies, still vectorised
+      const int64_t left = p - k;
+      float tr[G][V] = {}, ti[G][V] = {}, ar[V] = {}, ai[V] = {};
       for (int g = 0; g < G; ++g) {
-        pa[k] += a[g] * s[g * w + k];
-        pb[k] += c[g] * s[g * w + k];
+        std::copy(sr + g * p + k, sr + g * p + p, tr[g]);
+        std::copy(si + g * p + k, si + g * p + p, ti[g]);
       }
+      std::copy(pr + k, pr + p, ar);
+      std::copy(pi + k, pi + p, ai);
+      vec yr = load(ar), yi = load(ai);
+      for (int g = 0; g < G; ++g) {
+        const vec vr = load(tr[g]), vi = load(ti[g]);
+        yr += a[g] * vr - c[g] * vi;
+        yi += a[g] * vi + c[g] * vr;
+      }
+      store(ar, yr);
+      store(ai, yi);
+      std::copy(ar, ar + left, pr + k);
+      std::copy(ai, ai + left, pi + k);
     }
   }
 }
 
-void multiply_accumulate(const Problem& P, const float* xr, const float* xi, int64_t f, float* acc_a,
-                         float* acc_b) {
+void multiply_accumulate(const Problem& P, const float* xr, const float* xi, int64_t f, float* acc_r,
+                         float* acc_i) {
   int64_t i = 0;
-  for (; i + 4 <= P.q; i += 4) accumulate_group<4>(P, xr, xi, f, i, acc_a, acc_b);
-  for (; i < P.q; ++i) accumulate_group<1>(P, xr, xi, f, i, acc_a, acc_b);
+  for (; i + 4 <= P.q; i += 4) accumulate_group<4>(P, xr, xi, f, i, acc_r, acc_i);
+  for (; i < P.q; ++i) accumulate_group<1>(P, xr, xi, f, i, acc_r, acc_i);
 }
 
 // y[r, j*b + t] = sum over f in [f0, f1) of the inverse DFT terms of y_hat[r, j, f], cropped to
@@ -187,19 +207,15 @@ void inverse_dft(const Problem& P, const Tables& t, const float* yr, const float
 // inverse DFT, written (not added) into y (n, out).
 void frequency_range(const Problem& P, const Tables& t, const float* xr, const float* xi, int64_t f0, int64_t f1,
                      float* y) {
-  const int64_t w = 2 * P.p, nf = f1 - f0;
-  std::vector<float> acc_a(P.n * w), acc_b(P.n * w), yr(P.n * P.p * nf), yi(P.n * P.p * nf);
+  const int64_t nf = f1 - f0;
+  std::vector<float> acc_r(P.n * P.p), acc_i(P.n * P.p), yr(P.n * P.p * nf), yi(P.n * P.p * nf);
   for (int64_t f = f0; f < f1; ++f) {
-    std::fill(acc_a.begin(), acc_a.end(), 0.f);
-    std::fill(acc_b.begin(), acc_b.end(), 0.f);
-    multiply_accumulate(P, xr, xi, f, acc_a.data(), acc_b.data());
-    for (int64_t r = 0; r < P.n; ++r) {
-      const float* pa = acc_a.data() + r * w;
-      const float* pb = acc_b.data() + r * w;
-      for (int64_t j = 0; j < P.p; ++j) {
-        yr[(r * P.p + j) * nf + f - f0] = pa[2 * j] - pb[2 * j + 1];
-        yi[(r * P.p + j) * nf + f - f0] = pa[2 * j + 1] + pb[2 * j];
-      }
+    std::fill(acc_r.begin(), acc_r.end(), 0.f);
+    std::fill(acc_i.begin(), acc_i.end(), 0.f);
+    multiply_accumulate(P, xr, xi, f, acc_r.data(), acc_i.data());
+    for (int64_t e = 0; e < P.n * P.p; ++e) {
+      yr[e * nf + f - f0] = acc_r[e];
+      yi[e * nf + f - f0] = acc_i[e];
     }
   }
   switch (P.b) {
@@ -219,9 +235,9 @@ torch::Tensor circulant_decode(const torch::Tensor& x, const torch::Tensor& spec
                                int64_t in_features, int64_t block_size, int64_t threads) {
   TORCH_CHECK(x.device().is_cpu() && spec.device().is_cpu(), "circulant_decode: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "circulant_decode: x must be (n, in) float32");
-  TORCH_CHECK(spec.dim() == 3 && spec.scalar_type() == torch::kComplexFloat && spec.is_contiguous(),
-              "circulant_decode: spectra must be contiguous (F, q, p) complex64");
-  const int64_t b = block_size, F = spec.size(0), q = spec.size(1), p = spec.size(2);
+  TORCH_CHECK(spec.dim() == 4 && spec.size(0) == 2 && spec.scalar_type() == torch::kFloat32 && spec.is_contiguous(),
+              "circulant_decode: spectra must be contiguous planar (2, F, q, p) float32");
+  const int64_t b = block_size, F = spec.size(1), q = spec.size(2), p = spec.size(3);
   TORCH_CHECK(b >= 1 && F == b / 2 + 1, "circulant_decode: spectra have ", F, " frequencies, block size ", b);
   TORCH_CHECK(x.size(1) == in_features && q == (in_features + b - 1) / b,
               "circulant_decode: x has ", x.size(1), " columns, in_features ", in_features, ", ", q, " input blocks");
@@ -231,7 +247,7 @@ torch::Tensor circulant_decode(const torch::Tensor& x, const torch::Tensor& spec
   const int64_t n = xc.size(0);
   torch::Tensor y = torch::empty({n, out_features}, xc.options());
   if (n == 0) return y;
-  const Problem P{xc.data_ptr<float>(), reinterpret_cast<const float*>(spec.data_ptr()),
+  const Problem P{xc.data_ptr<float>(), spec.data_ptr<float>(),
                   n, in_features, out_features, b, F, q, p};
   const Tables& t = tables(b);
   std::vector<float> xr(n * F * q), xi(n * F * q);
