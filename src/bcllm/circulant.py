@@ -88,49 +88,57 @@ def block_spectra(x: torch.Tensor, in_features: int, block_size: int) -> torch.T
 
 
 # Up to this block size the block DFTs run as real matmuls against (2F, b) tables, which also
-# produce the planar layout the products need; above it an FFT and a layout copy cost less
-# (the table's 2(b+2) multiply-adds per value grow past the product's own at b = 128).
+# produce the layout the products need; above it an FFT and a layout copy cost less (a table
+# costs 2(b+2) multiply-adds per value, more than the product's own from about b = 128).
 DFT_MATMUL_MAX_BLOCK = 64
 
 
 @functools.lru_cache(maxsize=None)
-def dft_tables(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(forward, inverse), both (2F, b) float32. forward @ x_block = [Re; Im] of rfft(x_block);
-    y_block = inverse.T @ [Re; Im] y_hat is irfft(y_hat), so an inverse DFT is one matmul."""
+def dft_tables(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(forward, inverse_p, inverse_q), each (2F, b) float32, rows ordered (frequency, part).
+
+    forward @ x_block gives rows (Re, Im) of rfft(x_block) per frequency. With P = X S_re and
+    Q = X S_im (X's rows per frequency: the Re rows, then the Im rows), Re y_hat = P_re - Q_im and
+    Im y_hat = P_im + Q_re, so irfft(y_hat) = inverse_p.T @ P + inverse_q.T @ Q: the complex
+    combination and the inverse DFT in two matmuls."""
     b, F = block_size, block_size // 2 + 1
     angle = 2 * math.pi * torch.arange(F, dtype=torch.float64)[:, None] * torch.arange(b)[None, :] / b
     weight = torch.full((F, 1), 2.0, dtype=torch.float64)  # irfft counts the mirrored half twice...
     weight[0] = 1
     if b % 2 == 0:
         weight[-1] = 1  # ...but not f = 0 and the Nyquist frequency
-    forward = torch.cat([torch.cos(angle), -torch.sin(angle)])
-    inverse = torch.cat([weight * torch.cos(angle), -weight * torch.sin(angle)]) / b
+    re, im = weight * torch.cos(angle) / b, -weight * torch.sin(angle) / b  # coefficients of Re, Im y_hat[f]
+    tables = (torch.stack([torch.cos(angle), -torch.sin(angle)], 1),  # (F, 2, b) -> (2F, b)
+              torch.stack([re, im], 1),    # P's rows: Re x * S_re -> Re y_hat, Im x * S_re -> Im y_hat
+              torch.stack([im, -re], 1))   # Q's rows: Re x * S_im -> Im y_hat, Im x * S_im -> -Re y_hat
     with torch.inference_mode(False):  # a cached inference tensor would break later autograd use
-        return (forward.to(device=device, dtype=torch.float32), inverse.to(device=device, dtype=torch.float32))
+        return tuple(t.reshape(2 * F, b).to(device=device, dtype=torch.float32) for t in tables)
 
 
 def circulant_matmul_planar(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
                             block_size: int) -> torch.Tensor:
     """The torch product at any row count, in real arithmetic on planar spectra (2, F, q, p):
-    block DFT as one matmul into planar (2, F, N, q), the complex products as four batched real
-    matmuls (Re = Xr Sr - Xi Si, Im = Xr Si + Xi Sr), inverse DFT as one matmul reading that
-    output transposed. No layout copies for b <= DFT_MATMUL_MAX_BLOCK; differentiable."""
+    the block DFT as one matmul into X (F, 2N, q) (per frequency the Re rows, then the Im rows),
+    P = X S_re and Q = X S_im as two batched real matmuls (each spectrum value read once), then
+    the complex combination and inverse DFT as two matmuls reading P and Q transposed. No layout
+    copies for b <= DFT_MATMUL_MAX_BLOCK; differentiable."""
     n, b = x.shape[0], block_size
     _, F, q, p = spec.shape
     if q * b != in_features:
         x = torch.nn.functional.pad(x, (0, q * b - in_features))
     blocks = x.reshape(n * q, b)
     if b <= DFT_MATMUL_MAX_BLOCK:
-        forward, inverse = dft_tables(b, x.device)
-        x_hat = (forward @ blocks.T).view(2, F, n, q)
+        forward, inverse_p, inverse_q = dft_tables(b, x.device)
+        x_hat = (forward @ blocks.T).view(F, 2 * n, q)
     else:
-        x_hat = torch.view_as_real(torch.fft.rfft(blocks, dim=-1)).view(n, q, F, 2).permute(3, 2, 0, 1).contiguous()
-    real = torch.baddbmm(torch.bmm(x_hat[0], spec[0]), x_hat[1], spec[1], alpha=-1)   # (F, N, p)
-    imag = torch.baddbmm(torch.bmm(x_hat[0], spec[1]), x_hat[1], spec[0])
+        x_hat = torch.view_as_real(torch.fft.rfft(blocks, dim=-1)).view(n, q, F, 2).permute(2, 3, 0, 1)
+        x_hat = x_hat.reshape(F, 2 * n, q)
+    P, Q = torch.bmm(x_hat, spec[0]), torch.bmm(x_hat, spec[1])                  # (F, 2N, p) each
     if b <= DFT_MATMUL_MAX_BLOCK:
-        y = torch.addmm(real.view(F, n * p).T @ inverse[:F], imag.view(F, n * p).T, inverse[F:])  # (N*p, b)
+        y = torch.addmm(P.view(2 * F, n * p).T @ inverse_p, Q.view(2 * F, n * p).T, inverse_q)  # (N*p, b)
     else:
-        y = torch.fft.irfft(torch.complex(real, imag).permute(1, 2, 0), n=b, dim=-1)
+        y_hat = torch.complex(P[:, :n] - Q[:, n:], P[:, n:] + Q[:, :n])            # (F, N, p)
+        y = torch.fft.irfft(y_hat.permute(1, 2, 0), n=b, dim=-1)
     return y.reshape(n, p * b)[:, :out_features]
 
 

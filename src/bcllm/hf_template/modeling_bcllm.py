@@ -29,17 +29,19 @@ DFT_MATMUL_MAX_BLOCK = 64
 
 @functools.lru_cache(maxsize=None)
 def dft_tables(block_size, device):
-    """(forward, inverse), both (2F, b) float32: [Re; Im] rfft of a block, and irfft as a matmul."""
+    """(forward, inverse_p, inverse_q), each (2F, b) float32, rows ordered (frequency, part): the
+    block DFT, and the complex combination with the inverse DFT of P = X S_re and Q = X S_im."""
     b, F = block_size, block_size // 2 + 1
     angle = 2 * math.pi * torch.arange(F, dtype=torch.float64)[:, None] * torch.arange(b)[None, :] / b
     weight = torch.full((F, 1), 2.0, dtype=torch.float64)  # irfft counts the mirrored half twice...
     weight[0] = 1
     if b % 2 == 0:
         weight[-1] = 1  # ...but not f = 0 and the Nyquist frequency
-    forward = torch.cat([torch.cos(angle), -torch.sin(angle)])
-    inverse = torch.cat([weight * torch.cos(angle), -weight * torch.sin(angle)]) / b
+    re, im = weight * torch.cos(angle) / b, -weight * torch.sin(angle) / b
+    tables = (torch.stack([torch.cos(angle), -torch.sin(angle)], 1), torch.stack([re, im], 1),
+              torch.stack([im, -re], 1))
     with torch.inference_mode(False):
-        return forward.to(device=device, dtype=torch.float32), inverse.to(device=device, dtype=torch.float32)
+        return tuple(t.reshape(2 * F, b).to(device=device, dtype=torch.float32) for t in tables)
 
 
 def spectra(c):
@@ -53,16 +55,15 @@ def circulant_matmul(x, spec, out_features, in_features, block_size):
     _, F, q, p = spec.shape
     x = nn.functional.pad(x, (0, q * b - in_features)).reshape(n * q, b)
     if b <= DFT_MATMUL_MAX_BLOCK:
-        forward, inverse = dft_tables(b, x.device)
-        x_hat = (forward @ x.T).view(2, F, n, q)
+        forward, inverse_p, inverse_q = dft_tables(b, x.device)
+        x_hat = (forward @ x.T).view(F, 2 * n, q)
     else:
-        x_hat = torch.view_as_real(torch.fft.rfft(x, dim=-1)).view(n, q, F, 2).permute(3, 2, 0, 1).contiguous()
-    real = torch.baddbmm(torch.bmm(x_hat[0], spec[0]), x_hat[1], spec[1], alpha=-1)   # (F, n, p)
-    imag = torch.baddbmm(torch.bmm(x_hat[0], spec[1]), x_hat[1], spec[0])
+        x_hat = torch.view_as_real(torch.fft.rfft(x, dim=-1)).view(n, q, F, 2).permute(2, 3, 0, 1).reshape(F, 2 * n, q)
+    P, Q = torch.bmm(x_hat, spec[0]), torch.bmm(x_hat, spec[1])
     if b <= DFT_MATMUL_MAX_BLOCK:
-        y = torch.addmm(real.view(F, n * p).T @ inverse[:F], imag.view(F, n * p).T, inverse[F:])
+        y = torch.addmm(P.view(2 * F, n * p).T @ inverse_p, Q.view(2 * F, n * p).T, inverse_q)
     else:
-        y = torch.fft.irfft(torch.complex(real, imag).permute(1, 2, 0), n=b, dim=-1)
+        y = torch.fft.irfft(torch.complex(P[:, :n] - Q[:, n:], P[:, n:] + Q[:, :n]).permute(1, 2, 0), n=b, dim=-1)
     return y.reshape(n, p * b)[:, :out_features]
 
 
