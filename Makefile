@@ -45,7 +45,8 @@ EXP := --out $(RUN) --max-new-tokens 0 --calib self-chat --calib-samples 96 $(if
 results: setup
 	$(BIN)/bcllm sweep $(EXP) --grid fit frobenius aware --grid layers 12 10-19 all --grid block_size 4 8 16 32 64
 	$(BIN)/bcllm scan $(EXP) --block-size 16 --budget params=0.3 --budget kl=1.0
-	$(BIN)/bcllm report $(RUN) --out docs/results.md --bench $(wildcard $(RUN)/bench*.json)
+	$(BIN)/bcllm report $(RUN) --out docs/results.md --bench $(wildcard $(RUN)/bench*.json) \
+		--frontier $(wildcard docs/results/frontier.json)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

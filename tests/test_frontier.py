@@ -70,6 +70,11 @@ def test_frontier_cli_on_a_tiny_model(tmp_path, monkeypatch):
     reductions = [c.get("param_reduction", 0) for c in result["chosen"]]
     assert reductions == sorted(reductions, reverse=True)  # a higher floor never allows more compression
     assert (out / "frontier.md").exists() and (out / "frontier.png").exists()
+    report = tmp_path / "report.md"  # bcllm report takes the same result as a section with its plot
+    assert main(["report", str(out), "--out", str(report), "--frontier", str(js)]) == 0
+    assert "## Frontier" in report.read_text() and (tmp_path / "report" / "frontier.png").stat().st_size > 0
+    assert f"| {result['chosen'][0]['min_agreement']:.3f} |" in report.read_text()
+    assert main(["report", str(out), "--out", str(report), "--frontier", str(tmp_path / "none.json")]) == 2
     lines = len((out / "results.jsonl").read_text().splitlines())
     assert main(argv) == 0  # resumable: nothing measured again
     assert len((out / "results.jsonl").read_text().splitlines()) == lines

@@ -207,3 +207,12 @@ def test_real_model_streamed_equals_in_memory_well_under_its_size(model_id, laye
     layer = (stream["model_bytes"] - stream["outside_bytes"]) / stream["num_layers"]
     assert stream["peak_bytes"] < stream["outside_bytes"] + 2 * layer  # embeddings, head, one layer, fitted modules
     assert stream["rss_mib"] < memory["rss_mib"] - stream["model_bytes"] / mib  # at least a whole model less
+
+
+def test_an_uncached_hub_id_is_a_clear_error_in_memory_and_streamed():
+    from bcllm.models import load_model
+    from bcllm.streaming import model_folder
+
+    for load in (load_model, model_folder):
+        with pytest.raises(InputError, match="not in the local Hugging Face cache and bcllm never downloads"):
+            load("bcllm-tests-nobody/no-such-model")

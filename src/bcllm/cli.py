@@ -480,7 +480,7 @@ def cmd_frontier(args) -> None:
 def cmd_report(args) -> None:
     from .report import render
 
-    for path in render(args.run_dir, args.out, args.bench):
+    for path in render(args.run_dir, args.out, args.bench, args.frontier):
         print(f"wrote {path}")
 
 
@@ -679,6 +679,7 @@ def add_experiment_commands(sub) -> None:
     p.add_argument("run_dir", nargs="+", help="results directories written by bcllm scan / sweep (same model)")
     p.add_argument("--out", default="report.md", help="markdown file; plots go to a folder of the same name")
     p.add_argument("--bench", nargs="*", default=[], help="bcllm bench JSON files for the speed section")
+    p.add_argument("--frontier", nargs="*", default=[], help="bcllm frontier --json files, a section each")
     p.set_defaults(func=cmd_report)
 
 

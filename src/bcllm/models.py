@@ -100,6 +100,26 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
+def model_source(spec: str) -> tuple[str, dict]:
+    """(what from_pretrained reads, its extra keywords) for a model spec: a GGUF's safetensors
+    folder (converted once and cached), a folder, or a Hugging Face id read from the local cache
+    only (never downloaded)."""
+    kind, path = resolve_spec(spec)
+    if kind == "gguf":
+        folder = _gguf_cache_folder(path)
+        if not (folder / "config.json").is_file():
+            _convert_gguf(path, folder)
+        return str(folder), {}
+    if kind == "folder":
+        return str(path), {}
+    return spec, {"local_files_only": True}
+
+
+def not_in_cache(spec: str) -> InputError:
+    return InputError(f"model {spec!r} is not in the local Hugging Face cache and bcllm never downloads; use "
+                      f"an embedded name ({', '.join(EMBEDDED)}), a .gguf file or a local folder", "model")
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
     """(model, tokenizer) in eval mode; never downloads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -107,24 +127,13 @@ def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
 
     hf_logging.set_verbosity_error()
     dtype = resolve_dtype(dtype)
-    kind, path = resolve_spec(spec)
-    if kind == "gguf":
-        folder = _gguf_cache_folder(path)
-        if not (folder / "config.json").is_file():
-            _convert_gguf(path, folder)
-        source, kw = str(folder), {}
-    elif kind == "folder":
-        source, kw = str(path), {}
-    else:
-        source, kw = spec, {"local_files_only": True}
+    source, kw = model_source(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
-    except OSError as e:
-        if kind == "hub":
-            raise InputError(f"model {spec!r} is not in the local Hugging Face cache and bcllm never "
-                             f"downloads; use an embedded name ({', '.join(EMBEDDED)}), a .gguf file "
-                             f"or a local folder", "model") from None
+    except OSError:
+        if kw:  # a Hub id
+            raise not_in_cache(spec) from None
         raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -145,8 +154,14 @@ def model_file_identity(spec: str) -> str:
 def model_fingerprint(model) -> str:
     """Cheap identity of the weights: names, shapes, dtypes and a strided sample of each parameter.
     (No sums: a parallel sum's rounding depends on the thread count, and the key must not.)"""
+    return tensors_fingerprint(model.named_parameters())
+
+
+@torch.no_grad()
+def tensors_fingerprint(named_tensors) -> str:
+    """model_fingerprint of (name, tensor) pairs, taken one at a time (streaming reads them so)."""
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
+    for name, p in named_tensors:
         flat = p.detach().reshape(-1)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(flat[::max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())

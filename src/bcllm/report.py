@@ -322,10 +322,10 @@ def read_bench_files(bench_files) -> list[dict]:
     return rows
 
 
-def render(run_dirs, out_md, bench_files=()) -> list[Path]:
+def render(run_dirs, out_md, bench_files=(), frontier_files=()) -> list[Path]:
     """Write the markdown report and its PNGs (in a folder named after it); return the files written.
-    run_dirs: one results directory or several of the same model (e.g. a sweep and a scan made with
-    different prompt sets); each gets its own sections, headed by its prompts and settings."""
+    run_dirs: one results directory or several of the same model (e.g. sweep and scan), each its own
+    sections; then the speed section (bench_files) and one per `bcllm frontier --json` file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,7 +374,9 @@ def render(run_dirs, out_md, bench_files=()) -> list[Path]:
         plot_speedup(rows, img_dir / "speedup.png")
         written.append(img_dir / "speedup.png")
         parts.append(speed_section(rows, files, img))
-    if not (found_any or rows):
+    texts, pngs = frontier_sections(frontier_files or (), img_dir, img)
+    parts, written = parts + texts, written + pngs
+    if not (found_any or rows or frontier_files):
         raise InputError("no finished scan or sweep points yet in " + ", ".join(str(r["dir"]) for r in runs))
     tmp = out_md.with_name(f".{out_md.name}.tmp")
     tmp.write_text("\n".join(parts))
@@ -410,10 +412,8 @@ def plot_frontier(result: dict, path) -> None:
     plt.close(fig)
 
 
-def frontier_section(result: dict, out_dir) -> list[Path]:
-    """frontier.md (chosen configurations and the measured curve) and frontier.png in out_dir."""
-    out_dir = Path(out_dir)
-    plot_frontier(result, out_dir / "frontier.png")
+def frontier_markdown(result: dict, image: str) -> str:
+    """The frontier section: chosen configurations, the measured curve, and the plot at `image`."""
     rows = []
     for c in result["chosen"]:
         cmp = c.get("compare", {})
@@ -430,7 +430,30 @@ def frontier_section(result: dict, out_dir) -> list[Path]:
                       "compared KL", "layer:block size", "student"], rows), "",
             "Every configuration measured on the path (the comparison at the same per-module budgets):", "",
             md_table(["structure", "param. reduction %", "token agr.", "KL mean", "floor agr.", "layers"], curve), "",
-            "![frontier](frontier.png)", ""]
+            f"![frontier]({image})", ""]
+    return "\n".join(text)
+
+
+def frontier_sections(files, img_dir: Path, img: str) -> tuple[list[str], list[Path]]:
+    """(markdown, plot) for each `bcllm frontier --json` file, the plots written into img_dir."""
+    texts, pngs = [], []
+    for i, path in enumerate(files):
+        png = img_dir / f"frontier{i + 1 if len(files) > 1 else ''}.png"
+        try:
+            result = json.loads(Path(path).read_text())
+            plot_frontier(result, png)
+            texts.append(frontier_markdown(result, f"{img}/{png.name}"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"cannot read frontier results {str(path)!r} ({type(e).__name__}: {e}); give the "
+                             f"file `bcllm frontier --json` wrote") from None
+        pngs.append(png)
+    return texts, pngs
+
+
+def frontier_section(result: dict, out_dir) -> list[Path]:
+    """frontier.md (chosen configurations and the measured curve) and frontier.png in out_dir."""
+    out_dir = Path(out_dir)
+    plot_frontier(result, out_dir / "frontier.png")
     path = out_dir / "frontier.md"
-    path.write_text("\n".join(text))
+    path.write_text(frontier_markdown(result, "frontier.png"))
     return [path, out_dir / "frontier.png"]

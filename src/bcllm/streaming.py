@@ -38,7 +38,7 @@ from .calibrate import _model_inputs, _run_layer, _Stop, aware_layer_, sequentia
 from .checkpoint import save_fitted
 from .errors import InputError
 from .evaluate import ZeroLinear, length_batches, length_groups, prompt_stats, summarize, with_floor
-from .models import _convert_gguf, _gguf_cache_folder, resolve_dtype, resolve_spec
+from .models import model_source, not_in_cache, resolve_dtype, tensors_fingerprint
 from .pipeline import StudentIO, StudentSpec, block_config, calibration_text, config_for
 from .prompts import context_length, tokenize_prompts
 from .reconstruct import reconstruct_layer_
@@ -48,17 +48,19 @@ SELF_WRITTEN = ("mix", "self-chat", "self-seed")  # calibration sources the mode
 
 
 def model_folder(spec: str) -> Path:
-    """The safetensors folder a model spec loads from (a GGUF is converted once, in memory, and cached)."""
-    kind, path = resolve_spec(spec)
-    if kind == "gguf":
-        folder = _gguf_cache_folder(path)
-        if not (folder / "config.json").is_file():
-            _convert_gguf(path, folder)  # the one step that holds the whole model: a GGUF is small
-        path = folder
-    elif kind == "hub":
+    """The safetensors folder a model spec loads from (models.model_source: a GGUF is converted
+    once, in memory, and cached; a Hugging Face id is its snapshot in the local cache)."""
+    source, kw = model_source(spec)
+    if kw:  # a Hugging Face id
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(spec, local_files_only=True))
+        try:
+            source = snapshot_download(spec, local_files_only=True)
+        except Exception as e:  # LocalEntryNotFoundError and kin: not cached here
+            if type(e).__name__.endswith("NotFoundError") or isinstance(e, OSError):
+                raise not_in_cache(spec) from None
+            raise
+    path = Path(source)
     if not list(path.glob("*.safetensors")):
         raise InputError(f"{str(path)!r} holds no .safetensors file: streaming reads safetensors only", "model")
     return path
@@ -200,15 +202,8 @@ class Streamer:
 
     def fingerprint(self) -> str:
         """models.model_fingerprint of the teacher's weights, read one tensor at a time."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for name, p in self.teacher.named_parameters():
-            t = self.shards.read([self.tied[name]], self.dtype, "cpu")[self.tied[name]]
-            flat = t.reshape(-1)
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(flat[::max(1, flat.numel() // 4096)].float().numpy().tobytes())
-        return h.hexdigest()
+        return tensors_fingerprint((name, self.shards.read([self.tied[name]], self.dtype, "cpu")[self.tied[name]])
+                                   for name, _ in self.teacher.named_parameters())
 
 
 def _has_param(model: nn.Module, name: str) -> bool:
