@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks in under 10 minutes on one GPU: the tests that need CUDA (tests/test_gpu.py) and the
-# core tests, both fast paths timed on the GPU, then `bcllm bench layer` and `bcllm bench model`
+# core tests, the planar product timed on the GPU, then `bcllm bench layer` and `bcllm bench model`
 # on the GPU. Log and results go to ${OUT:-out/gpu}.
 #
 #   bash scripts/gpu_check.sh --prepare   # here, beforehand (needs the project's .venv): saves
@@ -95,7 +95,7 @@ local BCLLM=("$PY" -c 'import sys; sys.argv[0] = "bcllm"; from bcllm.cli import 
 
 step 150 tests "$PY" -m pytest -x -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_circulant.py
 
-# Both fast paths and the dense layer, hot, one sync per 50 calls: where the crossover lies on a GPU
+# The planar product and the dense layer, hot, one sync per 50 calls: where the crossover lies on a GPU
 step 60 paths "$PY" - "$OUT/gpu_paths.json" <<'EOF'
 import json, sys, time
 import torch
@@ -123,15 +123,14 @@ with torch.inference_mode():
                 x = torch.randn(n, i, device="cuda")
                 xb = x.bfloat16()
                 r = {"shape": f"{o}x{i}", "block_size": b, "tokens": n,
-                     "real_us": us(lambda: circulant.circulant_matmul_real(x, spec, o, i, b)),
-                     "complex_us": us(lambda: circulant.circulant_matmul_complex(x, spec, o, i, b)),
+                     "planar_us": us(lambda: circulant.circulant_matmul_planar(x, spec, o, i, b)),
                      "dispatch_us": us(lambda: circulant.circulant_matmul(x, spec, o, i, b)),
                      "dense_fp32_us": us(lambda: torch.nn.functional.linear(x, w)),
                      "dense_bf16_us": us(lambda: torch.nn.functional.linear(xb, wb))}
                 rows.append(r)
                 print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cache": "hot",
-           "real_path_max_rows": circulant.REAL_PATH_MAX_ROWS, "results": rows}, open(sys.argv[1], "w"), indent=1)
+           "results": rows}, open(sys.argv[1], "w"), indent=1)
 EOF
 
 step 210 "bench layer" "${BCLLM[@]}" bench layer --device cuda --shape 11008x4096,4096x4096,1536x576 \
@@ -160,14 +159,15 @@ EOF
     fi
 fi
 if ((${#MODEL[@]})); then
-    step 210 "bench model" "${BCLLM[@]}" bench model --device cuda --block-size 16 --layers all \
+    step 150 "bench model" "${BCLLM[@]}" bench model --device cuda --block-size 16 --layers all --no-compile \
         --json "$OUT/gpu_model.json" "${MODEL[@]}"
     # bf16, the usual GPU baseline, in whatever time is left (their tables are in the log)
     step 100 "bench layer bf16" "${BCLLM[@]}" bench layer --device cuda --dtype bfloat16 \
         --shape 11008x4096,4096x4096 --block-size 16,64 --tokens 1,512 --json "$OUT/gpu_layer_bf16.json"
-    step 150 "bench model bf16" "${BCLLM[@]}" bench model --device cuda --dtype bfloat16 --block-size 16 \
-        --layers all --json "$OUT/gpu_model_bf16.json" "${MODEL[@]}"
-    rm -f "$OUT"/*_bf16.md  # at most 8 files come back from the device machine
+    # the lean loop through torch.compile (inductor's GPU kernels), if the deadline allows
+    step 200 "bench model compiled" "${BCLLM[@]}" bench model --device cuda --block-size 16 --layers all \
+        --json "$OUT/gpu_model_compiled.json" "${MODEL[@]}"
+    rm -f "$OUT"/*_bf16.md "$OUT"/*_compiled.md  # at most 8 files come back from the device machine
 else
     STATUS+=("bench model: skipped, no model")
 fi

@@ -239,7 +239,7 @@ def test_lean_decode_gives_hf_generate_tokens(arch):
         assert tokens.tolist() == ref[:, ids.shape[1]:].tolist()
 
 
-def test_compiled_lean_decode_is_one_graph_with_the_kernel_and_same_tokens():
+def test_compiled_lean_decode_is_one_graph_with_the_kernel_and_same_tokens(monkeypatch):
     """Under torch.compile the fused student's decode step is a single graph (the kernel is an
     operator, the spectra a captured cache), decodes the eager tokens, and compiles once for
     prompts of different lengths sharing one static cache."""
@@ -270,6 +270,13 @@ def test_compiled_lean_decode_is_one_graph_with_the_kernel_and_same_tokens():
     if kernel.load() is not None and not kernel.disabled():
         assert "bcllm.circulant_decode" in str(explained.graphs[0].graph) or \
             "bcllm::circulant_decode" in str(explained.graphs[0].graph)
+    monkeypatch.setenv(kernel.DISABLE_ENV, "1")  # the torch path (as on a GPU) is one graph too
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(student)(token, cache_position=position, past_key_values=cache,
+                                                   use_cache=True, logits_to_keep=1)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    assert "circulant_decode" not in str(explained.graphs[0].graph)
 
 
 def test_memory_bandwidth_is_a_copy_rate():

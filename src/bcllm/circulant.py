@@ -191,7 +191,7 @@ def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
         with torch.autocast(x.device.type, enabled=False):
             return circulant_matmul(x, spec, out_features, in_features, block_size)
     if (x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and spec.numel() * 4 <= SINGLE_THREAD_MAX_BYTES
-            and torch.get_num_threads() > 1):
+            and not torch.compiler.is_compiling() and torch.get_num_threads() > 1):  # (a thread count breaks a graph)
         with single_thread():
             return circulant_matmul_planar(x, spec, out_features, in_features, block_size)
     return circulant_matmul_planar(x, spec, out_features, in_features, block_size)
