@@ -82,31 +82,32 @@ def test_module_decode_takes_the_kernel_and_matches_dense(built, monkeypatch, ou
             x = torch.randn(1, n, in_f)
             ref = x[0].double() @ dense.T + layer.bias.double()
             assert row_errors(layer(x)[0], ref) < 1e-5
-        assert calls == list(ROWS)
-        layer(torch.randn(9, in_f))  # more rows than KERNEL_MAX_ROWS: the planar torch path
-    assert calls == list(ROWS)
+        dispatched = [n for n in ROWS if n <= circulant.KERNEL_MAX_ROWS]  # more rows: the planar torch path
+        assert calls == dispatched
+        layer(torch.randn(9, in_f))
+    assert calls == dispatched
 
 
 def test_strided_and_other_dtype_rows(built, monkeypatch):
     calls = count_calls(monkeypatch)
     spec, dense = problem(70, 129, 32)
-    wide = torch.randn(3, 2 * 129)
+    wide = torch.randn(2, 2 * 129)
     for x in (wide[:, ::2], wide[:, 1::2].double(), wide.t().contiguous().t()[:, :129]):
         assert not x.is_contiguous() or x.dtype != torch.float32
         y = circulant.circulant_matmul(x, spec, 70, 129, 32)
         assert row_errors(y, x.double() @ dense.T) < 1e-5
-    assert calls == [3, 3, 3]
+    assert calls == [2, 2, 2]
 
 
 def test_paths_that_need_gradients_keep_the_torch_path(built, monkeypatch):
     calls = count_calls(monkeypatch)
     layer = BlockCirculantLinear(40, 24, 8)
-    x = torch.randn(3, 40, requires_grad=True)
+    x = torch.randn(2, 40, requires_grad=True)
     layer(x).square().sum().backward()  # c and x need gradients
     assert calls == [] and layer.c.grad is not None and x.grad is not None
     with torch.no_grad():
         layer(x)
-    assert calls == [3]
+    assert calls == [2]
 
 
 def test_fused_gate_up_share_one_kernel_call(built, monkeypatch):
@@ -120,7 +121,7 @@ def test_fused_gate_up_share_one_kernel_call(built, monkeypatch):
             x = torch.randn(1, n, mlp.gate_proj.in_features)
             ref = mlp(x)  # gate, up and down one by one: three kernel calls
             assert row_errors(fused(x)[0], ref[0].double()) < 1e-5  # gate and up in one call, then down
-    assert calls == [n for n in ROWS for _ in range(5)]
+    assert calls == [n for n in ROWS if n <= circulant.KERNEL_MAX_ROWS for _ in range(5)]
 
 
 def test_forced_build_failure_warns_once_and_matches(monkeypatch):
