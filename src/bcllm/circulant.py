@@ -144,9 +144,9 @@ def circulant_matmul_planar(x: torch.Tensor, spec: torch.Tensor, out_features: i
 
 # Up to this many rows circulant_matmul hands float32 CPU rows to the fused kernel (bcllm.kernel):
 # the kernel streams the spectra once per call but does each row's work separately, and from 4
-# rows the planar path's matmuls win (cold, 2-core Xeon, kernel vs planar us: 1536x576 b=16 at
-# 1/2/4/8 rows 33/41/63/108 vs 81/73/84/103; 576x1536 48/67/177/283 vs 64/69/98/96; 11008x4096
-# b=64 216/332/641/892 vs 330/332/437/572).
+# rows the planar path's matmuls win (`python scripts/kernel_rows.py`, cold, 2-core Xeon, kernel
+# vs planar us at 1/2/4/8 rows: 576x1536 b=16 30/42/78/158 vs 41/44/50/65; 11008x4096 b=64
+# 193/269/435/686 vs 228/270/365/433).
 KERNEL_MAX_ROWS = 2
 # Products of few rows with spectra up to this size run on one thread when they take the torch
 # path: they gain nothing from a second one, and on a busy machine each parallel region waits
