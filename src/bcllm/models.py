@@ -120,23 +120,31 @@ def not_in_cache(spec: str) -> InputError:
                       f"an embedded name ({', '.join(EMBEDDED)}), a .gguf file or a local folder", "model")
 
 
+def load_tokenizer(source: str, **kw):
+    """The tokenizer from_pretrained reads at `source`, with a pad token (the EOS token where it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
     """(model, tokenizer) in eval mode; never downloads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     dtype = resolve_dtype(dtype)
     source, kw = model_source(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+        tokenizer = load_tokenizer(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
     except OSError:
         if kw:  # a Hub id
             raise not_in_cache(spec) from None
         raise
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     return model, tokenizer
 

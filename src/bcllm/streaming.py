@@ -38,7 +38,7 @@ from .calibrate import _model_inputs, _run_layer, _Stop, aware_layer_, sequentia
 from .checkpoint import save_fitted
 from .errors import InputError
 from .evaluate import ZeroLinear, length_batches, length_groups, prompt_stats, summarize, with_floor
-from .models import model_source, not_in_cache, resolve_dtype, tensors_fingerprint
+from .models import load_tokenizer, model_source, not_in_cache, resolve_dtype, tensors_fingerprint
 from .pipeline import StudentIO, StudentSpec, block_config, calibration_text, config_for
 from .prompts import context_length, tokenize_prompts
 from .reconstruct import reconstruct_layer_
@@ -56,10 +56,8 @@ def model_folder(spec: str) -> Path:
 
         try:
             source = snapshot_download(spec, local_files_only=True)
-        except Exception as e:  # LocalEntryNotFoundError and kin: not cached here
-            if type(e).__name__.endswith("NotFoundError") or isinstance(e, OSError):
-                raise not_in_cache(spec) from None
-            raise
+        except OSError:  # LocalEntryNotFoundError (an OSError, as load_model's): not cached here
+            raise not_in_cache(spec) from None
     path = Path(source)
     if not list(path.glob("*.safetensors")):
         raise InputError(f"{str(path)!r} holds no .safetensors file: streaming reads safetensors only", "model")
@@ -132,13 +130,8 @@ class Streamer:
     @classmethod
     def open(cls, spec: str, dtype="float32", device="cpu"):
         """(Streamer, tokenizer) of a model spec (as models.load_model takes); no weight is read yet."""
-        from transformers import AutoTokenizer
-
         folder = model_folder(spec)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return cls(folder, dtype, device), tokenizer
+        return cls(folder, dtype, device), load_tokenizer(str(folder))
 
     def _tied_names(self) -> dict[str, str]:
         """{parameter name: the name it is stored under} (tied weights, e.g. the head and the embeddings)."""
