@@ -136,6 +136,12 @@ def student_from_args(args, spec_io, model, tokenizer, eval_prompts=None):
     return build_student(model, tokenizer, spec, io, eval_prompts=eval_prompts, model_id=args.model)
 
 
+def args_config(args, drop=("json",)) -> dict:
+    """The parsed options as a result file records them: all but the handler, the subcommand name
+    and `drop`."""
+    return {k: v for k, v in vars(args).items() if k not in ("func", "command", *drop)}
+
+
 def print_summary(summary: dict) -> None:
     print(f"replaced {summary['num_modules']} modules: {summary['replaced_params']:,} dense parameters -> "
           f"{summary['circulant_params']:,} ({summary['ratio']:.1f}x fewer); "
@@ -237,7 +243,7 @@ def cmd_eval(args) -> None:
         result, summary, timing = eval_streamed(args, spec_io, prompts, start)
     else:
         result, summary, timing = eval_in_memory(args, spec_io, prompts, start)
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
+    config = args_config(args)
     config["prompts"] = str(args.prompts or default_prompts_path())
     print_eval(args, result, summary, timing)
     if json_path:
@@ -418,7 +424,7 @@ def cmd_lm_eval(args) -> None:
     print(f"\ntime: load {timing['load_s']:.1f} s, student {timing['student_s']:.1f} s, lm-eval (teacher and "
           f"student) {timing['lm_eval_s']:.1f} s, total {timing['total_s']:.1f} s")
     if json_path:
-        config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}
+        config = args_config(args)
         write_json(json_path, {"model": args.model, "config": config, "lm_eval": result, "compression": summary,
                                "timing": timing, "versions": {**versions(), "lm_eval": result["lm_eval_version"]},
                                "command": command_line()})
@@ -519,7 +525,7 @@ def start_bench(args) -> dict:
         raise InputError(f"--repeats must be >= 1, got {args.repeats}")
     torch.manual_seed(args.seed)
     return {"versions": versions(), "command": command_line(),
-            "config": {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench_command")}}
+            "config": args_config(args, drop=("bench_command",))}
 
 
 def cmd_bench_layer(args) -> None:
