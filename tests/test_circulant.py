@@ -2,6 +2,7 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -91,9 +92,27 @@ def test_frobenius_projection_is_idempotent(b):
     assert torch.allclose(once, twice, atol=1e-12)
 
 
-def test_spectra_roundtrip():
-    c = torch.randn(3, 4, 8)
-    assert torch.allclose(circulant.spectra_to_c(circulant.spectra(c), 8), c, atol=1e-6)
+@pytest.mark.parametrize("b", [1, 2, 3, 7, 8, 16])
+def test_spectra_roundtrip(b):
+    c = torch.randn(3, 4, b)
+    assert torch.allclose(circulant.spectra_to_c(circulant.spectra(c), b), c, atol=1e-6)
+
+
+@pytest.mark.parametrize("b", [1, 2, 5, 8, 16, 64])
+def test_spectra_layout_is_folded_rfft(b):
+    """Against numpy's rfft, element by element: real parts, then imaginary parts, frequency-major,
+    and for even b the real Nyquist value in frequency 0's imaginary place, so b floats per block."""
+    c = torch.randn(3, 5, b, dtype=torch.float64)
+    z = np.fft.rfft(c.numpy(), axis=-1)  # (p, q, b//2 + 1)
+    spec = circulant.spectra(c).double()
+    F = (b + 1) // 2
+    assert spec.shape == (2, F, 5, 3)
+    for f in range(F):
+        assert np.allclose(spec[0, f].numpy(), z[..., f].real.T, atol=1e-5)
+        nyquist = f == 0 and b % 2 == 0
+        assert np.allclose(spec[1, f].numpy(), (z[..., b // 2].real if nyquist else z[..., f].imag).T, atol=1e-5)
+    if b % 2 == 0:
+        assert spec.numel() == c.numel()
 
 
 def test_gradients_match_finite_differences():

@@ -65,23 +65,50 @@ def to_dense(c: torch.Tensor, out_features: int, in_features: int) -> torch.Tens
     return blocks.permute(0, 2, 1, 3).reshape(p * b, q * b)[:out_features, :in_features]
 
 
-def spectra(c: torch.Tensor) -> torch.Tensor:
-    """Planar frequency-major spectra (2, F, q, p) float32 of c[p, q, b], F = b // 2 + 1:
-    [0] the real parts, [1] the imaginary parts of rfft(c) (DESIGN.md section 4).
+def stored_frequencies(block_size: int) -> int:
+    """F, the frequencies a spectra tensor holds: ceil(b / 2). For even b the Nyquist frequency
+    b/2 is folded into frequency 0 (below), so that F*2 = b floats per block, as many as c."""
+    return (block_size + 1) // 2
 
-    y_hat[f] = x_hat[f] @ (spec[0, f] + i spec[1, f]): per part one batched real matmul over
-    frequencies, each spectrum value stored once (the same 8 bytes as a complex64 value).
+
+def _fold_nyquist(z: torch.Tensor, block_size: int) -> torch.Tensor:
+    """rfft output (..., b//2 + 1) complex -> (..., F): for even b the Nyquist value (real for real
+    input) replaces the imaginary part of frequency 0 (zero for real input), the halfcomplex
+    packing of real FFT libraries. Odd b has no Nyquist frequency: unchanged."""
+    if block_size % 2:
+        return z
+    return torch.cat([torch.complex(z[..., :1].real, z[..., -1:].real), z[..., 1:-1]], dim=-1)
+
+
+def _unfold_nyquist(z: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Inverse of _fold_nyquist: (..., F) -> (..., b//2 + 1) complex, ready for irfft."""
+    if block_size % 2:
+        return z
+    zero = torch.zeros_like(z[..., :1].real)
+    return torch.cat([torch.complex(z[..., :1].real, zero), z[..., 1:], torch.complex(z[..., :1].imag, zero)], dim=-1)
+
+
+def spectra(c: torch.Tensor) -> torch.Tensor:
+    """Planar frequency-major spectra (2, F, q, p) float32 of c[p, q, b], F = ceil(b / 2):
+    [0] the real parts, [1] the imaginary parts of rfft(c), with (even b) the real Nyquist value
+    in the place of frequency 0's zero imaginary part (DESIGN.md section 4).
+
+    y_hat[f] = x_hat[f] @ (spec[0, f] + i spec[1, f]) for f > 0, and at f = 0 the two real parts
+    multiply separately: per part one batched real matmul over frequencies. For even b that is
+    exactly b floats per block, as many as c: no byte stored twice, none that is always zero.
     """
-    return torch.view_as_real(torch.fft.rfft(c.float(), dim=-1)).permute(3, 2, 1, 0).contiguous()
+    b = c.shape[-1]
+    return torch.view_as_real(_fold_nyquist(torch.fft.rfft(c.float(), dim=-1), b)).permute(3, 2, 1, 0).contiguous()
 
 
 def spectra_to_c(spec: torch.Tensor, block_size: int) -> torch.Tensor:
     """Inverse of `spectra`: (2, F, q, p) -> c[p, q, b] real."""
-    return torch.fft.irfft(torch.complex(spec[0], spec[1]).permute(2, 1, 0), n=block_size, dim=-1)
+    z = _unfold_nyquist(torch.complex(spec[0], spec[1]).permute(2, 1, 0), block_size)
+    return torch.fft.irfft(z, n=block_size, dim=-1)
 
 
 def block_spectra(x: torch.Tensor, in_features: int, block_size: int) -> torch.Tensor:
-    """Input rows (N, in) -> spectra of their blocks, frequency-major (F, N, q)."""
+    """Input rows (N, in) -> spectra of their blocks, frequency-major (b//2 + 1, N, q) complex."""
     q = math.ceil(in_features / block_size)
     x = torch.nn.functional.pad(x, (0, q * block_size - in_features))
     return torch.fft.rfft(x.reshape(x.shape[0], q, block_size), dim=-1).permute(2, 0, 1)
@@ -89,7 +116,7 @@ def block_spectra(x: torch.Tensor, in_features: int, block_size: int) -> torch.T
 
 # Up to this block size the block DFTs run as real matmuls against (2F, b) tables, which also
 # produce the layout the products need; above it an FFT and a layout copy cost less (a table
-# costs 2(b+2) multiply-adds per value, more than the product's own from about b = 128).
+# costs 2b multiply-adds per value, more than the product's own from about b = 128).
 DFT_MATMUL_MAX_BLOCK = 64
 
 
@@ -97,22 +124,25 @@ DFT_MATMUL_MAX_BLOCK = 64
 def dft_tables(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(forward, inverse_p, inverse_q), each (2F, b) float32, rows ordered (frequency, part).
 
-    forward @ x_block gives rows (Re, Im) of rfft(x_block) per frequency. With P = X S_re and
-    Q = X S_im (X's rows per frequency: the Re rows, then the Im rows), Re y_hat = P_re - Q_im and
-    Im y_hat = P_im + Q_re, so irfft(y_hat) = inverse_p.T @ P + inverse_q.T @ Q: the complex
-    combination and the inverse DFT in two matmuls."""
-    b, F = block_size, block_size // 2 + 1
+    forward @ x_block gives rows (Re, Im) of the folded rfft(x_block) per frequency. With
+    P = X S_re and Q = X S_im (X's rows per frequency: the Re rows, then the Im rows),
+    Re y_hat = P_re - Q_im and Im y_hat = P_im + Q_re, so irfft(y_hat) = inverse_p.T @ P +
+    inverse_q.T @ Q: the complex combination and the inverse DFT in two matmuls. At f = 0 with
+    even b the "Im" rows hold the Nyquist part: y_hat[0] = P_re and y_hat[b/2] = Q_im there."""
+    b, F = block_size, stored_frequencies(block_size)
     angle = 2 * math.pi * torch.arange(F, dtype=torch.float64)[:, None] * torch.arange(b)[None, :] / b
     weight = torch.full((F, 1), 2.0, dtype=torch.float64)  # irfft counts the mirrored half twice...
-    weight[0] = 1
-    if b % 2 == 0:
-        weight[-1] = 1  # ...but not f = 0 and the Nyquist frequency
+    weight[0] = 1  # ...but not f = 0 (the Nyquist frequency, also counted once, is not a row of its own)
     re, im = weight * torch.cos(angle) / b, -weight * torch.sin(angle) / b  # coefficients of Re, Im y_hat[f]
-    tables = (torch.stack([torch.cos(angle), -torch.sin(angle)], 1),  # (F, 2, b) -> (2F, b)
-              torch.stack([re, im], 1),    # P's rows: Re x * S_re -> Re y_hat, Im x * S_re -> Im y_hat
-              torch.stack([im, -re], 1))   # Q's rows: Re x * S_im -> Im y_hat, Im x * S_im -> -Re y_hat
+    forward = torch.stack([torch.cos(angle), -torch.sin(angle)], 1)    # (F, 2, b) -> (2F, b)
+    inverse_p = torch.stack([re, im], 1)    # P's rows: Re x * S_re -> Re y_hat, Im x * S_re -> Im y_hat
+    inverse_q = torch.stack([im, -re], 1)   # Q's rows: Re x * S_im -> Im y_hat, Im x * S_im -> -Re y_hat
+    if b % 2 == 0:  # frequency 0's Im rows carry the Nyquist frequency: x_hat[b/2], y_hat[b/2] = Q_im
+        alternating = torch.cos(math.pi * torch.arange(b, dtype=torch.float64))  # (-1)^t
+        forward[0, 1], inverse_q[0, 1] = alternating, alternating / b  # (inverse_p[0, 1], inverse_q[0, 0] are 0)
     with torch.inference_mode(False):  # a cached inference tensor would break later autograd use
-        return tuple(t.reshape(2 * F, b).to(device=device, dtype=torch.float32) for t in tables)
+        return tuple(t.reshape(2 * F, b).to(device=device, dtype=torch.float32)
+                     for t in (forward, inverse_p, inverse_q))
 
 
 def circulant_matmul_planar(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
@@ -131,14 +161,16 @@ def circulant_matmul_planar(x: torch.Tensor, spec: torch.Tensor, out_features: i
         forward, inverse_p, inverse_q = dft_tables(b, x.device)
         x_hat = (forward @ blocks.T).view(F, 2 * n, q)
     else:
-        x_hat = torch.view_as_real(torch.fft.rfft(blocks, dim=-1)).view(n, q, F, 2).permute(2, 3, 0, 1)
-        x_hat = x_hat.reshape(F, 2 * n, q)
+        x_hat = _fold_nyquist(torch.fft.rfft(blocks, dim=-1), b)
+        x_hat = torch.view_as_real(x_hat).view(n, q, F, 2).permute(2, 3, 0, 1).reshape(F, 2 * n, q)
     P, Q = torch.bmm(x_hat, spec[0]), torch.bmm(x_hat, spec[1])                  # (F, 2N, p) each
     if b <= DFT_MATMUL_MAX_BLOCK:
         y = torch.addmm(P.view(2 * F, n * p).T @ inverse_p, Q.view(2 * F, n * p).T, inverse_q)  # (N*p, b)
     else:
         y_hat = torch.complex(P[:, :n] - Q[:, n:], P[:, n:] + Q[:, :n])            # (F, N, p)
-        y = torch.fft.irfft(y_hat.permute(1, 2, 0), n=b, dim=-1)
+        if b % 2 == 0:  # frequency 0 folded: its real part P_re, the Nyquist's Q_im (as a fold)
+            y_hat = torch.cat([torch.complex(P[:1, :n], Q[:1, n:]), y_hat[1:]])
+        y = torch.fft.irfft(_unfold_nyquist(y_hat.permute(1, 2, 0), b), n=b, dim=-1)
     return y.reshape(n, p * b)[:, :out_features]
 
 
@@ -153,11 +185,12 @@ KERNEL_MAX_ROWS = 2
 # for a descheduled thread (measured on 2 loaded cores, 1 row: 1536x576 b=16 median 60 ms at 2
 # threads, 0.15 ms at 1; 11008x4096 b=64 82 ms vs 6 ms).
 SINGLE_THREAD_MAX_BYTES = 4 << 20
-# The same for the fused kernel (bcllm.kernel), which runs one parallel region per call. On a
-# quiet 2-core Xeon, 1 row, cold: 11008x4096 b=64 (2.9 MB of spectra) takes 227 us on one thread
-# and 147 us on two; 1536x576 b=16 (0.25 MB) 39 us on one and 46 us on two. A loaded machine
-# still pays for the second thread on the large product.
-KERNEL_SINGLE_THREAD_MAX_BYTES = 1 << 20
+# The same for the fused kernel (bcllm.kernel), which runs one parallel region per call (about
+# 1.5 us to start and join). One core streams ~10 GB/s from memory here, so from a few hundred KB
+# on the second core pays: on a 2-core Xeon, 1 row, cold, median us at 1 vs 2 threads:
+# 1536x576 b=16 (216 KB) 22.6 vs 19.8, 3072x576 (the fused gate+up, 432 KB) 44 vs 34,
+# 576x1536 23.7 vs 19, 11008x4096 b=64 (2.8 MB) 377 vs 198; 1024x576 (144 KB) 14 vs 14.
+KERNEL_SINGLE_THREAD_MAX_BYTES = 128 << 10
 
 
 @contextlib.contextmanager

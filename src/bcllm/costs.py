@@ -2,11 +2,11 @@
 
 What it counts (docs/DESIGN.md section 4): the linear layers only, per input token.
 A dense layer does 2*out*in FLOPs and reads out*in weights in the parameter dtype.
-A block-circulant layer (p x q blocks of size b, F = b//2 + 1 frequencies) does an
+A block-circulant layer (p x q blocks of size b, F = ceil(b/2) stored frequencies) does an
 rfft of its q input blocks and an irfft of its p output blocks (2.5 b log2 b real
 FLOPs each, half a complex FFT) and F*q*p complex multiply-adds (8 real FLOPs each),
-and reads its cached planar float32 spectra (real and imaginary parts): 8*F*q*p bytes, whatever
-the model dtype.
+and reads its cached planar float32 spectra (real and imaginary parts, the Nyquist frequency
+folded into frequency 0 for even b): 8*F*q*p bytes, 4*b*q*p for even b, whatever the model dtype.
 Norms, attention over the KV cache, embeddings and activations are not counted, so a
 measured model ratio sits below these limits. At batch 1 a layer is bound by its
 bytes (the decode limit is the byte ratio); at large batch by its FLOPs.
@@ -32,7 +32,7 @@ def circulant_costs(out_features: int, in_features: int, block_size: int, bias: 
     """`outputs` > 1: that many layers of this shape sharing one input transform (fused gate/up)."""
     b = block_size
     p, q = math.ceil(out_features / b), math.ceil(in_features / b)
-    F = b // 2 + 1
+    F = (b + 1) // 2  # circulant.stored_frequencies
     fft = 2.5 * b * math.log2(b) if b > 1 else 0.0
     bias_n = out_features * outputs if bias else 0
     flops = 8 * F * q * p * outputs + fft * (q + p * outputs) + bias_n

@@ -30,23 +30,41 @@ DFT_MATMUL_MAX_BLOCK = 64
 @functools.lru_cache(maxsize=None)
 def dft_tables(block_size, device):
     """(forward, inverse_p, inverse_q), each (2F, b) float32, rows ordered (frequency, part): the
-    block DFT, and the complex combination with the inverse DFT of P = X S_re and Q = X S_im."""
-    b, F = block_size, block_size // 2 + 1
+    block DFT, and the complex combination with the inverse DFT of P = X S_re and Q = X S_im.
+    F = ceil(b / 2): for even b frequency 0's Im rows carry the Nyquist frequency (see `spectra`)."""
+    b, F = block_size, (block_size + 1) // 2
     angle = 2 * math.pi * torch.arange(F, dtype=torch.float64)[:, None] * torch.arange(b)[None, :] / b
-    weight = torch.full((F, 1), 2.0, dtype=torch.float64)  # irfft counts the mirrored half twice...
+    weight = torch.full((F, 1), 2.0, dtype=torch.float64)  # irfft counts the mirrored half twice, but not f = 0
     weight[0] = 1
-    if b % 2 == 0:
-        weight[-1] = 1  # ...but not f = 0 and the Nyquist frequency
     re, im = weight * torch.cos(angle) / b, -weight * torch.sin(angle) / b
-    tables = (torch.stack([torch.cos(angle), -torch.sin(angle)], 1), torch.stack([re, im], 1),
-              torch.stack([im, -re], 1))
+    forward, inverse_p, inverse_q = (torch.stack([torch.cos(angle), -torch.sin(angle)], 1), torch.stack([re, im], 1),
+                                     torch.stack([im, -re], 1))
+    if b % 2 == 0:
+        alternating = torch.cos(math.pi * torch.arange(b, dtype=torch.float64))
+        forward[0, 1], inverse_q[0, 1] = alternating, alternating / b
     with torch.inference_mode(False):
-        return tuple(t.reshape(2 * F, b).to(device=device, dtype=torch.float32) for t in tables)
+        return tuple(t.reshape(2 * F, b).to(device=device, dtype=torch.float32) for t in (forward, inverse_p, inverse_q))
+
+
+def fold_nyquist(z, b):
+    """rfft output (..., b//2 + 1) -> (..., ceil(b/2)): for even b the real Nyquist value takes the
+    place of frequency 0's zero imaginary part."""
+    if b % 2:
+        return z
+    return torch.cat([torch.complex(z[..., :1].real, z[..., -1:].real), z[..., 1:-1]], dim=-1)
+
+
+def unfold_nyquist(z, b):
+    if b % 2:
+        return z
+    zero = torch.zeros_like(z[..., :1].real)
+    return torch.cat([torch.complex(z[..., :1].real, zero), z[..., 1:], torch.complex(z[..., :1].imag, zero)], dim=-1)
 
 
 def spectra(c):
-    """Planar frequency-major spectra (2, b//2 + 1, q, p) float32 of c: real parts, imaginary parts."""
-    return torch.view_as_real(torch.fft.rfft(c.float(), dim=-1)).permute(3, 2, 1, 0).contiguous()
+    """Planar frequency-major spectra (2, ceil(b/2), q, p) float32 of c: real parts, imaginary parts
+    of rfft(c), the Nyquist value folded into frequency 0 for even b (b floats per block)."""
+    return torch.view_as_real(fold_nyquist(torch.fft.rfft(c.float(), dim=-1), c.shape[-1])).permute(3, 2, 1, 0).contiguous()
 
 
 def circulant_matmul(x, spec, out_features, in_features, block_size):
@@ -58,12 +76,16 @@ def circulant_matmul(x, spec, out_features, in_features, block_size):
         forward, inverse_p, inverse_q = dft_tables(b, x.device)
         x_hat = (forward @ x.T).view(F, 2 * n, q)
     else:
-        x_hat = torch.view_as_real(torch.fft.rfft(x, dim=-1)).view(n, q, F, 2).permute(2, 3, 0, 1).reshape(F, 2 * n, q)
+        x_hat = torch.view_as_real(fold_nyquist(torch.fft.rfft(x, dim=-1), b)).view(n, q, F, 2)
+        x_hat = x_hat.permute(2, 3, 0, 1).reshape(F, 2 * n, q)
     P, Q = torch.bmm(x_hat, spec[0]), torch.bmm(x_hat, spec[1])
     if b <= DFT_MATMUL_MAX_BLOCK:
         y = torch.addmm(P.view(2 * F, n * p).T @ inverse_p, Q.view(2 * F, n * p).T, inverse_q)
     else:
-        y = torch.fft.irfft(torch.complex(P[:, :n] - Q[:, n:], P[:, n:] + Q[:, :n]).permute(1, 2, 0), n=b, dim=-1)
+        y_hat = torch.complex(P[:, :n] - Q[:, n:], P[:, n:] + Q[:, :n])
+        if b % 2 == 0:  # frequency 0 folded: its real part P_re, the Nyquist's Q_im
+            y_hat = torch.cat([torch.complex(P[:1, :n], Q[:1, n:]), y_hat[1:]])
+        y = torch.fft.irfft(unfold_nyquist(y_hat.permute(1, 2, 0), b), n=b, dim=-1)
     return y.reshape(n, p * b)[:, :out_features]
 
 

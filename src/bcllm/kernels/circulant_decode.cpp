@@ -1,7 +1,8 @@
 // Fused block-circulant product for few rows (decode) on the CPU: bcllm.kernel builds this file
 // on first use through torch's extension mechanism. Conventions as in bcllm/circulant.py
 // (docs/DESIGN.md sections 1 and 4): x (n, in) float32, planar spectra (2, F, q, p) float32 (real
-// parts, then imaginary parts), F = b/2 + 1,
+// parts, then imaginary parts), F = ceil(b/2); for even b the Nyquist frequency b/2, real, sits in
+// the place of frequency 0's imaginary part (zero), so that a block's spectra are b floats,
 //
 //   x_hat[r, i, f] = sum_t x[r, i*b + t] exp(-2 pi i f t / b)              (real DFT of each block)
 //   y_hat[r, j, f] = sum_i x_hat[r, i, f] spec[f, i, j]                     (complex multiply-accumulate)
@@ -9,7 +10,8 @@
 //
 // in one pass that reads every spectrum value once, in memory order (two streams, real and
 // imaginary). The complex products are real multiply-adds on the planar parts, Re += xr Sr - xi Si
-// and Im += xr Si + xi Sr, four input blocks at a time: no shuffles in the inner loop. With
+// and Im += xr Si + xi Sr, four input blocks at a time: no shuffles in the inner loop (at the folded
+// frequency 0 the two real parts multiply separately: Re += xr Sr, Im += xi Si). With
 // several threads each takes a contiguous range of frequencies and adds its frequencies' share of
 // the inverse DFT into its own output, summed at the end: the inverse DFT is linear in y_hat.
 #include <torch/extension.h>
@@ -27,7 +29,19 @@ namespace {
 struct Tables {
   std::vector<float> fwd_re, fwd_im;  // (b, F): cos(2 pi f t / b), -sin(2 pi f t / b)
   std::vector<float> inv_re, inv_im;  // (F, b): w_f cos(2 pi f t / b) / b, -w_f sin(2 pi f t / b) / b
+  // even b, f = 0: fwd_im and inv_im hold the folded Nyquist's (-1)^t and (-1)^t / b instead
 };
+
+// Frequencies stored per block: ceil(b / 2) (bcllm.circulant.stored_frequencies).
+inline int64_t stored_frequencies(int64_t b) { return (b + 1) / 2; }
+
+// A scratch buffer per thread and slot, kept across calls: no allocation on the decode path.
+float* scratch(int slot, size_t n) {
+  static thread_local std::vector<float> buffers[11];
+  std::vector<float>& buffer = buffers[slot];
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
 
 // DFT tables for block size b, computed once (in double) and kept for the life of the process.
 const Tables& tables(int64_t b) {
@@ -36,18 +50,19 @@ const Tables& tables(int64_t b) {
   std::lock_guard<std::mutex> lock(mutex);
   auto found = cache.find(b);
   if (found != cache.end()) return found->second;
-  const int64_t F = b / 2 + 1;
+  const int64_t F = stored_frequencies(b);
   Tables t;
   t.fwd_re.resize(b * F); t.fwd_im.resize(b * F); t.inv_re.resize(F * b); t.inv_im.resize(F * b);
   for (int64_t f = 0; f < F; ++f) {
-    // irfft counts each frequency twice (its mirror), except f = 0 and the Nyquist frequency
-    const double w = (f == 0 || (b % 2 == 0 && f == b / 2)) ? 1.0 : 2.0;
+    // irfft counts each frequency twice (its mirror), except f = 0 (and the Nyquist frequency)
+    const double w = f == 0 ? 1.0 : 2.0;
+    const bool folded = f == 0 && b % 2 == 0;
     for (int64_t s = 0; s < b; ++s) {
-      const double angle = 2.0 * M_PI * double((f * s) % b) / double(b);
+      const double angle = 2.0 * M_PI * double((f * s) % b) / double(b), sign = s % 2 ? -1.0 : 1.0;
       t.fwd_re[s * F + f] = float(std::cos(angle));
-      t.fwd_im[s * F + f] = float(-std::sin(angle));
+      t.fwd_im[s * F + f] = float(folded ? sign : -std::sin(angle));
       t.inv_re[f * b + s] = float(w * std::cos(angle) / b);
-      t.inv_im[f * b + s] = float(-w * std::sin(angle) / b);
+      t.inv_im[f * b + s] = float(folded ? sign / b : -w * std::sin(angle) / b);
     }
   }
   return cache.emplace(b, std::move(t)).first->second;
@@ -68,12 +83,15 @@ inline __attribute__((always_inline)) void store(float* p, const vec& v) { std::
 // x_hat, frequency-major per row: xr[(r * F + f) * q + i] (and xi); the last block is zero-padded.
 // Vectorised over input blocks: the row is first transposed to xt[t][i] (b x q, q rounded up).
 // Inputs t and b - t share cos and have opposite sin, so their sum and difference halve the work:
-// Re = x[0] + sum_s (x[s] + x[b-s]) cos + [b even] x[b/2] cos(pi f), Im = -sum_s (x[s] - x[b-s]) sin.
+// Re = x[0] + sum_s (x[s] + x[b-s]) cos + [b even] x[b/2] cos(pi f), Im = -sum_s (x[s] - x[b-s]) sin;
+// the folded Nyquist (even b, "Im" of f = 0) has Re's form with the coefficients (-1)^s.
 void forward_dft(const Problem& P, const Tables& t, float* xr, float* xi) {
   const int64_t b = P.b, F = P.F, q = P.q, qv = (q + V - 1) / V * V, h = (b - 1) / 2;
-  std::vector<float> xt(b * qv), sum(h * qv), diff(h * qv);
+  float* xt = scratch(0, b * qv);
+  float* sum = scratch(1, h * qv);
+  float* diff = scratch(2, h * qv);
   for (int64_t r = 0; r < P.n; ++r) {
-    std::fill(xt.begin(), xt.end(), 0.f);
+    std::fill(xt, xt + b * qv, 0.f);
     const float* xs = P.x + r * P.in;
     for (int64_t i = 0; i < q; ++i) {
       for (int64_t s = 0, len = std::min(b, P.in - i * b); s < len; ++s) xt[s * qv + i] = xs[i * b + s];
@@ -87,12 +105,16 @@ void forward_dft(const Problem& P, const Tables& t, float* xr, float* xi) {
     for (int64_t i0 = 0; i0 < q; i0 += V) {
       const int64_t width = std::min(V, q - i0);
       for (int64_t f = 0; f < F; ++f) {
-        vec re = load(xt.data() + i0), im = {};
+        const bool folded = f == 0 && b % 2 == 0;
+        vec re = load(xt + i0), im = folded ? load(xt + i0) : vec{};
         for (int64_t s = 1; s <= h; ++s) {
-          re += t.fwd_re[s * F + f] * load(sum.data() + (s - 1) * qv + i0);
-          im += t.fwd_im[s * F + f] * load(diff.data() + (s - 1) * qv + i0);
+          re += t.fwd_re[s * F + f] * load(sum + (s - 1) * qv + i0);
+          im += t.fwd_im[s * F + f] * load((folded ? sum : diff) + (s - 1) * qv + i0);
         }
-        if (b % 2 == 0 && b > 1) re += t.fwd_re[b / 2 * F + f] * load(xt.data() + b / 2 * qv + i0);
+        if (b % 2 == 0) {
+          re += t.fwd_re[b / 2 * F + f] * load(xt + b / 2 * qv + i0);
+          if (folded) im += t.fwd_im[b / 2 * F] * load(xt + b / 2 * qv + i0);
+        }
         float out[2 * V];
         store(out, re);
         store(out + V, im);
@@ -103,102 +125,119 @@ void forward_dft(const Problem& P, const Tables& t, float* xr, float* xi) {
   }
 }
 
-// acc_r[r] += Re(x_hat) Sr - Im(x_hat) Si and acc_i[r] += Re(x_hat) Si + Im(x_hat) Sr over a group
-// of G consecutive input blocks i: G rows of the real and G of the imaginary spectra (p contiguous
-// floats each), read once per call.
-template <int G>
-void accumulate_group(const Problem& P, const float* xr, const float* xi, int64_t f, int64_t i, float* acc_r,
-                      float* acc_i) {
-  const int64_t p = P.p, q = P.q, pv = p / V * V;
-  const float* __restrict__ sr = P.spec + (f * q + i) * p;
-  const float* __restrict__ si = P.spec + ((P.F + f) * q + i) * p;
+// y_hat[r, j, f] for one frequency f and T vectors of output blocks j0 .. j0 + T*V, every row r:
+// the accumulators stay in registers over all q input blocks, so each spectrum value is loaded
+// once and no partial sum goes through memory. Two accumulators per part break the chain of
+// dependent multiply-adds (their latency, not memory, would set the pace). Folded: frequency 0
+// of even b, two real products (Re x Sr, Im x Si).
+template <int T, bool Folded>
+void multiply_tile(const Problem& P, const float* xr, const float* xi, int64_t f, int64_t j0, float* yr, float* yi) {
+  const int64_t p = P.p, q = P.q;
+  const float* __restrict__ sr = P.spec + f * q * p + j0;
+  const float* __restrict__ si = P.spec + (P.F + f) * q * p + j0;
   for (int64_t r = 0; r < P.n; ++r) {
-    float a[G], c[G];  // held in registers across the loop (the stores below cannot change them)
-    for (int g = 0; g < G; ++g) {
-      a[g] = xr[(r * P.F + f) * q + i + g];
-      c[g] = xi[(r * P.F + f) * q + i + g];
-    }
-    float* __restrict__ pr = acc_r + r * p;
-    float* __restrict__ pi = acc_i + r * p;
-    int64_t k = 0;
-    for (; k < pv; k += V) {
-      vec vr[G], vi[G];  // all loads first: the compiler need not prove the stores below alias none of them
-      for (int g = 0; g < G; ++g) {
-        if (r == 0) {  // the next group's lines: keeps memory busy
-          __builtin_prefetch(sr + (G + g) * p + k);
-          __builtin_prefetch(si + (G + g) * p + k);
+    const float* ar = xr + (r * P.F + f) * q;
+    const float* ai = xi + (r * P.F + f) * q;
+    vec re0[T] = {}, re1[T] = {}, im0[T] = {}, im1[T] = {};
+    for (int64_t i = 0; i < q; ++i) {
+      const float a = ar[i], c = ai[i];
+      for (int k = 0; k < T; ++k) {
+        const vec vr = load(sr + i * p + k * V), vi = load(si + i * p + k * V);
+        if constexpr (Folded) {
+          re0[k] += a * vr;
+          im0[k] += c * vi;
+        } else {
+          re0[k] += a * vr;
+          re1[k] -= c * vi;
+          im0[k] += a * vi;
+          im1[k] += c * vr;
         }
-        vr[g] = load(sr + g * p + k);
-        vi[g] = load(si + g * p + k);
       }
-      vec yr = load(pr + k), yi = load(pi + k);
-      for (int g = 0; g < G; ++g) {
-        yr += a[g] * vr[g] - c[g] * vi[g];
-        yi += a[g] * vi[g] + c[g] * vr[g];
-      }
-      store(pr + k, yr);
-      store(pi + k, yi);
     }
-    if (k < p) {  // the last partial vector: through zero-padded copies, still vectorised
-      const int64_t left = p - k;
-      float tr[G][V] = {}, ti[G][V] = {}, ar[V] = {}, ai[V] = {};
-      for (int g = 0; g < G; ++g) {
-        std::copy(sr + g * p + k, sr + g * p + p, tr[g]);
-        std::copy(si + g * p + k, si + g * p + p, ti[g]);
-      }
-      std::copy(pr + k, pr + p, ar);
-      std::copy(pi + k, pi + p, ai);
-      vec yr = load(ar), yi = load(ai);
-      for (int g = 0; g < G; ++g) {
-        const vec vr = load(tr[g]), vi = load(ti[g]);
-        yr += a[g] * vr - c[g] * vi;
-        yi += a[g] * vi + c[g] * vr;
-      }
-      store(ar, yr);
-      store(ai, yi);
-      std::copy(ar, ar + left, pr + k);
-      std::copy(ai, ai + left, pi + k);
+    for (int k = 0; k < T; ++k) {
+      store(yr + r * p + j0 + k * V, re0[k] + re1[k]);
+      store(yi + r * p + j0 + k * V, im0[k] + im1[k]);
     }
   }
 }
 
-void multiply_accumulate(const Problem& P, const float* xr, const float* xi, int64_t f, float* acc_r,
-                         float* acc_i) {
-  int64_t i = 0;
-  for (; i + 4 <= P.q; i += 4) accumulate_group<4>(P, xr, xi, f, i, acc_r, acc_i);
-  for (; i < P.q; ++i) accumulate_group<1>(P, xr, xi, f, i, acc_r, acc_i);
+// Vectors per tile: 4 accumulators each fill 24 of AVX-512's 32 registers (AVX2 has 16 halves).
+#ifdef __AVX512F__
+constexpr int TILE = 6;
+#else
+constexpr int TILE = 2;
+#endif
+
+template <int T>
+void multiply_tile_at(const Problem& P, const float* xr, const float* xi, int64_t f, int64_t j0, float* yr, float* yi) {
+  if (f == 0 && P.b % 2 == 0) multiply_tile<T, true>(P, xr, xi, f, j0, yr, yi);
+  else multiply_tile<T, false>(P, xr, xi, f, j0, yr, yi);
+}
+
+// y_hat[r, :, f] into yr/yi (n, p): full tiles, then one of the vectors left, then (p not a
+// multiple of V) one vector ending at column p, which recomputes a few columns to the same values.
+void multiply_accumulate(const Problem& P, const float* xr, const float* xi, int64_t f, float* yr, float* yi) {
+  const int64_t p = P.p;
+  if (p < V) {  // too narrow for one vector (tiny layers): plain loops
+    for (int64_t r = 0; r < P.n; ++r) {
+      for (int64_t j = 0; j < p; ++j) {
+        float re = 0.f, im = 0.f;
+        for (int64_t i = 0; i < P.q; ++i) {
+          const float a = xr[(r * P.F + f) * P.q + i], c = xi[(r * P.F + f) * P.q + i];
+          const float vr = P.spec[(f * P.q + i) * p + j], vi = P.spec[((P.F + f) * P.q + i) * p + j];
+          if (f == 0 && P.b % 2 == 0) { re += a * vr; im += c * vi; }
+          else { re += a * vr - c * vi; im += a * vi + c * vr; }
+        }
+        yr[r * p + j] = re;
+        yi[r * p + j] = im;
+      }
+    }
+    return;
+  }
+  int64_t j = 0;
+  for (; j + TILE * V <= p; j += TILE * V) multiply_tile_at<TILE>(P, xr, xi, f, j, yr, yi);
+  switch ((p - j) / V) {
+    case 5: multiply_tile_at<5 <= TILE ? 5 : 1>(P, xr, xi, f, j, yr, yi); break;
+    case 4: multiply_tile_at<4 <= TILE ? 4 : 1>(P, xr, xi, f, j, yr, yi); break;
+    case 3: multiply_tile_at<3 <= TILE ? 3 : 1>(P, xr, xi, f, j, yr, yi); break;
+    case 2: multiply_tile_at<2>(P, xr, xi, f, j, yr, yi); break;
+    case 1: multiply_tile_at<1>(P, xr, xi, f, j, yr, yi); break;
+  }
+  j += (p - j) / V * V;
+  if (j < p) multiply_tile_at<1>(P, xr, xi, f, p - V, yr, yi);
 }
 
 // y[r, j*b + t] = sum over f in [f0, f1) of the inverse DFT terms of y_hat[r, j, f], cropped to
-// `out` columns. B > 0: the block size, a multiple of V known at compile time (held in registers).
+// `out` columns. y_hat frequency-major: yr[(f - f0) * n * p + r * p + j]. B > 0: the block size,
+// a multiple of V known at compile time (held in registers).
 template <int64_t B>
 void inverse_dft(const Problem& P, const Tables& t, const float* yr, const float* yi, int64_t f0, int64_t f1,
                  float* y) {
-  const int64_t b = B > 0 ? B : P.b, nf = f1 - f0;
-  std::vector<float> acc(b);
+  const int64_t b = B > 0 ? B : P.b, nf = f1 - f0, stride = P.n * P.p;
+  float* acc = scratch(3, b);
   for (int64_t r = 0; r < P.n; ++r) {
     for (int64_t j = 0; j < P.p; ++j) {
       const int64_t start = j * b, len = std::min(b, P.out - start);
       if (len <= 0) break;
-      const float* a = yr + (r * P.p + j) * nf;
-      const float* c = yi + (r * P.p + j) * nf;
+      const float* a = yr + r * P.p + j;
+      const float* c = yi + r * P.p + j;
       if constexpr (B > 0) {
         vec sum[B / V] = {};
         for (int64_t f = 0; f < nf; ++f) {
           const float* u = t.inv_re.data() + (f0 + f) * B;
           const float* v = t.inv_im.data() + (f0 + f) * B;
-          for (int64_t k = 0; k < B / V; ++k) sum[k] += a[f] * load(u + k * V) + c[f] * load(v + k * V);
+          for (int64_t k = 0; k < B / V; ++k) sum[k] += a[f * stride] * load(u + k * V) + c[f * stride] * load(v + k * V);
         }
-        for (int64_t k = 0; k < B / V; ++k) store(acc.data() + k * V, sum[k]);
+        for (int64_t k = 0; k < B / V; ++k) store(acc + k * V, sum[k]);
       } else {
-        std::fill(acc.begin(), acc.end(), 0.f);
+        std::fill(acc, acc + b, 0.f);
         for (int64_t f = 0; f < nf; ++f) {
           const float* u = t.inv_re.data() + (f0 + f) * b;
           const float* v = t.inv_im.data() + (f0 + f) * b;
-          for (int64_t s = 0; s < b; ++s) acc[s] += a[f] * u[s] + c[f] * v[s];
+          for (int64_t s = 0; s < b; ++s) acc[s] += a[f * stride] * u[s] + c[f * stride] * v[s];
         }
       }
-      std::copy(acc.begin(), acc.begin() + len, y + r * P.out + start);
+      std::copy(acc, acc + len, y + r * P.out + start);
     }
   }
 }
@@ -207,23 +246,16 @@ void inverse_dft(const Problem& P, const Tables& t, const float* yr, const float
 // inverse DFT, written (not added) into y (n, out).
 void frequency_range(const Problem& P, const Tables& t, const float* xr, const float* xi, int64_t f0, int64_t f1,
                      float* y) {
-  const int64_t nf = f1 - f0;
-  std::vector<float> acc_r(P.n * P.p), acc_i(P.n * P.p), yr(P.n * P.p * nf), yi(P.n * P.p * nf);
-  for (int64_t f = f0; f < f1; ++f) {
-    std::fill(acc_r.begin(), acc_r.end(), 0.f);
-    std::fill(acc_i.begin(), acc_i.end(), 0.f);
-    multiply_accumulate(P, xr, xi, f, acc_r.data(), acc_i.data());
-    for (int64_t e = 0; e < P.n * P.p; ++e) {
-      yr[e * nf + f - f0] = acc_r[e];
-      yi[e * nf + f - f0] = acc_i[e];
-    }
-  }
+  const int64_t size = P.n * P.p;
+  float* yr = scratch(6, size * (f1 - f0));
+  float* yi = scratch(7, size * (f1 - f0));
+  for (int64_t f = f0; f < f1; ++f) multiply_accumulate(P, xr, xi, f, yr + (f - f0) * size, yi + (f - f0) * size);
   switch (P.b) {
-    case 16: inverse_dft<16>(P, t, yr.data(), yi.data(), f0, f1, y); break;
-    case 32: inverse_dft<32>(P, t, yr.data(), yi.data(), f0, f1, y); break;
-    case 64: inverse_dft<64>(P, t, yr.data(), yi.data(), f0, f1, y); break;
-    case 128: inverse_dft<128>(P, t, yr.data(), yi.data(), f0, f1, y); break;
-    default: inverse_dft<0>(P, t, yr.data(), yi.data(), f0, f1, y);
+    case 16: inverse_dft<16>(P, t, yr, yi, f0, f1, y); break;
+    case 32: inverse_dft<32>(P, t, yr, yi, f0, f1, y); break;
+    case 64: inverse_dft<64>(P, t, yr, yi, f0, f1, y); break;
+    case 128: inverse_dft<128>(P, t, yr, yi, f0, f1, y); break;
+    default: inverse_dft<0>(P, t, yr, yi, f0, f1, y);
   }
 }
 
@@ -238,7 +270,8 @@ torch::Tensor circulant_decode(const torch::Tensor& x, const torch::Tensor& spec
   TORCH_CHECK(spec.dim() == 4 && spec.size(0) == 2 && spec.scalar_type() == torch::kFloat32 && spec.is_contiguous(),
               "circulant_decode: spectra must be contiguous planar (2, F, q, p) float32");
   const int64_t b = block_size, F = spec.size(1), q = spec.size(2), p = spec.size(3);
-  TORCH_CHECK(b >= 1 && F == b / 2 + 1, "circulant_decode: spectra have ", F, " frequencies, block size ", b);
+  TORCH_CHECK(b >= 1 && F == stored_frequencies(b), "circulant_decode: spectra have ", F,
+              " frequencies, block size ", b, " needs ", stored_frequencies(b));
   TORCH_CHECK(x.size(1) == in_features && q == (in_features + b - 1) / b,
               "circulant_decode: x has ", x.size(1), " columns, in_features ", in_features, ", ", q, " input blocks");
   TORCH_CHECK(out_features >= 1 && out_features <= p * b, "circulant_decode: out_features ", out_features,
@@ -250,25 +283,24 @@ torch::Tensor circulant_decode(const torch::Tensor& x, const torch::Tensor& spec
   const Problem P{xc.data_ptr<float>(), spec.data_ptr<float>(),
                   n, in_features, out_features, b, F, q, p};
   const Tables& t = tables(b);
-  std::vector<float> xr(n * F * q), xi(n * F * q);
-  forward_dft(P, t, xr.data(), xi.data());
-  const int64_t parts = std::max<int64_t>(1, std::min(threads, F));
+  float* xr = scratch(8, n * F * q);
+  float* xi = scratch(9, n * F * q);
+  forward_dft(P, t, xr, xi);
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, F)), size = n * out_features;
+  float* __restrict__ dst = y.data_ptr<float>();
   if (parts == 1) {
-    frequency_range(P, t, xr.data(), xi.data(), 0, F, y.data_ptr<float>());
+    frequency_range(P, t, xr, xi, 0, F, dst);
     return y;
   }
-  std::vector<std::vector<float>> partial(parts);  // part 0 writes y itself
+  float* partial = scratch(10, (parts - 1) * size);  // part k > 0 writes partial + (k - 1) * size
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      float* dst = y.data_ptr<float>();
-      if (k > 0) { partial[k].resize(n * out_features); dst = partial[k].data(); }
-      frequency_range(P, t, xr.data(), xi.data(), k * F / parts, (k + 1) * F / parts, dst);
+      frequency_range(P, t, xr, xi, k * F / parts, (k + 1) * F / parts, k ? partial + (k - 1) * size : dst);
     }
   });
-  float* __restrict__ dst = y.data_ptr<float>();
   for (int64_t k = 1; k < parts; ++k) {
-    const float* __restrict__ src = partial[k].data();
-    for (int64_t e = 0; e < n * out_features; ++e) dst[e] += src[e];
+    const float* __restrict__ src = partial + (k - 1) * size;
+    for (int64_t e = 0; e < size; ++e) dst[e] += src[e];
   }
   return y;
 }
