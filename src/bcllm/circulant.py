@@ -220,7 +220,7 @@ def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
     if x.dtype != torch.float32:
         x = x.float()
     if uses_kernel(x, spec):  # fused C++ kernel (float32 whatever autocast says)
-        threads = 1 if spec.numel() * 4 <= KERNEL_SINGLE_THREAD_MAX_BYTES else torch.get_num_threads()
+        threads = 1 if spec.numel() * 4 <= KERNEL_SINGLE_THREAD_MAX_BYTES else 0  # 0: all of torch's threads
         if torch.compiler.is_compiling():  # an operator the graph can hold (bench.lean_decode's compile)
             return kernel.circulant_decode_op(x, spec, out_features, in_features, block_size, threads)
         return kernel.circulant_decode(x, spec, out_features, in_features, block_size, threads)

@@ -156,7 +156,8 @@ def applies(x: torch.Tensor, spec: torch.Tensor) -> bool:
 def circulant_decode(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
                      block_size: int, threads: int = 1) -> torch.Tensor:
     """(n, out) float32 = x @ W.T for the block-circulant W with planar spectra `spec` (2, F, q, p);
-    `threads` > 1 splits the frequencies over torch's threads. Call only where `applies`."""
+    `threads` > 1 splits the frequencies over that many of torch's threads, 0 over all of them.
+    Call only where `applies`."""
     module = load()
     if module is None:
         raise RuntimeError("bcllm: the circulant decode kernel is not built (check kernel.applies first)")
