@@ -241,6 +241,32 @@ def test_lean_decode_gives_hf_generate_tokens(arch):
         assert tokens.tolist() == ref[:, ids.shape[1]:].tolist()
 
 
+def test_alternate_runs_each_prompt_on_both_models_in_turn():
+    from bcllm.bench import alternate
+
+    calls = []
+
+    def run(kind):
+        return lambda name, ids: calls.append((kind, name, ids)) or {"dense": 2.0, "compressed": 0.5}[name] * ids
+
+    class Bar:
+        total, done = None, 0
+
+        def reset(self, total):
+            self.total = total
+
+        def update(self, n):
+            self.done += n
+
+    bar = Bar()
+    seconds = alternate({"a": run("a"), "b": run("b")}, ["dense", "compressed"], [1, 3], repeats=2, progress=bar)
+    assert calls[:6] == [("a", "dense", 1), ("a", "compressed", 1), ("a", "dense", 3), ("a", "compressed", 3),
+                         ("b", "dense", 1), ("b", "compressed", 1)]
+    assert seconds == {"a": {"dense": [8.0, 8.0], "compressed": [2.0, 2.0]},
+                       "b": {"dense": [8.0, 8.0], "compressed": [2.0, 2.0]}}
+    assert (bar.total, bar.done) == (4, 4)
+
+
 def test_compiled_lean_decode_is_one_graph_with_the_kernel_and_same_tokens(monkeypatch):
     """Under torch.compile the fused student's decode step is a single graph (the kernel is an
     operator, the spectra a captured cache), decodes the eager tokens, and compiles once for

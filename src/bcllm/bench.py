@@ -280,15 +280,36 @@ def compile_steps(models: dict, prompt: torch.Tensor, caches: dict) -> tuple[dic
     return steps, seconds, None
 
 
+def alternate(runs: dict, names: list[str], prompts: list, repeats: int, progress=None) -> dict:
+    """{kind: {name: [seconds per repeat, summed over prompts]}}: run(name, ids) for each kind,
+    each prompt on every model in turn before the next prompt."""
+    seconds = {kind: {name: [] for name in names} for kind in runs}
+    if progress is not None:
+        progress.reset(total=repeats * len(runs))
+    for _ in range(repeats):
+        for kind, run in runs.items():
+            totals = dict.fromkeys(names, 0.0)
+            for ids in prompts:
+                for name in names:
+                    totals[name] += run(name, ids)
+            for name, total in totals.items():
+                seconds[kind][name].append(total)
+            if progress is not None:
+                progress.update(1)
+    return seconds
+
+
 @torch.inference_mode()
 def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[int]], new_tokens: int = 32,
                 repeats: int = 3, compile: bool = True, progress=None) -> dict:
-    """Prefill and decode throughput of both models, alternating within each repeat.
+    """Prefill and decode throughput of both models, alternating prompt by prompt.
 
     Decode runs three ways: the lean loop with each step through torch.compile (`decode_*`; eager
     where compile is off or fails), the same loop eager (`eager_decode_*`), and Hugging Face
     generate (`generate_decode_*`). One static cache per model serves every prompt, so the
-    compiled step has one shape."""
+    compiled step has one shape. Each prompt runs on the dense model and right after on the
+    compressed one (a shared machine's speed drifts over seconds; the pair sees the same), and
+    each kind's per-repeat totals give medians over the repeats."""
     device = next(model.parameters()).device
     prompts = [torch.tensor([ids], device=device) for ids in prompt_ids]
     models = {"dense": model, "compressed": compressed}
@@ -299,22 +320,22 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
         lean_decode(m, prompts[0], 2, caches[name])
     steps, compile_s, compile_error = compile_steps(models, prompts[0], caches) if compile else (dict(models), {}, None)
     compiled = compile and compile_error is None
-    prefill, decode, eager, generate = ({k: [] for k in models} for _ in range(4))
-    for _ in range(repeats):
-        for name, m in models.items():
-            t = time.perf_counter()
-            for ids in prompts:
-                m(ids, use_cache=True)
-            sync(device)
-            prefill[name].append(time.perf_counter() - t)
-            decode[name].append(sum(lean_decode(m, ids, new_tokens, caches[name], steps[name])[0] for ids in prompts))
-            if compiled:
-                eager[name].append(sum(lean_decode(m, ids, new_tokens, caches[name])[0] for ids in prompts))
-            generate[name].append(sum(generate_decode(m, ids, new_tokens) for ids in prompts))
-            if progress is not None:
-                progress.update(1)
+
+    def prefill_seconds(name, ids):
+        t = time.perf_counter()
+        models[name](ids, use_cache=True)
+        sync(device)
+        return time.perf_counter() - t
+
+    runs = {"prefill": prefill_seconds,
+            "decode": lambda name, ids: lean_decode(models[name], ids, new_tokens, caches[name], steps[name])[0],
+            "eager": lambda name, ids: lean_decode(models[name], ids, new_tokens, caches[name])[0],
+            "generate": lambda name, ids: generate_decode(models[name], ids, new_tokens)}
     if not compiled:
-        eager = decode
+        del runs["eager"]  # the lean loop already ran eager
+    seconds = alternate(runs, list(models), prompts, repeats, progress)
+    prefill, decode, generate = seconds["prefill"], seconds["decode"], seconds["generate"]
+    eager = seconds.get("eager", decode)
     n_prefill = sum(len(ids) for ids in prompt_ids)
     n_decode = new_tokens * len(prompts)
     result = {"compiled": compiled, "compile_seconds": compile_s, "compile_error": compile_error}

@@ -576,7 +576,7 @@ def cmd_bench_model(args) -> None:
     student, summary = student_from_args(args, spec_io, model, tokenizer)
     summary["fused_mlps"] = 0 if args.no_fuse else len(fuse_circulant_mlp_(student))
     ids = tokenize_prompts(tokenizer, prompts)
-    with tqdm(total=args.repeats * 2, desc="bench model", unit="run") as bar:
+    with tqdm(desc="bench model", unit="pass") as bar:  # (bench_model sets the total: repeats x kinds)
         results.update(bench_model(model, student, ids, new_tokens=args.new_tokens, repeats=args.repeats,
                                    compile=not args.no_compile, progress=bar))
     results["compression"] = summary
