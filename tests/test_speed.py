@@ -283,8 +283,6 @@ def test_compiled_lean_decode_is_one_graph_with_the_kernel_and_same_tokens(monke
     monkeypatch.setattr(circulant, "KERNEL_SINGLE_THREAD_MAX_BYTES", 0)
     prompts = [torch.tensor([[5, 9, 2, 7, 1]]), torch.tensor([[3, 4]])]
     cache = static_cache(student, 12)
-    calls = []
-    real = kernel.circulant_decode_op
     with torch.inference_mode():
         eager = [lean_decode(student, ids, 6, cache)[1] for ids in prompts]
         token, position = prompts[0][:, -1:], torch.tensor([5])

@@ -132,6 +132,7 @@ def load():
     if _module is _UNSET:
         try:
             _module = _build()
+            _register_fake()
         except Exception as e:  # any build or import failure: the torch path still works
             _failure = str(e).strip() or type(e).__name__
             warnings.warn(f"bcllm: the fused circulant decode kernel is unavailable ({_failure.splitlines()[0][:300]}); "
@@ -169,18 +170,21 @@ def circulant_decode(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
         raise InputError(str(e).strip().splitlines()[0], "x") from None
 
 
-# The kernel as a torch operator, for graphs that torch.compile captures (bench.lean_decode with
-# compile): a plain extension call would break the graph at every circulant product. Eager code
-# calls circulant_decode directly, which skips the dispatcher's few microseconds per call.
-@torch.library.custom_op("bcllm::circulant_decode", mutates_args=())
 def circulant_decode_op(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
                         block_size: int, threads: int) -> torch.Tensor:
-    return circulant_decode(x, spec, out_features, in_features, block_size, threads)
+    """The kernel as the torch operator bcllm::circulant_decode, which the extension registers in
+    C++ (its shape-only fake is registered on load), for graphs that torch.compile captures
+    (bench.lean_decode with compile): a plain extension call would break the graph at every
+    product. Eager code calls circulant_decode, which skips the dispatcher. Call only where `applies`."""
+    return torch.ops.bcllm.circulant_decode.default(x, spec, out_features, in_features, block_size, threads)
 
 
-@circulant_decode_op.register_fake
-def _(x, spec, out_features, in_features, block_size, threads):
-    return x.new_empty(x.shape[0], out_features)
+def _register_fake() -> None:
+    """The operator's output shape for tracing, once per process (the library may load again)."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("bcllm::circulant_decode", "Meta"):
+        return
+    torch.library.register_fake("bcllm::circulant_decode")(
+        lambda x, spec, out_features, in_features, block_size, threads: x.new_empty(x.shape[0], out_features))
 
 
 def main() -> None:
