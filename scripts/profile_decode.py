@@ -1,57 +1,58 @@
-"""Where a decode step's time goes: SmolLM2-135M dense and with all 90 MLP projections at block
-size 16 (fused), each step through torch.compile as in `bcllm bench model`; eager and compiled ms
-per token, then the torch profiler's table over 16 compiled steps, and the time spent inside the
-circulant kernel per token, timed around each call without the profiler.
+"""Where a decode step's time goes: SmolLM2-135M dense, with all 90 MLP projections at block size
+16 (fused), and the floor (every MLP removed: what the layers both models share cost), each step
+through torch.compile as in `bcllm bench model`, prompt by prompt in turn (bench.alternate).
+Then the torch profiler's table over 16 compiled steps of the compressed model (it inflates
+small items; its bcllm::circulant_decode row is the kernel).
 
     python scripts/profile_decode.py > docs/results/bench/profile_decode.txt
 """
 
 import copy
-import time
+import statistics
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from bcllm import CirculantConfig, compress_, kernel
-from bcllm.bench import lean_decode, static_cache
+from bcllm import CirculantConfig, compress_
+from bcllm.bench import alternate, compile_steps, lean_decode, static_cache
 from bcllm.fused import fuse_circulant_mlp_
 from bcllm.models import load_model
+from bcllm.prompts import load_prompts, tokenize_prompts
+
+
+class NoMLP(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
 
 model, tok = load_model("smollm2-135m")
 student = copy.deepcopy(model)
 compress_(student, CirculantConfig(block_size=16, targets="mlp"))
 fuse_circulant_mlp_(student)
-ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog and then")["input_ids"]])
-inside = {"s": 0.0, "calls": 0}
-direct = kernel.circulant_decode
-
-
-def timed_kernel(*args):
-    t = time.perf_counter()
-    y = direct(*args)
-    inside["s"] += time.perf_counter() - t
-    inside["calls"] += 1
-    return y
-
-
+floor = copy.deepcopy(model)
+for layer in floor.model.layers:
+    layer.mlp = NoMLP()
+models = {"dense": model, "compressed": student, "floor (no MLP)": floor}
+prompts = [torch.tensor([ids]) for ids in tokenize_prompts(tok, load_prompts(None)[:8])]
+new_tokens = 32
+print("`python scripts/profile_decode.py` (2-core Xeon VM): ms per token, compiled lean loop, 8 prompts x "
+      f"{new_tokens} tokens, the three models alternated prompt by prompt, 4 repeats\n")
 with torch.inference_mode():
-    for name, m in (("dense", model), ("compressed", student)):
-        cache = static_cache(m, 64)
-        lean_decode(m, ids, 2, cache)
-        step = torch.compile(m, dynamic=False)
-        t = time.perf_counter()
-        lean_decode(m, ids, 2, cache, step)
-        print(f"{name}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
-        eager = [lean_decode(m, ids, 32, cache)[0] / 32 * 1e3 for _ in range(3)]
-        compiled = [lean_decode(m, ids, 32, cache, step)[0] / 32 * 1e3 for _ in range(3)]
-        print(f"{name}: ms per token, eager {[round(v, 1) for v in eager]}, compiled "
-              f"{[round(v, 1) for v in compiled]}", flush=True)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            lean_decode(m, ids, 16, cache, step)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
-        if name == "compressed":
-            kernel.circulant_decode = timed_kernel  # what the compiled graph's operator calls
-            seconds, _ = lean_decode(m, ids, 32, cache, step)
-            kernel.circulant_decode = direct
-            print(f"compressed: step {seconds / 32 * 1e3:.1f} ms, of which {inside['s'] / 32 * 1e3:.2f} ms in "
-                  f"{inside['calls'] // 32} kernel calls ({inside['s'] / inside['calls'] * 1e6:.0f} us a call)")
+    caches = {name: static_cache(m, max(p.shape[1] for p in prompts) + new_tokens) for name, m in models.items()}
+    for name, m in models.items():
+        lean_decode(m, prompts[0], 2, caches[name])
+    steps, _, error = compile_steps(models, prompts[0], caches)
+    if error:
+        raise SystemExit(f"torch.compile failed: {error}")
+    run = {"decode": lambda name, ids: lean_decode(models[name], ids, new_tokens, caches[name], steps[name])[0]}
+    seconds = alternate(run, list(models), prompts, repeats=4)["decode"]
+    ms = {name: [s / (new_tokens * len(prompts)) * 1e3 for s in v] for name, v in seconds.items()}
+    for name, v in ms.items():
+        print(f"{name}: {[round(x, 1) for x in v]}, median {statistics.median(v):.2f} ms")
+    mlp = {name: statistics.median(ms[name]) - statistics.median(ms["floor (no MLP)"]) for name in ("dense", "compressed")}
+    print(f"MLPs in context (model minus floor): dense {mlp['dense']:.2f} ms, compressed {mlp['compressed']:.2f} ms\n")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        lean_decode(student, prompts[0], 16, caches["compressed"], steps["compressed"])
+    print("compressed, 16 compiled steps under the profiler:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
