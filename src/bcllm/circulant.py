@@ -175,11 +175,11 @@ def circulant_matmul_planar(x: torch.Tensor, spec: torch.Tensor, out_features: i
 
 
 # Up to this many rows circulant_matmul hands float32 CPU rows to the fused kernel (bcllm.kernel):
-# the kernel streams the spectra once per call but does each row's work separately, and from 4
-# rows the planar path's matmuls win (`python scripts/kernel_rows.py`, cold, 2-core Xeon, kernel
-# vs planar us at 1/2/4/8 rows: 576x1536 b=16 30/42/78/158 vs 41/44/50/65; 11008x4096 b=64
-# 193/269/435/686 vs 228/270/365/433).
-KERNEL_MAX_ROWS = 2
+# the kernel streams the spectra once per call but does each row's work separately, and from 8
+# rows the planar path's matmuls win on large layers (`python scripts/kernel_rows.py`, cold,
+# 2-core Xeon, kernel vs planar us at 1/2/4/8 rows: 576x1536 b=16 20/26/36/74 vs 44/46/68/85;
+# 11008x4096 b=64 215/259/356/655 vs 281/293/369/588).
+KERNEL_MAX_ROWS = 4
 # Products of few rows with spectra up to this size run on one thread when they take the torch
 # path: they gain nothing from a second one, and on a busy machine each parallel region waits
 # for a descheduled thread (measured on 2 loaded cores, 1 row: 1536x576 b=16 median 60 ms at 2
