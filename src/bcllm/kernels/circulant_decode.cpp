@@ -2,16 +2,18 @@
 // on first use through torch's extension mechanism. Conventions as in bcllm/circulant.py
 // (docs/DESIGN.md sections 1 and 4): x (n, in) float32, planar spectra (2, F, q, p) float32 (real
 // parts, then imaginary parts), F = ceil(b/2); for even b the Nyquist frequency b/2, real, sits in
-// the place of frequency 0's imaginary part (zero), so that a block's spectra are b floats,
+// the place of frequency 0's imaginary part (zero), so that a block's spectra are b floats, as
+// many as its weights,
 //
 //   x_hat[r, i, f] = sum_t x[r, i*b + t] exp(-2 pi i f t / b)              (real DFT of each block)
 //   y_hat[r, j, f] = sum_i x_hat[r, i, f] spec[f, i, j]                     (complex multiply-accumulate)
 //   y[r, j*b + t]  = irfft(y_hat[r, j, :])[t]                               (inverse real DFT)
 //
-// in one pass that reads every spectrum value once, in memory order (two streams, real and
-// imaginary). The complex products are real multiply-adds on the planar parts, Re += xr Sr - xi Si
-// and Im += xr Si + xi Sr, four input blocks at a time: no shuffles in the inner loop (at the folded
-// frequency 0 the two real parts multiply separately: Re += xr Sr, Im += xi Si). With
+// in one pass that reads every spectrum value once (two streams, real and imaginary). The complex
+// products are real multiply-adds on the planar parts, Re += xr Sr - xi Si and Im += xr Si + xi Sr,
+// for a tile of output blocks at a time whose sums stay in registers over all input blocks: no
+// shuffles, no partial sums through memory (at the folded frequency 0 the two real parts multiply
+// separately: Re += xr Sr, Im += xi Si). With
 // several threads each takes a contiguous range of frequencies and adds its frequencies' share of
 // the inverse DFT into its own output, summed at the end: the inverse DFT is linear in y_hat.
 #include <torch/extension.h>
