@@ -37,6 +37,9 @@ struct Tables {
 // Frequencies stored per block: ceil(b / 2) (bcllm.circulant.stored_frequencies).
 inline int64_t stored_frequencies(int64_t b) { return (b + 1) / 2; }
 
+// Whether frequency f holds the folded pair (Re of f = 0, the real Nyquist value): f = 0 of even b.
+inline bool folded(int64_t f, int64_t b) { return f == 0 && b % 2 == 0; }
+
 // A scratch buffer per thread and slot, kept across calls: no allocation on the decode path.
 float* scratch(int slot, size_t n) {
   static thread_local std::vector<float> buffers[11];
@@ -58,13 +61,12 @@ const Tables& tables(int64_t b) {
   for (int64_t f = 0; f < F; ++f) {
     // irfft counts each frequency twice (its mirror), except f = 0 (and the Nyquist frequency)
     const double w = f == 0 ? 1.0 : 2.0;
-    const bool folded = f == 0 && b % 2 == 0;
     for (int64_t s = 0; s < b; ++s) {
       const double angle = 2.0 * M_PI * double((f * s) % b) / double(b), sign = s % 2 ? -1.0 : 1.0;
       t.fwd_re[s * F + f] = float(std::cos(angle));
-      t.fwd_im[s * F + f] = float(folded ? sign : -std::sin(angle));
+      t.fwd_im[s * F + f] = float(folded(f, b) ? sign : -std::sin(angle));
       t.inv_re[f * b + s] = float(w * std::cos(angle) / b);
-      t.inv_im[f * b + s] = float(folded ? sign / b : -w * std::sin(angle) / b);
+      t.inv_im[f * b + s] = float(folded(f, b) ? sign / b : -w * std::sin(angle) / b);
     }
   }
   return cache.emplace(b, std::move(t)).first->second;
@@ -107,15 +109,15 @@ void forward_dft(const Problem& P, const Tables& t, float* xr, float* xi) {
     for (int64_t i0 = 0; i0 < q; i0 += V) {
       const int64_t width = std::min(V, q - i0);
       for (int64_t f = 0; f < F; ++f) {
-        const bool folded = f == 0 && b % 2 == 0;
-        vec re = load(xt + i0), im = folded ? load(xt + i0) : vec{};
+        const bool nyquist = folded(f, b);
+        vec re = load(xt + i0), im = nyquist ? load(xt + i0) : vec{};
         for (int64_t s = 1; s <= h; ++s) {
           re += t.fwd_re[s * F + f] * load(sum + (s - 1) * qv + i0);
-          im += t.fwd_im[s * F + f] * load((folded ? sum : diff) + (s - 1) * qv + i0);
+          im += t.fwd_im[s * F + f] * load((nyquist ? sum : diff) + (s - 1) * qv + i0);
         }
         if (b % 2 == 0) {
           re += t.fwd_re[b / 2 * F + f] * load(xt + b / 2 * qv + i0);
-          if (folded) im += t.fwd_im[b / 2 * F] * load(xt + b / 2 * qv + i0);
+          if (nyquist) im += t.fwd_im[b / 2 * F] * load(xt + b / 2 * qv + i0);
         }
         float out[2 * V];
         store(out, re);
@@ -127,16 +129,16 @@ void forward_dft(const Problem& P, const Tables& t, float* xr, float* xi) {
   }
 }
 
-// y_hat[r, j, f] for one frequency f and T vectors of output blocks j0 .. j0 + T*V, every row r:
-// the accumulators stay in registers over all q input blocks, so each spectrum value is loaded
-// once and no partial sum goes through memory. Two accumulators per part break the chain of
-// dependent multiply-adds (their latency, not memory, would set the pace). Folded: frequency 0
-// of even b, two real products (Re x Sr, Im x Si).
 // Software prefetch distance in rows of the spectra. Cold, 1 row, two threads, median us of three
 // alternated runs without / with 8 rows: 11008x4096 b=64 143-180 / 121-150, 1536x576 b=16
 // 14-17 / 14-16; 4 rows gained less, 32 and 64 lost.
 constexpr int64_t PREFETCH_ROWS = 8;
 
+// y_hat[r, j, f] for one frequency f and T vectors of output blocks j0 .. j0 + T*V, every row r:
+// the accumulators stay in registers over all q input blocks, so each spectrum value is loaded
+// once and no partial sum goes through memory. Two accumulators per part break the chain of
+// dependent multiply-adds (their latency, not memory, would set the pace). Folded: frequency 0
+// of even b, two real products (Re x Sr, Im x Si).
 template <int T, bool Folded>
 void multiply_tile(const Problem& P, const float* xr, const float* xi, int64_t f, int64_t j0, float* yr, float* yi) {
   const int64_t p = P.p, q = P.q;
@@ -179,9 +181,14 @@ constexpr int TILE = 6;
 constexpr int TILE = 2;
 #endif
 
+// One tile of `vectors` (1..T) vectors at column j0: the template instance of that width.
 template <int T>
-void multiply_tile_at(const Problem& P, const float* xr, const float* xi, int64_t f, int64_t j0, float* yr, float* yi) {
-  if (f == 0 && P.b % 2 == 0) multiply_tile<T, true>(P, xr, xi, f, j0, yr, yi);
+void multiply_tile_at(const Problem& P, const float* xr, const float* xi, int64_t f, int64_t j0, float* yr, float* yi,
+                      int64_t vectors = T) {
+  if constexpr (T > 1) {
+    if (vectors < T) return multiply_tile_at<T - 1>(P, xr, xi, f, j0, yr, yi, vectors);
+  }
+  if (folded(f, P.b)) multiply_tile<T, true>(P, xr, xi, f, j0, yr, yi);
   else multiply_tile<T, false>(P, xr, xi, f, j0, yr, yi);
 }
 
@@ -196,7 +203,7 @@ void multiply_accumulate(const Problem& P, const float* xr, const float* xi, int
         for (int64_t i = 0; i < P.q; ++i) {
           const float a = xr[(r * P.F + f) * P.q + i], c = xi[(r * P.F + f) * P.q + i];
           const float vr = P.spec[(f * P.q + i) * p + j], vi = P.spec[((P.F + f) * P.q + i) * p + j];
-          if (f == 0 && P.b % 2 == 0) { re += a * vr; im += c * vi; }
+          if (folded(f, P.b)) { re += a * vr; im += c * vi; }
           else { re += a * vr - c * vi; im += a * vi + c * vr; }
         }
         yr[r * p + j] = re;
@@ -207,14 +214,9 @@ void multiply_accumulate(const Problem& P, const float* xr, const float* xi, int
   }
   int64_t j = 0;
   for (; j + TILE * V <= p; j += TILE * V) multiply_tile_at<TILE>(P, xr, xi, f, j, yr, yi);
-  switch ((p - j) / V) {
-    case 5: multiply_tile_at<5 <= TILE ? 5 : 1>(P, xr, xi, f, j, yr, yi); break;
-    case 4: multiply_tile_at<4 <= TILE ? 4 : 1>(P, xr, xi, f, j, yr, yi); break;
-    case 3: multiply_tile_at<3 <= TILE ? 3 : 1>(P, xr, xi, f, j, yr, yi); break;
-    case 2: multiply_tile_at<2>(P, xr, xi, f, j, yr, yi); break;
-    case 1: multiply_tile_at<1>(P, xr, xi, f, j, yr, yi); break;
-  }
-  j += (p - j) / V * V;
+  const int64_t left = (p - j) / V;  // whole vectors left, fewer than TILE
+  if (left > 0) multiply_tile_at<TILE>(P, xr, xi, f, j, yr, yi, left);
+  j += left * V;
   if (j < p) multiply_tile_at<1>(P, xr, xi, f, p - V, yr, yi);
 }
 
