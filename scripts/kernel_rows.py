@@ -29,7 +29,7 @@ with torch.inference_mode():
     for out_f, in_f, b, count in [(1536, 576, 16, 600), (576, 1536, 16, 600), (11008, 4096, 64, 60)]:
         p, q = circulant.grid_shape(out_f, in_f, b)
         specs = [circulant.spectra(torch.randn(p, q, b)) for _ in range(count)]
-        threads = 1 if specs[0].numel() * 4 <= circulant.KERNEL_SINGLE_THREAD_MAX_BYTES else torch.get_num_threads()
+        threads = circulant.kernel_threads(specs[0])  # as circulant_matmul dispatches
         for n in (1, 2, 4, 8, 16):
             x, ring = torch.randn(n, in_f), iter(range(10 ** 9))
             fused = median_us(lambda: kernel.circulant_decode(x, specs[next(ring) % count], out_f, in_f, b, threads))

@@ -203,6 +203,12 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+def kernel_threads(spec: torch.Tensor) -> int:
+    """The fused kernel's `threads` for these spectra: 1 up to KERNEL_SINGLE_THREAD_MAX_BYTES, else
+    0 (all of torch's threads, counted by the kernel: a compiled graph cannot ask torch)."""
+    return 1 if spec.numel() * 4 <= KERNEL_SINGLE_THREAD_MAX_BYTES else 0
+
+
 def uses_kernel(x: torch.Tensor, spec: torch.Tensor) -> bool:
     """Whether circulant_matmul hands the float32 rows `x` to the fused kernel (bcllm.kernel)."""
     return x.shape[0] <= KERNEL_MAX_ROWS and kernel.applies(x, spec)
@@ -220,7 +226,7 @@ def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_
     if x.dtype != torch.float32:
         x = x.float()
     if uses_kernel(x, spec):  # fused C++ kernel (float32 whatever autocast says)
-        threads = 1 if spec.numel() * 4 <= KERNEL_SINGLE_THREAD_MAX_BYTES else 0  # 0: all of torch's threads
+        threads = kernel_threads(spec)
         if torch.compiler.is_compiling():  # an operator the graph can hold (bench.lean_decode's compile)
             return kernel.circulant_decode_op(x, spec, out_features, in_features, block_size, threads)
         return kernel.circulant_decode(x, spec, out_features, in_features, block_size, threads)

@@ -18,6 +18,7 @@ import math
 
 from torch import nn
 
+from .circulant import stored_frequencies
 from .modules import BlockCirculantLinear, linear_weight
 
 
@@ -32,7 +33,7 @@ def circulant_costs(out_features: int, in_features: int, block_size: int, bias: 
     """`outputs` > 1: that many layers of this shape sharing one input transform (fused gate/up)."""
     b = block_size
     p, q = math.ceil(out_features / b), math.ceil(in_features / b)
-    F = (b + 1) // 2  # circulant.stored_frequencies
+    F = stored_frequencies(b)
     fft = 2.5 * b * math.log2(b) if b > 1 else 0.0
     bias_n = out_features * outputs if bias else 0
     flops = 8 * F * q * p * outputs + fft * (q + p * outputs) + bias_n
