@@ -3,13 +3,13 @@ aware fit at several ridges: calibration = 80 self-chat samples, held out = the 
     python scripts/calibration_ridge.py
 """
 import torch, copy
-from bcllm.models import load_model
-from bcllm.calib_data import load_calibration, make_batches, pydoc_samples
-from bcllm.calibrate import InputStats, _InputCapture, _rows
-from bcllm import circulant
+from bcllm.io.models import load_model
+from bcllm.fit.calib_text import load_calibration, make_batches, pydoc_samples
+from bcllm.fit.closed_form import InputStats, _InputCapture, _rows
+from bcllm.ops import circulant
 m, tok = load_model("smollm2-135m")
 s = load_calibration("self-chat", m, tok, 96, 48, 0, "smollm2-135m")
-from bcllm.prompts import load_prompts
+from bcllm.io.prompts import load_prompts
 tr = make_batches(tok, s[:80], 8, 96); te = make_batches(tok, load_prompts(None), 16, 96)
 names = ["model.layers.12.mlp.gate_proj", "model.layers.12.mlp.down_proj"]
 cap = _InputCapture(m, names)

@@ -14,10 +14,10 @@ import time
 import torch
 
 from bcllm import StudentSpec, build_student
-from bcllm.evaluate import TeacherCache, evaluate
-from bcllm.models import load_model, model_file_identity
-from bcllm.prompts import load_prompts
-from bcllm.results import append_jsonl, command_line, versions
+from bcllm.eval.metrics import TeacherCache, evaluate
+from bcllm.io.models import load_model, model_file_identity
+from bcllm.io.prompts import load_prompts
+from bcllm.io.results import append_jsonl, command_line, versions
 
 DEFAULT_RUNS = ["12:frobenius", "12:aware", "12:sequential", "10-19:frobenius", "10-19:aware", "10-19:sequential",
                 "all:frobenius", "all:aware", "all:sequential"]
@@ -30,7 +30,7 @@ p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                help="StudentSpec settings for every run, e.g. calib=pydoc block_size=8 (types as the CLI's)")
 args = p.parse_args()
 
-from bcllm.pipeline import spec_value  # noqa: E402
+from bcllm.fit.student import spec_value  # noqa: E402
 
 base = {k: spec_value(k, v) for k, v in (item.split("=", 1) for item in args.set)}
 torch.manual_seed(0)

@@ -14,10 +14,10 @@ import copy
 import torch
 
 from bcllm import StudentSpec, build_student
-from bcllm.calib_data import load_calibration, make_batches
-from bcllm.distill import DistillConfig, distill_
-from bcllm.models import load_model
-from bcllm.results import command_line, versions, write_json
+from bcllm.fit.calib_text import load_calibration, make_batches
+from bcllm.fit.distill import DistillConfig, distill_
+from bcllm.io.models import load_model
+from bcllm.io.results import command_line, versions, write_json
 
 p = argparse.ArgumentParser()
 p.add_argument("--layers", default="10-19")

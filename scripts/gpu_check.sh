@@ -23,7 +23,7 @@ if [[ ${1:-} == --prepare ]]; then  # the model's config and tokenizer, read fro
     exec "${PYTHON:-.venv/bin/python}" - "$CARRY/smollm2-135m" <<'EOF'
 import sys
 from transformers import AutoConfig, AutoTokenizer
-from bcllm.models import _smollm2_gguf
+from bcllm.io.models import _smollm2_gguf
 
 gguf = _smollm2_gguf()
 AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(sys.argv[1])
@@ -99,7 +99,7 @@ step 150 tests "$PY" -m pytest -x -q -rs -p no:cacheprovider tests/test_gpu.py t
 step 60 paths "$PY" - "$OUT/gpu_paths.json" <<'EOF'
 import json, sys, time
 import torch
-from bcllm import circulant
+from bcllm.ops import circulant
 
 def us(f, k=50):
     for _ in range(3):

@@ -7,8 +7,8 @@ of distinct spectra, each call a new one), median microseconds. Sets circulant.K
 import time
 
 import torch
-
-from bcllm import circulant, kernel
+from bcllm.ops import circulant
+from bcllm.ops import kernel
 
 
 def median_us(call, n=400):

@@ -15,10 +15,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from bcllm import CirculantConfig, compress_
-from bcllm.bench import alternate, compile_steps, lean_decode, static_cache
-from bcllm.fused import fuse_circulant_mlp_
-from bcllm.models import load_model
-from bcllm.prompts import load_prompts, tokenize_prompts
+from bcllm.bench.measure import alternate, compile_steps, lean_decode, static_cache
+from bcllm.structures import fuse_circulant_mlp_
+from bcllm.io.models import load_model
+from bcllm.io.prompts import load_prompts, tokenize_prompts
 
 
 class NoMLP(nn.Module):

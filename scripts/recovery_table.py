@@ -18,13 +18,13 @@ import time
 import torch
 
 from bcllm import StudentSpec, build_student
-from bcllm.calib_data import make_batches
-from bcllm.distill import DistillConfig, distill_
-from bcllm.evaluate import TeacherCache, evaluate, measure_floor, with_floor
-from bcllm.models import load_model, model_file_identity
-from bcllm.pipeline import spec_value
-from bcllm.prompts import default_prompts_path, load_prompts
-from bcllm.results import append_jsonl, command_line, versions
+from bcllm.fit.calib_text import make_batches
+from bcllm.fit.distill import DistillConfig, distill_
+from bcllm.eval.metrics import TeacherCache, evaluate, measure_floor, with_floor
+from bcllm.io.models import load_model, model_file_identity
+from bcllm.fit.student import spec_value
+from bcllm.io.prompts import default_prompts_path, load_prompts
+from bcllm.io.results import append_jsonl, command_line, versions
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -79,7 +79,7 @@ layers = summary["calibration"]["block"]["layers"]
 measure(student, "sequential + block", time.perf_counter() - start, summary,
         {"layer_errors": [(r["layer"], round(r["held_before"], 4), round(r["held_after"], 4)) for r in layers]})
 if args.distill_steps:
-    from bcllm.calib_data import load_calibration
+    from bcllm.fit.calib_text import load_calibration
 
     samples = load_calibration(spec.calib, model, tok, spec.calib_samples, spec.calib_tokens, 0, "smollm2-135m")
     n_held = len(samples) // 10

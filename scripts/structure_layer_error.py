@@ -18,12 +18,12 @@ import time
 import pydoc_data.topics
 import torch
 
-from bcllm.calib_data import load_calibration, make_batches
-from bcllm.calibrate import InputStats
-from bcllm.models import load_model
-from bcllm.modules import BlockCirculantLinear
-from bcllm.prompts import load_prompts
-from bcllm.results import command_line, versions, write_json
+from bcllm.fit.calib_text import load_calibration, make_batches
+from bcllm.fit.closed_form import InputStats
+from bcllm.io.models import load_model
+from bcllm.structures import BlockCirculantLinear
+from bcllm.io.prompts import load_prompts
+from bcllm.io.results import command_line, versions, write_json
 from bcllm.structures import BlockDiagonalConfig, HybridConfig, LowRankConfig
 from bcllm.structures import CirculantConfig
 

@@ -14,9 +14,9 @@ import math
 import torch
 from torch import nn
 
-from bcllm import bench
-from bcllm.results import command_line, versions, write_json
-from bcllm.pipeline import StudentSpec, config_for
+from bcllm.bench import measure as bench
+from bcllm.io.results import command_line, versions, write_json
+from bcllm.fit.student import StudentSpec, config_for
 
 
 def main() -> None:

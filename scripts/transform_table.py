@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from bcllm.calib_data import load_calibration, make_batches
-from bcllm.models import load_model
-from bcllm.prompts import load_prompts
-from bcllm.results import command_line, versions, write_json
-from bcllm.stats import InputStats
+from bcllm.fit.calib_text import load_calibration, make_batches
+from bcllm.io.models import load_model
+from bcllm.io.prompts import load_prompts
+from bcllm.io.results import command_line, versions, write_json
+from bcllm.ops.stats import InputStats
 from bcllm.structures import LowRankConfig
-from bcllm.transforms import MLP, mlp_data, search_hidden, search_residual
+from bcllm.fit.transforms import MLP, mlp_data, search_hidden, search_residual
 
 HELDOUT = Path(__file__).resolve().parents[1] / "src/bcllm/data/heldout_prompts.txt"
 

@@ -6,10 +6,9 @@ import itertools
 
 import pytest
 import torch
-
-from bcllm import circulant
-from bcllm.calibrate import InputStats, fit_aware_, fit_sequential_, fitted_modules
-from bcllm.modules import BlockCirculantLinear
+from bcllm.ops import circulant
+from bcllm.fit.closed_form import InputStats, fit_aware_, fit_sequential_, fitted_modules
+from bcllm.structures import BlockCirculantLinear
 from bcllm import CirculantConfig, compress_
 from conftest import tiny_model
 
@@ -212,7 +211,7 @@ def test_driver_needs_compressed_student():
 # ---- calibration data ----
 
 def test_overlap_is_refused_unless_forced():
-    from bcllm.calib_data import check_overlap
+    from bcllm.fit.calib_text import check_overlap
 
     prompts = ["Explain what a circulant matrix is in simple terms.", "Short one."]
     clean = ["The water cycle moves water between oceans, air and land.", "Bread needs flour, water and yeast."]
@@ -228,7 +227,7 @@ def test_overlap_is_refused_unless_forced():
 
 
 def test_pydoc_samples_are_prose_and_deterministic():
-    from bcllm.calib_data import pydoc_samples
+    from bcllm.fit.calib_text import pydoc_samples
 
     a, b = pydoc_samples(20, seed=1), pydoc_samples(20, seed=1)
     assert a == b and len(a) == 20 and all(len(s.split()) >= 20 for s in a)
@@ -236,7 +235,7 @@ def test_pydoc_samples_are_prose_and_deterministic():
 
 
 def test_make_batches_pads_right_with_mask():
-    from bcllm.calib_data import make_batches
+    from bcllm.fit.calib_text import make_batches
 
     class Tok:
         pad_token_id = 0
@@ -255,8 +254,8 @@ def test_make_batches_pads_right_with_mask():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_checkpoint_round_trip_on_fresh_model(tmp_path, arch):
-    from bcllm.checkpoint import load_fitted, save_fitted
-    from bcllm.evaluate import model_fingerprint
+    from bcllm.io.checkpoint import load_fitted, save_fitted
+    from bcllm.eval.metrics import model_fingerprint
 
     teacher = tiny_model(arch)
     config = CirculantConfig(block_size=4, targets="mlp", layers="1-2", block_sizes={"*.0.*": 8})
@@ -282,7 +281,7 @@ def test_checkpoint_round_trip_on_fresh_model(tmp_path, arch):
 
 
 def test_checkpoint_of_other_structure(tmp_path):
-    from bcllm.checkpoint import load_fitted, save_fitted
+    from bcllm.io.checkpoint import load_fitted, save_fitted
     from bcllm.structures import LowRankConfig
 
     teacher = tiny_model("llama")
@@ -311,7 +310,7 @@ def _distill_setup():
 
 
 def test_topk_kl_is_exact_with_full_vocabulary():
-    from bcllm.distill import topk_kl
+    from bcllm.fit.distill import topk_kl
 
     g = torch.Generator().manual_seed(0)
     z_t, z_s = torch.randn(5, 30, generator=g), torch.randn(5, 30, generator=g)
@@ -324,7 +323,7 @@ def test_topk_kl_is_exact_with_full_vocabulary():
 
 
 def test_distillation_reduces_held_out_kl():
-    from bcllm.distill import DistillConfig, distill_, held_out_kl, _teacher_logits
+    from bcllm.fit.distill import DistillConfig, distill_, held_out_kl, _teacher_logits
 
     student, teacher, train, held = _distill_setup()
     held_lp = [torch.log_softmax(t, -1) for t in _teacher_logits(teacher, held)]
@@ -342,7 +341,7 @@ def test_distillation_reduces_held_out_kl():
 
 
 def test_distillation_resume_gives_same_state(tmp_path):
-    from bcllm.distill import DistillConfig, distill_
+    from bcllm.fit.distill import DistillConfig, distill_
 
     cfg = DistillConfig(steps=6, lr=3e-3, topk=16, checkpoint_every=2, eval_every=3, hidden_mse=0.5,
                         train_norms=True)
@@ -372,8 +371,8 @@ def test_distillation_resume_gives_same_state(tmp_path):
 def test_smollm2_aware_fit_beats_frobenius_on_held_out_text(smollm2):
     """Layer 12 MLP at b=16: the aware fit on pydoc prose lowers the output error of the patched
     decoder layer on other text (the default prompts) below the Frobenius projection's."""
-    from bcllm.calib_data import make_batches, pydoc_samples
-    from bcllm.prompts import load_prompts
+    from bcllm.fit.calib_text import make_batches, pydoc_samples
+    from bcllm.io.prompts import load_prompts
 
     model, tok = smollm2
     frob = copy.deepcopy(model)

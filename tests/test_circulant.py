@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-
-from bcllm import circulant
-from bcllm.modules import BlockCirculantLinear
+from bcllm.ops import circulant
+from bcllm.structures import BlockCirculantLinear
 
 torch.set_default_dtype(torch.float32)
 

@@ -9,10 +9,10 @@ import torch
 from conftest import tiny_model
 
 from bcllm import CirculantConfig, compress_
-from bcllm import evaluate as ev
+from bcllm.eval import metrics as ev
 from bcllm.cli import main
-from bcllm.evaluate import TeacherCache, evaluate
-from bcllm.prompts import load_prompts, tokenize_prompts
+from bcllm.eval.metrics import TeacherCache, evaluate
+from bcllm.io.prompts import load_prompts, tokenize_prompts
 
 
 class CharTokenizer:

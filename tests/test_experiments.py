@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bcllm import experiments as ex
+from bcllm.experiments import runs as ex
 
 
 def test_grid_file_axes_and_fixed_values(tmp_path):
@@ -237,10 +237,10 @@ def cache(tiny_folder, monkeypatch):
 
 
 def test_sweep_resumes_after_an_exception_without_recomputing(tiny_folder, tmp_path, cache, monkeypatch):
-    import bcllm.evaluate
+    import bcllm.eval.metrics
     from bcllm.cli import main
 
-    real = bcllm.evaluate.evaluate
+    real = bcllm.eval.metrics.evaluate
     calls = []
 
     def flaky(*a, **kw):
@@ -251,7 +251,7 @@ def test_sweep_resumes_after_an_exception_without_recomputing(tiny_folder, tmp_p
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(bcllm.evaluate, "evaluate", flaky)
+    monkeypatch.setattr(bcllm.eval.metrics, "evaluate", flaky)
     out = tmp_path / "run"
     fail = True
     with pytest.raises(RuntimeError, match="injected"):
@@ -306,7 +306,7 @@ def test_sweep_killed_mid_run_resumes_without_recomputing(tiny_folder, tmp_path,
     import sys
     import time
 
-    import bcllm.evaluate
+    import bcllm.eval.metrics
     from bcllm.cli import main
 
     out = tmp_path / "run"
@@ -323,8 +323,8 @@ def test_sweep_killed_mid_run_resumes_without_recomputing(tiny_folder, tmp_path,
     done = len(ex.finished(out / "results.jsonl"))
     assert 1 <= done
     calls = []
-    real = bcllm.evaluate.evaluate
-    monkeypatch.setattr(bcllm.evaluate, "evaluate",
+    real = bcllm.eval.metrics.evaluate
+    monkeypatch.setattr(bcllm.eval.metrics, "evaluate",
                         lambda *a, **kw: (kw.get("generate") is not False and calls.append(1)) or real(*a, **kw))
     assert main(argv) == 0
     assert len(calls) == 6 - done
@@ -333,8 +333,8 @@ def test_sweep_killed_mid_run_resumes_without_recomputing(tiny_folder, tmp_path,
 
 
 def test_report_renders_tables_and_plots_from_result_files(tmp_path):
-    from bcllm.report import render
-    from bcllm.results import append_jsonl, write_json
+    from bcllm.experiments.report import render
+    from bcllm.io.results import append_jsonl, write_json
 
     run = tmp_path / "run"
     ex.open_results_dir(run, {"model": "tiny", "num_prompts": 3, "model_params": 1000})

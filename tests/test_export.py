@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from bcllm import BlockDiagonalConfig, CirculantConfig, HybridConfig, InputError, LowRankConfig, compress_
-from bcllm.artifact import base_record, export_student, load_student
-from bcllm.calibrate import fitted_modules
-from bcllm.checkpoint import save_fitted
-from bcllm.models import model_fingerprint
+from bcllm.io.artifact import base_record, export_student, load_student
+from bcllm.fit.closed_form import fitted_modules
+from bcllm.io.checkpoint import save_fitted
+from bcllm.io.models import model_fingerprint
 from conftest import tiny_model
 
 CASES = {  # name: (arch, config)
@@ -60,7 +60,7 @@ def base_folder(arch, path):
 
 def make_student(arch, config, root):
     """(student dir, bcllm student) fitted on a tiny base folder under root."""
-    from bcllm.models import load_model
+    from bcllm.io.models import load_model
 
     base = base_folder(arch, root / f"base-{arch}")
     student, _ = load_model(base)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bcllm import experiments as ex
+from bcllm.experiments import runs as ex
 
 from test_experiments import make_tiny_folder
 
@@ -44,10 +44,10 @@ def test_state_point_names_each_layer_and_keeps_the_default_size_plain():
 
 
 def test_frontier_cli_on_a_tiny_model(tmp_path, monkeypatch):
-    from bcllm.checkpoint import load_fitted
+    from bcllm.io.checkpoint import load_fitted
     from bcllm.cli import main
-    from bcllm.models import load_model
-    from bcllm.pipeline import parse_block_sizes
+    from bcllm.io.models import load_model
+    from bcllm.fit.student import parse_block_sizes
 
     folder = make_tiny_folder(tmp_path / "tiny")
     monkeypatch.setenv("BCLLM_CACHE", str(tmp_path / "cache"))
@@ -85,8 +85,8 @@ def test_shared_input_stats_give_the_same_fits_from_one_pass():
 
     import torch
 
-    from bcllm import calibrate
-    from bcllm.pipeline import StudentSpec, config_for
+    from bcllm.fit import closed_form as calibrate
+    from bcllm.fit.student import StudentSpec, config_for
     from bcllm.surgery import compress_
     from conftest import tiny_model
 

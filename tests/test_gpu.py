@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from bcllm import CirculantConfig, circulant, compress_
-from bcllm.fused import FusedCirculantMLP, fuse_circulant_mlp_
-from bcllm.modules import BlockCirculantLinear
+from bcllm import CirculantConfig, compress_
+from bcllm.ops import circulant
+from bcllm.structures import BlockCirculantLinear, FusedCirculantMLP, fuse_circulant_mlp_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,4 +1,4 @@
-"""The fused CPU decode kernel (bcllm.kernel) against explicit dense matrices and the reference
+"""The fused CPU decode kernel (bcllm.ops.kernel) against explicit dense matrices and the reference
 product, through the module and the fused gate/up MLP, and its fallback to the torch path.
 Skipped only where no C++ compiler (or ninja) is available to build it."""
 
@@ -10,10 +10,11 @@ import torch
 from conftest import tiny_model
 from test_circulant import explicit_dense
 
-from bcllm import CirculantConfig, circulant, compress_, kernel
+from bcllm import CirculantConfig, compress_
+from bcllm.ops import circulant
+from bcllm.ops import kernel
 from bcllm.errors import InputError
-from bcllm.fused import FusedCirculantMLP
-from bcllm.modules import BlockCirculantLinear
+from bcllm.structures import BlockCirculantLinear, FusedCirculantMLP
 
 # (out, in, b): every block size the module allows a kernel for, odd ones included, with
 # dimensions b does not divide (padding on either side) as well as exact ones.

@@ -19,7 +19,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'bc
 from bcllm import CirculantConfig, compress_  # noqa: E402
 from bcllm.cli import main  # noqa: E402
 from bcllm.errors import InputError  # noqa: E402
-from bcllm.lmeval import (BUNDLED_TASKS, BUNDLED_TASKS_DIR, bundled_task_texts, format_table,  # noqa: E402
+from bcllm.eval.lmeval import (BUNDLED_TASKS, BUNDLED_TASKS_DIR, bundled_task_texts, format_table,  # noqa: E402
                           lm_eval_side_by_side, require_lm_eval)
 
 LIMIT = 4

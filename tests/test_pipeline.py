@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from bcllm import InputError, StudentIO, StudentSpec, build_student, compress_
-from bcllm import experiments as ex
-from bcllm.modules import StructuredLinear, factory, linear_weight
+from bcllm.experiments import runs as ex
+from bcllm.structures import StructuredLinear, factory, linear_weight
 from bcllm.structures import StructureConfig, register
 from conftest import tiny_model
 
@@ -72,7 +72,7 @@ def teardown_module():
 
 
 def test_a_structure_registered_in_one_file_works_everywhere(tmp_path):
-    from bcllm.checkpoint import load_fitted
+    from bcllm.io.checkpoint import load_fitted
     from bcllm.cli import build_parser
 
     choices = next(a for a in build_parser()._subparsers._group_actions[0].choices["eval"]._actions
@@ -143,7 +143,7 @@ def test_cli_names_the_flag_of_a_library_parameter(capsys):
 
 def test_an_internal_bug_is_not_reported_as_a_usage_error(monkeypatch, tmp_path):
     """A plain ValueError from deep inside is a bug: its traceback reaches the user, not exit status 2."""
-    import bcllm.pipeline
+    import bcllm.fit.student
     from bcllm.cli import main
 
     def broken(*args, **kwargs):
@@ -151,7 +151,7 @@ def test_an_internal_bug_is_not_reported_as_a_usage_error(monkeypatch, tmp_path)
 
     from test_experiments import make_tiny_folder
 
-    monkeypatch.setattr(bcllm.pipeline, "build_student", broken)
+    monkeypatch.setattr(bcllm.fit.student, "build_student", broken)
     folder = make_tiny_folder(tmp_path / "tiny")
     with pytest.raises(ValueError, match="an internal bug"):
         main(["compress", "--model", str(folder)])
@@ -160,7 +160,7 @@ def test_an_internal_bug_is_not_reported_as_a_usage_error(monkeypatch, tmp_path)
 def test_results_directory_of_the_earlier_layout_resumes_without_recomputing(tmp_path, monkeypatch):
     """results.jsonl written by bcllm before the pipeline existed (tests/data/old_layout, a 16-point
     sweep made with the earlier CLI): the same sweep today measures no point again."""
-    import bcllm.evaluate
+    import bcllm.eval.metrics
     from bcllm.cli import main
     from test_experiments import make_tiny_folder
 
@@ -175,7 +175,7 @@ def test_results_directory_of_the_earlier_layout_resumes_without_recomputing(tmp
     monkeypatch.chdir(tmp_path)  # the old run named its calibration file "calib.txt"
     monkeypatch.setenv("BCLLM_CACHE", str(tmp_path / "cache"))
     calls = []
-    monkeypatch.setattr(bcllm.evaluate, "evaluate", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(bcllm.eval.metrics, "evaluate", lambda *a, **k: calls.append(1))
     argv = ["sweep", "--model", str(folder), "--out", str(run), "--prompts", str(folder / "prompts.txt"),
             "--max-new-tokens", "3", "--calib", "calib.txt", "--calib-samples", "8", "--grid", "block_size", "2", "8",
             "--grid", "layers", "0", "1-2", "--grid", "fit", "frobenius", "aware", "--grid", "structure", "circulant",
@@ -186,7 +186,7 @@ def test_results_directory_of_the_earlier_layout_resumes_without_recomputing(tmp
 
 
 def test_point_keys_keep_their_meaning_when_defaults_change():
-    from bcllm.pipeline import KEY_DEFAULTS, POINT_FIELDS
+    from bcllm.fit.student import KEY_DEFAULTS, POINT_FIELDS
 
     assert set(KEY_DEFAULTS) == set(POINT_FIELDS)  # every setting has the default it was first written with
     # an uncalibrated Frobenius point names no calibration setting: results from before `mix` still match

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bcllm import CirculantConfig, LowRankConfig, compress_
-from bcllm.calibrate import fit_sequential_
-from bcllm.reconstruct import BlockConfig, reconstruct_
+from bcllm.fit.closed_form import fit_sequential_
+from bcllm.fit.reconstruct import BlockConfig, reconstruct_
 from conftest import tiny_model
 
 
@@ -66,7 +66,7 @@ def test_block_reconstruction_starts_at_the_closed_form_and_lowers_held_out_erro
 def test_cached_activation_training_equals_training_through_the_live_model():
     """target="layer": the cached student inputs of a layer give the same updates as running the
     whole live student (embeddings, earlier layers) and the teacher at every step."""
-    from bcllm.reconstruct import _schedule_factor
+    from bcllm.fit.reconstruct import _schedule_factor
 
     teacher = sharp_teacher(layers=3)
     data = batches(n=4)
@@ -111,7 +111,7 @@ def test_cached_activation_training_equals_training_through_the_live_model():
 
 
 def test_distillation_with_a_cached_prefix_equals_the_full_forward():
-    from bcllm.distill import DistillConfig, distill_
+    from bcllm.fit.distill import DistillConfig, distill_
 
     teacher = sharp_teacher(layers=4)
     data = batches(n=3)
@@ -129,9 +129,9 @@ def test_distillation_with_a_cached_prefix_equals_the_full_forward():
 
 
 def test_floor_equals_zeroed_weights_and_kl_recovered_by_hand(tmp_path, monkeypatch):
-    from bcllm.evaluate import TeacherCache, evaluate, measure_floor, with_floor
+    from bcllm.eval.metrics import TeacherCache, evaluate, measure_floor, with_floor
     from test_experiments import make_tiny_folder
-    from bcllm.models import load_model
+    from bcllm.io.models import load_model
 
     monkeypatch.setenv("BCLLM_CACHE", str(tmp_path / "cache"))
     folder = make_tiny_folder(tmp_path / "tiny")
@@ -153,9 +153,9 @@ def test_floor_equals_zeroed_weights_and_kl_recovered_by_hand(tmp_path, monkeypa
 
 def test_default_calibration_works_without_a_chat_template(tmp_path, monkeypatch):
     """The default source on a base model: self-seed text instead of self-chat, plus pydoc."""
-    from bcllm.calib_data import MIX_SELF, load_calibration, pydoc_chunks
-    from bcllm.models import load_model
-    from bcllm.pipeline import StudentSpec
+    from bcllm.fit.calib_text import MIX_SELF, load_calibration, pydoc_chunks
+    from bcllm.io.models import load_model
+    from bcllm.fit.student import StudentSpec
     from test_experiments import make_tiny_folder
 
     monkeypatch.setenv("BCLLM_CACHE", str(tmp_path / "cache"))
@@ -174,7 +174,7 @@ def test_default_calibration_works_without_a_chat_template(tmp_path, monkeypatch
 def test_distillation_over_the_teachers_vocabulary():
     """vocab="teacher": with every token in the teacher's top-k it is the full loss exactly; with a
     small top-k it still lowers the full-vocabulary held-out KL."""
-    from bcllm.distill import DistillConfig, distill_
+    from bcllm.fit.distill import DistillConfig, distill_
 
     teacher = sharp_teacher(layers=2)
     data = batches(n=4)
@@ -194,7 +194,7 @@ def test_distillation_over_the_teachers_vocabulary():
 def test_block_settings_are_checked_where_they_are_made():
     """BlockConfig checks itself, so every path that builds one (pipeline, streaming) refuses bad settings."""
     from bcllm.errors import InputError
-    from bcllm.pipeline import StudentSpec, block_config
+    from bcllm.fit.student import StudentSpec, block_config
 
     with pytest.raises(InputError, match="lr > 0"):
         BlockConfig(lr=0)

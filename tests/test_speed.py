@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from bcllm import CirculantConfig, circulant, compress_, costs
-from bcllm.bench import llc_bytes, parse_ints, parse_shape
+from bcllm import CirculantConfig, compress_
+from bcllm.ops import circulant
+from bcllm.ops import costs
+from bcllm.bench.measure import llc_bytes, parse_ints, parse_shape
 from bcllm.cli import main
-from bcllm.fused import FusedCirculantMLP, fuse_circulant_mlp_
-from bcllm.modules import BlockCirculantLinear
+from bcllm.structures import BlockCirculantLinear, FusedCirculantMLP, fuse_circulant_mlp_
 
 
 def rel_err(a, b):
@@ -163,12 +164,12 @@ def test_cost_model_hand_counts():
 def test_model_costs_count_every_linear_layer():
     model = tiny_model("llama", layers=2)  # hidden 64, mlp 96, 4 heads of 16, 2 kv heads, vocab 128
     per_layer = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 3 * 64 * 96)
-    dense = costs.model_costs(model)
+    dense = model_costs(model)
     assert dense["flops"] == 2 * per_layer + 2 * 128 * 64
     assert dense["dense_layers"] == 2 * 7 + 1
     compress_(model, CirculantConfig(block_size=16, targets="mlp"))
     fuse_circulant_mlp_(model)
-    comp = costs.model_costs(model)
+    comp = model_costs(model)
     F, fft = 8, 2.5 * 16 * 4  # 8 stored frequencies at b = 16 (Nyquist folded)
     gate_up = 8 * F * 4 * 6 * 2 + fft * (4 + 12)   # shared rfft of 4 input blocks, 2 x 6 output blocks
     down = 8 * F * 6 * 4 + fft * (6 + 4)
@@ -208,7 +209,7 @@ def test_bench_cli_errors(tmp_path, capsys):
 
 
 def test_bench_model_on_tiny_model(tmp_path):
-    from bcllm.bench import bench_model
+    from bcllm.bench.measure import bench_model
 
     model = tiny_model("llama", layers=2)
     student = copy.deepcopy(model)
@@ -226,7 +227,7 @@ def test_bench_model_on_tiny_model(tmp_path):
 def test_lean_decode_gives_hf_generate_tokens(arch):
     """The lean loop (static cache, last-position logits) decodes the same greedy tokens as
     Hugging Face generate, for the dense model and a fused circulant student."""
-    from bcllm.bench import lean_decode
+    from bcllm.bench.measure import lean_decode
 
     model = tiny_model(arch, layers=2)
     student = copy.deepcopy(model)
@@ -242,7 +243,7 @@ def test_lean_decode_gives_hf_generate_tokens(arch):
 
 
 def test_alternate_runs_each_prompt_on_both_models_in_turn():
-    from bcllm.bench import alternate
+    from bcllm.bench.measure import alternate
 
     calls = []
 
@@ -271,8 +272,8 @@ def test_compiled_lean_decode_is_one_graph_with_the_kernel_and_same_tokens(monke
     """Under torch.compile the fused student's decode step is a single graph (the kernel is an
     operator, the spectra a captured cache), decodes the eager tokens, and compiles once for
     prompts of different lengths sharing one static cache."""
-    from bcllm import kernel
-    from bcllm.bench import lean_decode, static_cache
+    from bcllm.ops import kernel
+    from bcllm.bench.measure import lean_decode, static_cache
 
     torch._dynamo.reset()
     student = tiny_model("llama", layers=2)
@@ -309,7 +310,7 @@ def test_compiled_lean_decode_is_one_graph_with_the_kernel_and_same_tokens(monke
 
 
 def test_memory_bandwidth_is_a_copy_rate():
-    from bcllm.bench import memory_bandwidth
+    from bcllm.bench.measure import memory_bandwidth
 
     rate = memory_bandwidth(mib=8, repeats=2)
     assert 1e8 < rate < 1e13  # between 0.1 GB/s and 10 TB/s: a rate, in bytes per second

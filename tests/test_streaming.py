@@ -1,4 +1,4 @@
-"""Streaming (bcllm.streaming): one decoder layer loaded at a time gives the in-memory run's fitted
+"""Streaming (bcllm.eval.streaming): one decoder layer loaded at a time gives the in-memory run's fitted
 weights and metrics exactly, and holds well under the whole model's parameters."""
 
 import importlib.util
@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from bcllm import StudentSpec, build_student, load_model
-from bcllm.calibrate import fitted_modules
-from bcllm.checkpoint import load_fitted
+from bcllm.fit.closed_form import fitted_modules
+from bcllm.io.checkpoint import load_fitted
 from bcllm.cli import main
 from bcllm.errors import InputError
-from bcllm.evaluate import TeacherCache, evaluate, measure_floor, with_floor
-from bcllm.pipeline import StudentIO
-from bcllm.prompts import load_prompts
-from bcllm.streaming import Streamer, evaluate_streamed, fit_streamed_
+from bcllm.eval.metrics import TeacherCache, evaluate, measure_floor, with_floor
+from bcllm.fit.student import StudentIO
+from bcllm.io.prompts import load_prompts
+from bcllm.eval.streaming import Streamer, evaluate_streamed, fit_streamed_
 
 from conftest import tiny_model
 
@@ -154,13 +154,13 @@ MEASURE = """
 import json, resource, sys, time
 start = time.perf_counter()
 from bcllm import StudentSpec
-from bcllm.prompts import load_prompts
+from bcllm.io.prompts import load_prompts
 mode, model_id = sys.argv[1], sys.argv[2]
 spec = StudentSpec(layers=sys.argv[3], fit="sequential", calib="pydoc-all", calib_samples=int(sys.argv[4]))
 prompts = load_prompts()[:int(sys.argv[5])]
 out = {}
 if mode == "stream":
-    from bcllm.streaming import Streamer, evaluate_streamed, fit_streamed_
+    from bcllm.eval.streaming import Streamer, evaluate_streamed, fit_streamed_
     streamer, tokenizer = Streamer.open(model_id)
     summary = fit_streamed_(streamer, tokenizer, spec, eval_prompts=prompts, progress=False)
     result = evaluate_streamed(streamer, tokenizer, prompts, summary["modules"], progress=False)
@@ -168,7 +168,7 @@ if mode == "stream":
 else:
     import tempfile
     from bcllm import build_student, load_model
-    from bcllm.evaluate import TeacherCache, evaluate, measure_floor, with_floor
+    from bcllm.eval.metrics import TeacherCache, evaluate, measure_floor, with_floor
     model, tokenizer = load_model(model_id)
     student, summary = build_student(model, tokenizer, spec, eval_prompts=prompts, progress=False)
     teacher = TeacherCache.build(model, tokenizer, prompts, max_new_tokens=0, root=tempfile.mkdtemp(), progress=False)
@@ -210,8 +210,8 @@ def test_real_model_streamed_equals_in_memory_well_under_its_size(model_id, laye
 
 
 def test_an_uncached_hub_id_is_a_clear_error_in_memory_and_streamed():
-    from bcllm.models import load_model
-    from bcllm.streaming import model_folder
+    from bcllm.io.models import load_model
+    from bcllm.eval.streaming import model_folder
 
     for load in (load_model, model_folder):
         with pytest.raises(InputError, match="not in the local Hugging Face cache and bcllm never downloads"):

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from bcllm import compress_
-from bcllm.calibrate import InputStats
-from bcllm.modules import BlockCirculantLinear
+from bcllm.fit.closed_form import InputStats
+from bcllm.structures import BlockCirculantLinear
 from bcllm.structures import (BlockDiagonalConfig, BlockDiagonalLinear, CirculantPlusLowRankLinear,
-                              HybridConfig, LowRankConfig, LowRankLinear, budget_report, circulant_params,
-                              fit_objective)
+                              HybridConfig, LowRankConfig, LowRankLinear, budget_report)
+from bcllm.structures.base import circulant_params, fit_objective
 from bcllm.structures import CirculantConfig
 from conftest import tiny_model
 
@@ -174,7 +174,7 @@ def test_hybrid_frobenius_beats_each_part():
 
 
 def test_hybrid_costs_are_the_sum_of_its_parts():
-    from bcllm.costs import circulant_costs
+    from bcllm.ops.costs import circulant_costs
 
     hybrid = CirculantPlusLowRankLinear(576, 1536, 32, 13, bias=False)
     c = circulant_costs(1536, 576, 32)
@@ -220,7 +220,7 @@ def test_compress_replaces_exactly_selected_within_budget(cfg, cls):
     ids=lambda c: type(c).__name__)
 def test_compress_with_aware_fit_of_each_structure(cfg):
     """The calibration driver fits any module with fit_: every structure gets closer to the teacher."""
-    from bcllm.calibrate import fit_aware_
+    from bcllm.fit.closed_form import fit_aware_
 
     teacher = tiny_model("llama", layers=2)
     torch.manual_seed(0)
@@ -254,7 +254,7 @@ def test_impossible_budgets_are_refused_and_model_unchanged(cfg, match):
 
 
 def config_for(structure, **options):
-    from bcllm.pipeline import StudentSpec, config_for as spec_config
+    from bcllm.fit.student import StudentSpec, config_for as spec_config
 
     return spec_config(StudentSpec(structure=structure, **options))
 
@@ -290,7 +290,7 @@ def test_summary_reports_actual_sizes_and_budget():
 
 
 def test_checkpoint_roundtrip_of_a_structure(tmp_path):
-    from bcllm.checkpoint import load_fitted, save_fitted
+    from bcllm.io.checkpoint import load_fitted, save_fitted
 
     teacher = tiny_model("llama", layers=2)
     student = copy.deepcopy(teacher)
@@ -306,8 +306,8 @@ def test_checkpoint_roundtrip_of_a_structure(tmp_path):
 
 def test_sequential_fit_and_distillation_take_any_structure():
     """The other calibration paths: sequential fit (x_s != x_t) and distillation train a low-rank student."""
-    from bcllm.calibrate import fit_sequential_
-    from bcllm.distill import DistillConfig, distill_
+    from bcllm.fit.closed_form import fit_sequential_
+    from bcllm.fit.distill import DistillConfig, distill_
 
     teacher = tiny_model("llama", layers=2)
     torch.manual_seed(0)
@@ -342,8 +342,8 @@ def test_smollm2_budget_16_sizes(smollm2):
 
 
 def test_model_costs_counts_each_structure_once():
-    """costs.model_costs sums every structure's own costs(); a hybrid's circulant part is not counted twice."""
-    from bcllm.costs import model_costs
+    """structures.costs.model_costs sums every structure's own costs(); a hybrid's circulant part is not counted twice."""
+    from bcllm.structures import model_costs
 
     dense = model_costs(tiny_model("llama", layers=2))
     for cfg in (LowRankConfig(rank=4, targets="mlp"), HybridConfig(block_size=16, rank=2, targets="mlp")):

@@ -4,10 +4,9 @@ import copy
 
 import pytest
 import torch
-
-from bcllm import circulant
+from bcllm.ops import circulant
 from bcllm.errors import InputError
-from bcllm.transforms import (MLPData, Transform, apply_transform_, permute_hidden_, permute_residual_,
+from bcllm.fit.transforms import (MLPData, Transform, apply_transform_, permute_hidden_, permute_residual_,
                               search_hidden, search_residual)
 
 from conftest import tiny_model
@@ -141,8 +140,8 @@ def calib_file(path):
 
 
 def test_student_with_transform_saves_and_loads(tmp_path):
-    from bcllm.checkpoint import load_fitted
-    from bcllm.pipeline import StudentIO, StudentSpec, build_student
+    from bcllm.io.checkpoint import load_fitted
+    from bcllm.fit.student import StudentIO, StudentSpec, build_student
     from test_export import tiny_tokenizer
 
     teacher = noisy(tiny_model("llama", layers=2))
@@ -164,7 +163,7 @@ def test_student_with_transform_saves_and_loads(tmp_path):
 
 
 def test_transform_is_refused_where_it_cannot_help():
-    from bcllm.pipeline import StudentSpec
+    from bcllm.fit.student import StudentSpec
 
     with pytest.raises(InputError, match="invariant"):
         StudentSpec(structure="lowrank", transform="hidden")
@@ -173,7 +172,7 @@ def test_transform_is_refused_where_it_cannot_help():
 
 
 def test_block_sizes_per_module_and_lowrank_at_the_same_budgets():
-    from bcllm.pipeline import StudentSpec, config_for
+    from bcllm.fit.student import StudentSpec, config_for
     from bcllm.surgery import compress_
 
     sizes = "*.layers.0.mlp.*=4,*.layers.1.mlp.down_proj=32"

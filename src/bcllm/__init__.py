@@ -1,12 +1,12 @@
 """bcllm: block-circulant linear layers for pretrained language models, run with the FFT."""
 
-from .artifact import export_student, load_student
-from .circulant import project_frobenius, spectra, to_dense
+from .io.artifact import export_student, load_student
+from .ops.circulant import project_frobenius, spectra, to_dense
 from .errors import InputError
-from .models import DEFAULT_MODEL, load_model
-from .modules import BlockCirculantLinear
-from .pipeline import StudentIO, StudentSpec, build_student
-from .structures import STRUCTURES, BlockDiagonalConfig, CirculantConfig, HybridConfig, LowRankConfig, register
+from .io.models import DEFAULT_MODEL, load_model
+from .structures import (STRUCTURES, BlockCirculantLinear, BlockDiagonalConfig, CirculantConfig, HybridConfig,
+                         LowRankConfig, register)
+from .fit.student import StudentIO, StudentSpec, build_student
 from .surgery import compress_, select_modules
 
 __version__ = "0.1.0"

