@@ -372,3 +372,23 @@ def test_report_renders_tables_and_plots_from_result_files(tmp_path):
     ex.open_results_dir(other, {"model": "another"})
     with pytest.raises(ValueError, match="different models"):
         render([run, other], tmp_path / "x.md")
+
+
+# ---------------------------------------------------------------- the library call behind `bcllm eval`
+
+def test_evaluate_student_gives_the_cli_record(tiny_folder, tmp_path, cache, capsys):
+    """bcllm.evaluate_student returns the figures `bcllm eval --json` writes, floor included."""
+    from bcllm import StudentSpec, evaluate_student
+    from bcllm.cli import main
+
+    out = tmp_path / "r.json"
+    prompts = str(tiny_folder / "prompts.txt")
+    assert main(["eval", "--model", str(tiny_folder), "--layers", "0-1", "--block-size", "4", "--prompts", prompts,
+                 "--max-new-tokens", "3", "--json", str(out)]) == 0
+    cli = json.loads(out.read_text())
+    record = evaluate_student(str(tiny_folder), StudentSpec(layers="0-1", block_size=4), prompts=prompts,
+                              max_new_tokens=3)
+    assert "floor_kl_mean" in record["metrics"] and "kl_recovered" in record["metrics"]
+    assert record["metrics"] == pytest.approx(cli["metrics"])
+    assert record["compression"]["modules"] == cli["compression"]["modules"]
+    assert len(record["per_prompt"]) == len(cli["per_prompt"]) == 6

@@ -320,7 +320,7 @@ class _Calibration:
 
 def _calibration(streamer: Streamer, tokenizer, spec: StudentSpec, io: StudentIO, eval_prompts, model_id: str,
                  progress: bool) -> _Calibration:
-    """The calibration batches (as pipeline.calibrate_ makes them) and what enters decoder layer 0."""
+    """The calibration batches (as fit.student.fit_and_distill_ makes them) and what enters decoder layer 0."""
     samples = calibration_text(None, tokenizer, spec, io, eval_prompts, model_id, progress)
     max_length = spec.calib_tokens + 64
     batches = make_batches(tokenizer, samples, spec.distill_batch, max_length, streamer.device)

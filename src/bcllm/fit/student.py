@@ -224,7 +224,7 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
     if spec.transform != "none":
         summary["transform"] = {"kind": spec.transform, "search_s": seconds, "history": transform.history}
     if calibrated:
-        summary["calibration"] = calibrate_(student, teacher, tokenizer, spec, io, samples, progress)
+        summary["calibration"] = fit_and_distill_(student, teacher, tokenizer, spec, io, samples, progress)
     if io.save:
         save_fitted(student, io.save, config, model_fingerprint(model),
                     summary.get("calibration", {}).get("extra_params", []), info=summary,
@@ -267,7 +267,7 @@ def block_config(spec: StudentSpec) -> BlockConfig:
                        target=spec.block_target, seed=spec.seed)
 
 
-def calibrate_(student, teacher, tokenizer, spec: StudentSpec, io: StudentIO, samples: list[str],
+def fit_and_distill_(student, teacher, tokenizer, spec: StudentSpec, io: StudentIO, samples: list[str],
                progress: bool) -> dict:
     """The fit and the distillation of `student` to `teacher` on the calibration `samples`
     (calibration_text)."""
