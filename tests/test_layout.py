@@ -136,7 +136,7 @@ HANDLER_MAX_LINES = 25
 @pytest.mark.parametrize("path", sorted((SRC / "cli").glob("*.py")), ids=lambda p: p.stem)
 def test_cli_holds_no_library_logic(path):
     """A command handler (cmd_*) parses, calls one library function and prints: at most 25 lines;
-    and nothing in cli/ computes with tensors (no torch beyond seeding and device checks)."""
+    and nothing in cli/ computes with tensors (no torch beyond seeding, threads and device checks)."""
     tree = ast.parse(path.read_text())
     long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
             if isinstance(n, ast.FunctionDef) and n.name.startswith("cmd_")
@@ -144,4 +144,5 @@ def test_cli_holds_no_library_logic(path):
     assert not long
     torch_calls = {f"torch.{n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
                    and isinstance(n.value, ast.Name) and n.value.id == "torch"}
-    assert torch_calls <= {"torch.manual_seed", "torch.device", "torch.cuda", "torch.__version__"}, torch_calls
+    assert torch_calls <= {"torch.manual_seed", "torch.set_num_threads", "torch.device", "torch.cuda",
+                           "torch.__version__"}, torch_calls

@@ -308,44 +308,35 @@ def cmd_generate(args) -> None:
 
 
 def cmd_lm_eval(args) -> None:
-    import time
-
     import torch
 
-    from ..eval.lmeval import (bundled_task_texts, check_run_options, format_table, header_line, lm_eval_side_by_side,
-                         parse_tasks, task_manager)
-    from ..io.models import load_model
+    from ..eval.lmeval import parse_tasks
+    from ..eval.student import lm_eval_student
     from ..io.results import check_writable, command_line, versions, write_json
 
-    start = time.perf_counter()
     json_path = check_writable(args.json) if args.json else None  # fail before the long work
     check_device(args.device)
     tasks = parse_tasks(args.tasks)
-    check_run_options(args.limit, args.batch_size)
-    manager = task_manager(tasks, args.include_path)  # unknown tasks, or no lm-eval, before the model loads
     torch.manual_seed(args.seed)
-    spec_io = spec_from_args(args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    t_load = time.perf_counter()
-    # Calibration text must not contain the bundled tasks' documents (other tasks' text is not known here).
-    student, summary = student_from_args(args, spec_io, model, tokenizer, eval_prompts=bundled_task_texts(tasks))
-    t_student = time.perf_counter()
-    result = lm_eval_side_by_side(model, student, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
-                                  manager=manager)
-    t_eval = time.perf_counter()
-    timing = {"load_s": t_load - start, "student_s": t_student - t_load, "lm_eval_s": t_eval - t_student,
-              "total_s": t_eval - start}
+    spec, io = spec_from_args(args)
+    result, summary, timing = lm_eval_student(args.model, spec, io, tasks, limit=args.limit, batch_size=args.batch_size,
+                                              include_path=args.include_path, dtype=args.dtype, device=args.device)
+    print_lm_eval(args, result, summary, timing)
+    if json_path:
+        write_json(json_path, {"model": args.model, "config": args_config(args), "lm_eval": result,
+                               "compression": summary, "timing": timing,
+                               "versions": {**versions(), "lm_eval": result["lm_eval_version"]}, "command": command_line()})
+        print(f"wrote {json_path}")
+
+
+def print_lm_eval(args, result: dict, summary: dict, timing: dict) -> None:
+    from ..eval.lmeval import format_table, header_line
+
     print(f"\n{args.model}: {header_line(result)}")
     print_summary(summary)
     print("\n" + format_table(result))
     print(f"\ntime: load {timing['load_s']:.1f} s, student {timing['student_s']:.1f} s, lm-eval (teacher and "
           f"student) {timing['lm_eval_s']:.1f} s, total {timing['total_s']:.1f} s")
-    if json_path:
-        config = args_config(args)
-        write_json(json_path, {"model": args.model, "config": config, "lm_eval": result, "compression": summary,
-                               "timing": timing, "versions": {**versions(), "lm_eval": result["lm_eval_version"]},
-                               "command": command_line()})
-        print(f"wrote {json_path}")
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -446,30 +437,14 @@ def start_bench(args) -> dict:
 
 
 def cmd_bench_layer(args) -> None:
-    import itertools
-
-    from tqdm import tqdm
-
-    from ..bench.measure import DEFAULT_TOKENS, EXTRA_SHAPES, bench_layer, layer_table, model_shapes, parse_ints, parse_shape
-    from ..io.models import load_model, resolve_dtype
+    from ..bench.layer import bench_layers
+    from ..bench.measure import layer_table, parse_ints, parse_shape
 
     results = start_bench(args)
-    block_sizes = parse_ints(args.block_size, "--block-size")
-    tokens = parse_ints(args.tokens, "--tokens") if args.tokens else list(DEFAULT_TOKENS)
-    if args.shape:
-        shapes = [parse_shape(s) for s in args.shape.split(",")]
-    else:  # the model's own projection shapes, then the two large reference shapes
-        model, _ = load_model(args.model, dtype=args.dtype)
-        shapes = model_shapes(model)
-        del model
-        shapes += [s for s in EXTRA_SHAPES if s not in shapes]
-    points = [(s, b, n) for s, b, n in itertools.product(shapes, block_sizes, tokens) if b <= min(s)]
-    if not points:
-        raise InputError(f"every block size {block_sizes} exceeds the smaller dimension of every shape")
-    rows = []
-    for (out_f, in_f), b, n in tqdm(points, desc="bench layer", unit="point"):
-        rows.append(bench_layer(out_f, in_f, b, n, dtype=resolve_dtype(args.dtype), device=args.device,
-                                repeats=args.repeats, seed=args.seed))
+    rows = bench_layers([parse_shape(s) for s in args.shape.split(",")] if args.shape else None,
+                        parse_ints(args.block_size, "--block-size"),
+                        parse_ints(args.tokens, "--tokens") if args.tokens else None, model_id=args.model,
+                        dtype=args.dtype, device=args.device, repeats=args.repeats, seed=args.seed)
     results["results"] = rows
     if len(rows) == 1:
         results.update(rows[0])  # a single point: its figures at the top level (`speedup` = cold)

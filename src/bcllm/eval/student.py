@@ -130,3 +130,23 @@ def generate_side_by_side(model_id_or_model, prompt: str, spec: StudentSpec = St
     return {"teacher": text(teacher_new), "student": text(student_new), "teacher_tokens": teacher_new,
             "student_tokens": student_new, "agree_tokens": common_prefix_length(teacher_new, student_new),
             "compression": summary}
+
+
+def lm_eval_student(model_id: str, spec: StudentSpec, io: StudentIO, tasks: list[str], *, limit=None, batch_size=None,
+                    include_path=None, dtype: str = "float32", device: str = "cpu") -> tuple[dict, dict, dict]:
+    """`bcllm lm-eval`: (result, summary, timing) of lm-evaluation-harness on the original and the student."""
+    from .lmeval import bundled_task_texts, check_run_options, lm_eval_side_by_side, task_manager
+
+    start = time.perf_counter()
+    check_run_options(limit, batch_size)
+    manager = task_manager(tasks, include_path)  # unknown tasks, or no lm-eval, before the model loads
+    model, tokenizer = load_model(model_id, dtype=dtype, device=device)
+    t_load = time.perf_counter()
+    # Calibration text must not contain the bundled tasks' documents (other tasks' text is not known here).
+    student, summary = build_student(model, tokenizer, spec, io, eval_prompts=bundled_task_texts(tasks),
+                                     model_id=model_id)
+    t_student = time.perf_counter()
+    result = lm_eval_side_by_side(model, student, tokenizer, tasks, limit=limit, batch_size=batch_size, manager=manager)
+    t_eval = time.perf_counter()
+    return result, summary, {"load_s": t_load - start, "student_s": t_student - t_load,
+                             "lm_eval_s": t_eval - t_student, "total_s": t_eval - start}
