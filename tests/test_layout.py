@@ -20,7 +20,7 @@ LAYERS = [
     ("surgery", ["surgery"]),
     ("structures", ["structures.base", "structures.circulant", "structures.lowrank", "structures.blockdiag",
                     "structures.hybrid", "structures.costs"]),
-    ("fit", ["fit.closed_form", "fit.calib_text", "fit.transforms", "fit.reconstruct", "fit.distill"]),
+    ("fit", ["fit.closed_form", "fit.teacher_text", "fit.calib_text", "fit.transforms", "fit.reconstruct", "fit.distill"]),
     ("io: saved students", ["io.checkpoint", "io.artifact"]),
     ("fit: build_student", ["fit.student"]),
     ("eval", ["eval.metrics", "eval.lmeval", "eval.streaming", "eval.student"]),

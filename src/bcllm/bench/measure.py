@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..io.models import static_cache
 from ..ops import circulant
 from ..ops import costs
 from ..structures.circulant import BlockCirculantLinear
@@ -190,13 +191,6 @@ def param_bytes(model: nn.Module) -> int:
 def spectra_cache_bytes(model: nn.Module) -> int:
     return sum(m._spec.numel() * m._spec.element_size() for m in model.modules()
                if getattr(m, "_spec", None) is not None)
-
-
-def static_cache(model, max_len: int):
-    """A transformers StaticCache of max_len positions for `model` (allocated once, reset per use)."""
-    from transformers import StaticCache
-
-    return StaticCache(config=model.config, max_cache_len=max_len)
 
 
 def lean_decode(model, ids: torch.Tensor, new_tokens: int, cache=None, step=None) -> tuple[float, torch.Tensor]:

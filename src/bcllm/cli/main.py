@@ -84,7 +84,8 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("calibration (--fit aware/sequential/block, --distill-steps) and fitted students")
     g.add_argument("--calib", default=D.calib, metavar="SOURCE",
-                   help="calibration text: mix (96 samples the model writes itself plus all of Python's offline "
+                   help="calibration text: teacher (the model's replies to about 2,000 bundled seed "
+                        "instructions, questions, code and story openings; written once, cached), mix (96 samples the model writes itself plus all of Python's offline "
                         "reference text, prose and code; works on any model), a file (one sample a line), "
                         "self-chat (the model writes instructions and answers them; cached), self-seed (the "
                         "model continues short seeds), pydoc (the reference prose paragraphs) or pydoc-all "
@@ -106,6 +107,17 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distill-vocab", default=D.distill_vocab, choices=["full", "teacher"],
                    help="distil over the full vocabulary, or over the tokens in the teacher's top-k anywhere in "
                         "the calibration text (fewer output logits a step)")
+    g.add_argument("--distill-divergence", default=D.distill_divergence, choices=["forward", "reverse", "jsd", "skew"],
+                   help="forward KL(teacher||student) on the teacher's top-k (cached), or a full-vocabulary reverse "
+                        "KL, generalised JSD (beta 0.5) or skew KL (0.1), the teacher run each step")
+    g.add_argument("--distill-onpolicy", type=float, default=D.distill_onpolicy, metavar="SHARE",
+                   help="share of distillation steps on the student's own continuations of seed prompts, scored "
+                        "by the teacher (on-policy, GKD)")
+    g.add_argument("--curve", action="store_true",
+                   help="record token agreement and KL on the evaluation prompts at every held-out evaluation of "
+                        "distillation (the JSON's curve; monitoring only)")
+    g.add_argument("--block-samples", type=int, default=D.block_samples, metavar="N",
+                   help="--fit block: reconstruct on the first N training samples (default: all)")
     g.add_argument("--block-epochs", type=int, default=D.block_epochs, help="--fit block: epochs over the cached activations")
     g.add_argument("--block-lr", type=float, default=D.block_lr, help="--fit block: Adam learning rate")
     g.add_argument("--block-target", default=D.block_target, choices=["mlp", "layer"],

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..io.models import cache_dir
 
-SOURCES = ("mix", "self-chat", "self-seed", "pydoc", "pydoc-all")
+SOURCES = ("mix", "teacher", "self-chat", "self-seed", "pydoc", "pydoc-all")
 MIX_SELF = 96  # self-generated samples in the "mix" source
 
 # Topics for the teacher's own instructions: everyday, school and technical subjects, chosen to be
@@ -153,9 +153,8 @@ def _normalize(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def check_overlap(samples: list[str], prompts: list[str], ngram: int = 10, force: bool = False) -> int:
-    """Refuse (ValueError) calibration samples that contain an evaluation prompt, or share a run
-    of `ngram` words with one. Returns the number of overlapping samples (force=True: no error)."""
+def overlapping(samples: list[str], prompts: list[str], ngram: int = 10) -> list[int]:
+    """Indices of the samples that contain an evaluation prompt or share a run of `ngram` words with one."""
     prompt_words = [_normalize(p) for p in prompts]
     whole = {" ".join(w) for w in prompt_words if w}
     grams = {" ".join(w[i:i + ngram]) for w in prompt_words for i in range(len(w) - ngram + 1)}
@@ -166,6 +165,13 @@ def check_overlap(samples: list[str], prompts: list[str], ngram: int = 10, force
         if any(f" {p} " in text for p in whole) or \
                 any(" ".join(words[k:k + ngram]) in grams for k in range(len(words) - ngram + 1)):
             bad.append(i)
+    return bad
+
+
+def check_overlap(samples: list[str], prompts: list[str], ngram: int = 10, force: bool = False) -> int:
+    """Refuse (InputError) calibration samples that contain an evaluation prompt, or share a run
+    of `ngram` words with one. Returns the number of overlapping samples (force=True: no error)."""
+    bad = overlapping(samples, prompts, ngram)
     if bad and not force:
         raise InputError(f"{len(bad)} calibration samples overlap the evaluation prompts (first: line "
                          f"{bad[0] + 1}: {samples[bad[0]][:60]!r}); calibrating on evaluation text flatters the "
@@ -213,6 +219,10 @@ def load_calibration(source: str, model=None, tokenizer=None, n: int = 100, max_
     """Calibration samples from a source name (SOURCES) or a text file path, one sample a line."""
     if source in ("self-chat", "self-seed"):
         return self_generated(model, tokenizer, n, source, max_new_tokens, seed, model_id, progress=progress)
+    if source == "teacher":  # the teacher's replies to the bundled seeds (teacher_text.py), cached
+        from .teacher_text import teacher_samples
+
+        return teacher_samples(model, tokenizer, n, model_id=model_id, progress=progress, shuffle_seed=seed)
     if source == "pydoc":
         return pydoc_samples(n, seed)
     if source == "pydoc-all":

@@ -50,6 +50,8 @@ class DistillConfig:
     cache_prefix: bool = True     # run the frozen layers before the first trained one once, not every step
     bf16: bool = False            # student forward under bfloat16 autocast (CPUs with AMX: ~3x faster matmuls)
     vocab: str = "full"           # full | teacher: the loss over the tokens in the teacher's top-k anywhere
+    divergence: str = "forward"   # forward (top-k + tail, cached) | reverse | jsd | skew: full-vocabulary, teacher per step
+    onpolicy: float = 0.0         # share of steps on the student's own continuations (on_policy batches), teacher-scored
 
 
 def trainable_parameters(student, train_norms: bool = False) -> dict[str, torch.nn.Parameter]:
@@ -202,6 +204,30 @@ def topk_kl(z_s: torch.Tensor, target) -> torch.Tensor:
     return kl.mean()
 
 
+DIVERGENCES = ("forward", "reverse", "jsd", "skew")
+SKEW = 0.1  # skew KL: KL(p || SKEW p + (1 - SKEW) q), DistiLLM's default
+
+
+def divergence(z_t: torch.Tensor, z_s: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean over rows of a divergence between teacher logits z_t and student logits z_s (full
+    vocabulary): forward KL(p||q), reverse KL(q||p), jsd (generalised JSD at beta 0.5, GKD) or skew
+    (KL(p || a p + (1-a) q), DistiLLM)."""
+    logp = torch.log_softmax(z_t.float(), -1)
+    logq = torch.log_softmax(z_s.float(), -1)
+    p, q = logp.exp(), logq.exp()
+    if kind == "forward":
+        return (p * (logp - logq)).sum(-1).mean()
+    if kind == "reverse":
+        return (q * (logq - logp)).sum(-1).mean()
+    if kind == "jsd":
+        logm = torch.logaddexp(logp, logq) - math.log(2)
+        return 0.5 * ((p * (logp - logm)).sum(-1) + (q * (logq - logm)).sum(-1)).mean()
+    if kind == "skew":
+        logm = torch.logaddexp(logp + math.log(SKEW), logq + math.log(1 - SKEW))
+        return (p * (logp - logm)).sum(-1).mean()
+    raise InputError(f"unknown divergence {kind!r}; allowed: {', '.join(DIVERGENCES)}", "distill_divergence")
+
+
 @torch.no_grad()
 def held_out_kl(student, teacher_logprobs: list[torch.Tensor], batches) -> float:
     """Full-vocabulary KL(teacher || student) per position, averaged over all real positions."""
@@ -232,19 +258,29 @@ def _batch_index(step: int, n: int, seed: int) -> int:
 
 
 def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None = None, checkpoint_dir=None,
-             resume: bool = False, progress: bool = True, on_step=None) -> dict:
+             resume: bool = False, progress: bool = True, on_step=None, on_policy=None, on_eval=None) -> dict:
     """Train the student's structured parameters toward the teacher; returns the history.
 
     on_step(step, loss) is called after every step (a caller may raise to stop: the last
-    checkpoint then lets `resume=True` continue)."""
+    checkpoint then lets `resume=True` continue). on_policy(): a fresh batch of the student's own
+    continuations, used for cfg.onpolicy of the steps. on_eval(step) -> dict: extra figures
+    recorded at every held-out evaluation (e.g. agreement on held-out prompts: the curve)."""
     cfg = cfg or DistillConfig()
     params = _start(student, batches, cfg)
     run = _Run(cfg, params, checkpoint_dir)
     if resume:
         run.load()
     first = first_trained_layer(student, params, cfg.cache_prefix and not cfg.train_norms)
-    targets = teacher_targets(teacher, batches, cfg.topk, first)
-    vocab = restrict_targets(teacher, batches, targets) if cfg.vocab == "teacher" else None
+    # Targets are computed when a batch is first drawn: a long run over fresh data pays the teacher
+    # once per batch it uses, never for batches it does not reach.
+    targets = _LazyTargets(teacher, batches, cfg.topk, first)
+    vocab = None
+    if cfg.vocab == "teacher":
+        targets.fill()
+        vocab = restrict_targets(teacher, batches, [targets[i] for i in range(len(batches))])
+    every = round(1 / cfg.onpolicy) if cfg.onpolicy else 0
+    if every and on_policy is None:
+        raise InputError("onpolicy distillation needs a source of the student's own continuations", "distill_onpolicy")
     held = list(held_out)
     held_lp = [torch.log_softmax(t, -1) for t in _teacher_logits(teacher, held)]
     prefix, _ = decoder_layers(teacher)
@@ -252,17 +288,28 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     student.train(False)  # no dropout: the student should match the teacher's eval-mode function
     if held and run.step == 0:  # where distillation starts from
         run.history["held_out_kl"].append((0, held_out_kl(student, held_lp, held)))
+        if on_eval is not None:
+            run.history.setdefault("curve", []).append({"step": 0, "tokens": 0, **on_eval(0)})
     bar = tqdm(total=cfg.steps, initial=run.step, desc="distill", unit="step", disable=not progress)
     start, tokens = time.perf_counter(), 0
     try:
         while run.step < cfg.steps:
-            i = _batch_index(run.step, len(batches), cfg.seed)
-            with cached_prefix(student, first, targets[i]["tuple"]) as state, restricted_head(student, vocab):
-                state["hidden"] = targets[i]["prefix"]
-                loss = _step(student, teacher, batches[i], targets[i]["target"], run, hidden_layers)
-            tokens += int(_masked(batches[i]).sum())
+            if every and run.step % every == every - 1:
+                batch = on_policy()
+                loss = _step(student, teacher, batch, None, run, hidden_layers)
+            else:
+                batch = batches[_batch_index(run.step, len(batches), cfg.seed)]
+                target = targets[_batch_index(run.step, len(batches), cfg.seed)]
+                with cached_prefix(student, first, target["tuple"]) as state, restricted_head(student, vocab):
+                    state["hidden"] = target["prefix"]
+                    loss = _step(student, teacher, batch, target["target"], run, hidden_layers)
+            tokens += int(_masked(batch).sum())
+            run.history["tokens"] = run.history.get("tokens", 0) + int(_masked(batch).sum())
             if held and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
                 run.history["held_out_kl"].append((run.step, held_out_kl(student, held_lp, held)))
+                if on_eval is not None:
+                    run.history.setdefault("curve", []).append({"step": run.step, "tokens": run.history["tokens"],
+                                                                **on_eval(run.step)})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}",
                             **({"held_kl": f"{run.history['held_out_kl'][-1][1]:.4f}"}
@@ -280,13 +327,19 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
             "trainable": list(params), "final_loss": run.history["loss"][-1] if run.history["loss"] else None,
             "held_out_kl": run.history["held_out_kl"], "loss": run.history["loss"], "config": asdict(cfg),
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "prefix_layers_cached": first,
-            "vocab_size": None if vocab is None else int(vocab.numel())}
+            "vocab_size": None if vocab is None else int(vocab.numel()), "curve": run.history.get("curve", []),
+            "distill_tokens": run.history.get("tokens", 0), "teacher_batches": len(targets.done)}
 
 
 def _start(student, batches, cfg: DistillConfig) -> dict:
     """Check the settings; leave only the trained parameters requiring gradients; return them."""
     if cfg.steps < 1:
         raise InputError(f"distillation steps must be >= 1, got {cfg.steps}", "distill_steps")
+    if cfg.divergence not in DIVERGENCES:
+        raise InputError(f"unknown divergence {cfg.divergence!r}; allowed: {', '.join(DIVERGENCES)}",
+                         "distill_divergence")
+    if not 0 <= cfg.onpolicy < 1:
+        raise InputError(f"onpolicy is a share of the steps, 0 <= x < 1; got {cfg.onpolicy}", "distill_onpolicy")
     if cfg.vocab not in ("full", "teacher"):
         raise InputError(f"unknown distillation vocab {cfg.vocab!r}; allowed: full, teacher", "distill_vocab")
     if not batches:
@@ -308,7 +361,13 @@ def _step(student, teacher, batch, target, run, hidden_layers) -> float:
         with torch.autocast(mask.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             out = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                           use_cache=False, output_hidden_states=cfg.hidden_mse > 0)
-        loss = topk_kl(out.logits[mask], target)
+        if target is None or cfg.divergence != "forward":  # the teacher's full logits, this step
+            with torch.no_grad():
+                z_t = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                              use_cache=False).logits[mask]
+            loss = divergence(z_t, out.logits[mask], cfg.divergence)
+        else:
+            loss = topk_kl(out.logits[mask], target)
         if cfg.hidden_mse > 0:
             loss = loss + cfg.hidden_mse * _hidden_mse(teacher, batch, mask, out.hidden_states, hidden_layers)
         run.opt.zero_grad(set_to_none=True)
@@ -319,6 +378,23 @@ def _step(student, teacher, batch, target, run, hidden_layers) -> float:
     run.step += 1
     run.history["loss"].append(loss.item())
     return loss.item()
+
+
+class _LazyTargets:
+    """teacher_targets of batch i, computed on first use and kept (top-k: about 0.8 kB a token)."""
+
+    def __init__(self, teacher, batches, topk: int, first: int):
+        self.teacher, self.batches, self.topk, self.first = teacher, batches, topk, first
+        self.done: dict[int, dict] = {}
+
+    def __getitem__(self, i: int) -> dict:
+        if i not in self.done:
+            self.done[i] = teacher_targets(self.teacher, [self.batches[i]], self.topk, self.first)[0]
+        return self.done[i]
+
+    def fill(self) -> None:
+        for i in range(len(self.batches)):
+            self[i]
 
 
 class _Run:

@@ -18,12 +18,15 @@ import copy
 import dataclasses
 import time
 import typing
+
+import torch
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..io.artifact import base_record
-from .calib_text import check_overlap, load_calibration, make_batches
+from .calib_text import check_overlap, load_calibration, make_batches, overlapping
+from .teacher_text import TURN, load_seeds, student_continuations
 from .closed_form import fit_aware_, fit_sequential_, fitted_modules
 from ..io.checkpoint import load_fitted, save_fitted
 from .distill import DistillConfig, distill_, trainable_parameters
@@ -63,10 +66,13 @@ class StudentSpec:
     train_norms: bool = False
     distill_bf16: bool = False          # student forward under bfloat16 autocast while distilling
     distill_vocab: str = "full"         # full | teacher: the loss over the tokens in the teacher's top-k anywhere
+    distill_divergence: str = "forward" # forward | reverse | jsd | skew (distill.DIVERGENCES)
+    distill_onpolicy: float = 0.0       # share of distillation steps on the student's own continuations
     block_epochs: int = 4               # block reconstruction (fit="block"): epochs over the cached activations
     block_lr: float = 1e-3
     block_target: str = "mlp"           # mlp: the dense MLP on the student's inputs; layer: the teacher's layer output
     block_batch_tokens: int = 1024
+    block_samples: int | None = None    # block reconstruction on the first this many training samples (None: all)
     block_sizes: str = ""               # per-module block sizes (circulant) or budgets (lowrank): "GLOB=B,..."
     transform: str = "none"             # circulant: none | hidden | residual | both (transforms.py), found first
     seed: int = field(default=0, metadata={"point": False})  # the run's seed: not a sweep setting
@@ -76,7 +82,8 @@ class StudentSpec:
         if self.fit not in FITS:
             raise InputError(f"unknown fit {self.fit!r}; allowed: {', '.join(FITS)}", "fit")
         for name, low in (("block_size", 1), ("calib_samples", 1), ("calib_tokens", 2), ("distill_steps", 0),
-                          ("distill_batch", 1), ("block_epochs", 0), ("block_batch_tokens", 1)):
+                          ("distill_batch", 1), ("block_epochs", 0), ("block_batch_tokens", 1),
+                          ("block_samples", 1)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise InputError(f"{name} must be >= {low}, got {getattr(self, name)}", name)
         if self.distill_vocab not in ("full", "teacher"):
@@ -111,9 +118,10 @@ class StudentSpec:
         if self.fit == "frobenius" and not self.steps:
             unused += ["calib", "calib_samples", "calib_tokens", "ridge", "distill_batch"]
         if not self.steps:
-            unused += ["distill_lr", "hidden_mse", "train_norms", "distill_bf16", "distill_vocab"]
+            unused += ["distill_lr", "hidden_mse", "train_norms", "distill_bf16", "distill_vocab", "distill_divergence",
+                       "distill_onpolicy"]
         if self.fit != "block":
-            unused += ["block_epochs", "block_lr", "block_target", "block_batch_tokens"]
+            unused += ["block_epochs", "block_lr", "block_target", "block_batch_tokens", "block_samples"]
         return {k: KEY_DEFAULTS[k] if k in unused else v for k, v in point.items()}
 
 
@@ -126,6 +134,8 @@ class StudentIO:
     distill_dir: str | None = None      # distillation checkpoints
     resume: bool = False                # continue an interrupted distillation from distill_dir
     force_overlap: bool = False         # calibrate even on text that overlaps the evaluation prompts
+    curve: bool = False                 # record agreement and KL on the evaluation prompts at every held-out
+                                        # evaluation of distillation (monitoring only: nothing is chosen by it)
 
 
 IO_FIELDS = tuple(f.name for f in dataclasses.fields(StudentIO))
@@ -137,7 +147,8 @@ KEY_DEFAULTS = {"structure": "circulant", "block_size": 16, "rank": None, "param
                 "targets": "mlp", "fit": "frobenius", "calib": "self-chat", "calib_samples": 96, "calib_tokens": 48,
                 "ridge": 1e-4, "distill_steps": 0, "distill_lr": 1e-3, "distill_batch": 8, "hidden_mse": 0.0,
                 "train_norms": False, "distill_bf16": False, "distill_vocab": "full", "block_epochs": 4, "block_lr": 1e-3,
-                "block_target": "mlp", "block_batch_tokens": 1024, "block_sizes": "", "transform": "none"}
+                "block_target": "mlp", "block_batch_tokens": 1024, "block_sizes": "", "transform": "none",
+                "distill_divergence": "forward", "distill_onpolicy": 0.0, "block_samples": None}
 
 
 def parse_block_sizes(text: str) -> dict[str, int]:
@@ -224,7 +235,8 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
     if spec.transform != "none":
         summary["transform"] = {"kind": spec.transform, "search_s": seconds, "history": transform.history}
     if calibrated:
-        summary["calibration"] = fit_and_distill_(student, teacher, tokenizer, spec, io, samples, progress)
+        summary["calibration"] = fit_and_distill_(student, teacher, tokenizer, spec, io, samples, progress,
+                                                  eval_prompts)
     if io.save:
         save_fitted(student, io.save, config, model_fingerprint(model),
                     summary.get("calibration", {}).get("extra_params", []), info=summary,
@@ -238,7 +250,11 @@ def calibration_text(model: nn.Module | None, tokenizer, spec: StudentSpec, io: 
     refused when they overlap the evaluation prompts (None: the bundled prompts) unless io.force_overlap."""
     samples = load_calibration(spec.calib, model, tokenizer, spec.calib_samples, spec.calib_tokens, spec.seed,
                                model_id, progress=progress)
-    check_overlap(samples, eval_prompts if eval_prompts is not None else load_prompts(), force=io.force_overlap)
+    prompts = eval_prompts if eval_prompts is not None else load_prompts()
+    if spec.calib == "teacher" and not io.force_overlap:  # the model's own replies: drop the few that overlap
+        bad = set(overlapping(samples, prompts))
+        samples = [s for i, s in enumerate(samples) if i not in bad]
+    check_overlap(samples, prompts, force=io.force_overlap)
     return samples
 
 
@@ -268,29 +284,60 @@ def block_config(spec: StudentSpec) -> BlockConfig:
 
 
 def fit_and_distill_(student, teacher, tokenizer, spec: StudentSpec, io: StudentIO, samples: list[str],
-               progress: bool) -> dict:
+                     progress: bool, eval_prompts: list[str] | None = None) -> dict:
     """The fit and the distillation of `student` to `teacher` on the calibration `samples`
     (calibration_text)."""
-    distill = None
+    distill, on_policy, on_eval = None, None, None
     if spec.steps:
         distill = DistillConfig(steps=spec.steps, lr=spec.distill_lr, hidden_mse=spec.hidden_mse,
                                 train_norms=spec.train_norms, seed=spec.seed, bf16=spec.distill_bf16,
-                                vocab=spec.distill_vocab)
+                                vocab=spec.distill_vocab, divergence=spec.distill_divergence,
+                                onpolicy=spec.distill_onpolicy)
+        if spec.distill_onpolicy:
+            on_policy = student_continuations(student, tokenizer, [s.split(TURN)[0] for s in load_seeds()],
+                                              spec.distill_batch, spec.calib_tokens + 64, seed=spec.seed)
+        if io.curve:
+            on_eval = prompt_curve(student, teacher, tokenizer, eval_prompts if eval_prompts is not None
+                                   else load_prompts())
     block = block_config(spec) if spec.fit == "block" else None
     info = fit_student_(student, teacher, tokenizer, samples, spec.fit, spec.ridge, spec.calib_tokens + 64,
                         spec.distill_batch, distill, distill_dir=io.distill_dir, resume=io.resume, progress=progress,
-                        block=block)
+                        block=block, block_samples=spec.block_samples, on_policy=on_policy, on_eval=on_eval)
     info["calib"] = spec.calib
     return info
+
+
+def prompt_curve(student, teacher, tokenizer, prompts: list[str], batch_size: int = 16):
+    """on_eval for distill_: token agreement and KL of the student on `prompts` (teacher-forced,
+    every position, as `eval` measures them); the teacher's side computed once here."""
+    device = next(student.parameters()).device
+    batches = make_batches(tokenizer, prompts, batch_size, 512, device)
+    with torch.no_grad():
+        teacher_lp = [torch.log_softmax(teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                                        .logits[b["attention_mask"].bool()].float(), -1) for b in batches]
+
+    @torch.no_grad()
+    def measure(step: int) -> dict:
+        agree = kl = count = 0
+        for b, lp in zip(batches, teacher_lp):
+            z = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            lq = torch.log_softmax(z[b["attention_mask"].bool()].float(), -1)
+            agree += int((lq.argmax(-1) == lp.argmax(-1)).sum())
+            kl += float((lp.exp() * (lp - lq)).sum())
+            count += lp.shape[0]
+        return {"token_agreement": agree / count, "kl_mean": kl / count}
+    return measure
 
 
 def fit_student_(student: nn.Module, teacher: nn.Module, tokenizer, samples: list[str], fit: str = "aware",
                  ridge: float = 1e-4, max_length: int = 128, batch_size: int = 8, distill=None,
                  held_out_fraction: float = 0.1, distill_dir=None, resume: bool = False,
-                 progress: bool = True, block: BlockConfig | None = None) -> dict:
+                 progress: bool = True, block: BlockConfig | None = None, block_samples: int | None = None,
+                 on_policy=None, on_eval=None) -> dict:
     """Fit (fit: frobenius = keep the projection, aware, sequential) and then optionally distil
     (distill: a distill.DistillConfig) the structured modules of `student` on calibration text.
-    Distillation holds out the last `held_out_fraction` of the samples for its held-out KL."""
+    Distillation holds out the last `held_out_fraction` of the samples for its held-out KL; block
+    reconstruction uses the first `block_samples` training samples (None: all)."""
     if fit not in FITS:
         raise InputError(f"unknown fit {fit!r}; allowed: {', '.join(FITS)}", "fit")
     device = next(student.parameters()).device
@@ -304,7 +351,10 @@ def fit_student_(student: nn.Module, teacher: nn.Module, tokenizer, samples: lis
     elif fit == "sequential":
         fit_sequential_(student, teacher, train, ridge, progress)
     elif fit == "block":
-        info["block"] = reconstruct_(student, teacher, train, block, ridge, progress)
+        fit_on = train if block_samples is None else \
+            make_batches(tokenizer, samples[:min(block_samples, len(samples) - n_held)], batch_size, max_length, device)
+        info["block"] = reconstruct_(student, teacher, fit_on, block, ridge, progress)
+        info["block_tokens"] = int(sum(b["attention_mask"].sum() for b in fit_on))
     info["fit_s"] = time.perf_counter() - start
     if progress:
         print(stage_line(info), flush=True)
@@ -312,7 +362,7 @@ def fit_student_(student: nn.Module, teacher: nn.Module, tokenizer, samples: lis
         held = make_batches(tokenizer, samples[len(samples) - n_held:], batch_size, max_length, device) if n_held else []
         start = time.perf_counter()
         result = distill_(student, teacher, train, held, distill, checkpoint_dir=distill_dir, resume=resume,
-                          progress=progress)
+                          progress=progress, on_policy=on_policy, on_eval=on_eval)
         info["distill_s"] = time.perf_counter() - start
         info["distill"] = {k: v for k, v in result.items() if k not in ("loss", "trainable")}
         if progress:

@@ -159,6 +159,13 @@ def model_file_identity(spec: str) -> str:
 
 
 @torch.no_grad()
+def static_cache(model, max_len: int):
+    """A transformers StaticCache of max_len positions for `model` (allocated once, reset per use)."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
 def model_fingerprint(model) -> str:
     """Cheap identity of the weights: names, shapes, dtypes and a strided sample of each parameter.
     (No sums: a parallel sum's rounding depends on the thread count, and the key must not.)"""

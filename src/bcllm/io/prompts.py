@@ -16,6 +16,9 @@ from ..errors import InputError, InputFileError
 DEFAULT_PROMPTS = "prompts_100.txt"
 
 
+HELDOUT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "heldout_prompts.txt"  # unlike any calibration text
+
+
 def default_prompts_path() -> Path:
     return Path(str(resources.files("bcllm") / "data" / DEFAULT_PROMPTS))
 
