@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import InputError
+from ..io.results import structured_params
 
 # Library parameter -> the flag that sets it, where the flag is not simply --param-name.
 PARAM_FLAGS = {"budget_block_size": "--param-budget", "num_blocks": "--param-budget", "grid_file": "--grid-file",
@@ -90,7 +91,8 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
                         "self-chat (the model writes instructions and answers them; cached), self-seed (the "
                         "model continues short seeds), pydoc (the reference prose paragraphs) or pydoc-all "
                         "(all of it, code included)")
-    g.add_argument("--calib-samples", type=int, default=D.calib_samples, metavar="N", help="number of calibration samples")
+    g.add_argument("--calib-samples", type=int, default=D.calib_samples, metavar="N",
+                   help="number of calibration samples (default: all of teacher, 500 of the others)")
     g.add_argument("--calib-tokens", type=int, default=D.calib_tokens, metavar="T",
                    help="new tokens per self-generated sample; every sample is cut to T + 64 tokens")
     g.add_argument("--ridge", type=float, default=D.ridge, help="ridge of the least-squares fits, relative to the Gram diagonal")
@@ -116,8 +118,9 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--curve", action="store_true",
                    help="record token agreement and KL on the evaluation prompts at every held-out evaluation of "
                         "distillation (the JSON's curve; monitoring only)")
-    g.add_argument("--block-samples", type=int, default=D.block_samples, metavar="N",
-                   help="--fit block: reconstruct on the first N training samples (default: all)")
+    g.add_argument("--fit-samples", type=int, default=D.fit_samples, metavar="N",
+                   help="the fit (aware, sequential, block) on the first N calibration samples; distillation "
+                        "uses them all (default %(default)s)")
     g.add_argument("--block-epochs", type=int, default=D.block_epochs, help="--fit block: epochs over the cached activations")
     g.add_argument("--block-lr", type=float, default=D.block_lr, help="--fit block: Adam learning rate")
     g.add_argument("--block-target", default=D.block_target, choices=["mlp", "layer"],
@@ -156,13 +159,13 @@ def args_config(args, drop=("json",)) -> dict:
 
 def print_summary(summary: dict) -> None:
     print(f"replaced {summary['num_modules']} modules: {summary['replaced_params']:,} dense parameters -> "
-          f"{summary['circulant_params']:,} ({summary['ratio']:.1f}x fewer); "
+          f"{structured_params(summary):,} ({summary['ratio']:.1f}x fewer); "
           f"model {summary['model_params_before']:,} -> {summary['model_params_after']:,}")
     config = summary.get("config", {})
     if summary.get("budget_params"):  # a non-circulant structure sized to a circulant's parameter count
         sizes = sorted({tuple(s.items()) for s in summary["sizes"].values()})
         shown = "; ".join(", ".join(f"{k} {v}" for k, v in s) for s in sizes)
-        print(f"{config['structure']} sizes ({shown}): {summary['circulant_params']:,} parameters, budget "
+        print(f"{config['structure']} sizes ({shown}): {structured_params(summary):,} parameters, budget "
               f"{summary['budget_params']:,} (circulant block size {config['budget_block_size']})")
     cal = summary.get("calibration")
     if cal:

@@ -55,8 +55,8 @@ class StudentSpec:
     layers: str = "all"                 # decoder layers: all, 10-19, 0,3,5
     targets: str = "mlp"                # module suffixes, globs, or mlp / attn
     fit: str = "frobenius"              # frobenius | aware | sequential | block (the recovery recipe)
-    calib: str = "mix"                  # calibration source (calib_data.SOURCES) or a file
-    calib_samples: int = 500            # mix: 96 self-written samples + 404 pydoc chunks, about 50k tokens
+    calib: str = "teacher"              # calibration source (calib_text.SOURCES) or a file
+    calib_samples: int | None = None    # None: the source's own (teacher: all, about 2,200; the others: 500)
     calib_tokens: int = 48              # new tokens per self-generated sample; samples cut to this + 64
     ridge: float = 1e-4                 # least-squares ridge, relative to the Gram diagonal
     distill_steps: int | None = None    # None: BLOCK_DISTILL_STEPS with fit="block", else 0
@@ -72,7 +72,8 @@ class StudentSpec:
     block_lr: float = 1e-3
     block_target: str = "mlp"           # mlp: the dense MLP on the student's inputs; layer: the teacher's layer output
     block_batch_tokens: int = 1024
-    block_samples: int | None = None    # block reconstruction on the first this many training samples (None: all)
+    fit_samples: int | None = 400       # the fit (closed forms, block reconstruction) on the first this many
+                                        # training samples (None: all); distillation uses them all
     block_sizes: str = ""               # per-module block sizes (circulant) or budgets (lowrank): "GLOB=B,..."
     transform: str = "none"             # circulant: none | hidden | residual | both (transforms.py), found first
     seed: int = field(default=0, metadata={"point": False})  # the run's seed: not a sweep setting
@@ -83,7 +84,7 @@ class StudentSpec:
             raise InputError(f"unknown fit {self.fit!r}; allowed: {', '.join(FITS)}", "fit")
         for name, low in (("block_size", 1), ("calib_samples", 1), ("calib_tokens", 2), ("distill_steps", 0),
                           ("distill_batch", 1), ("block_epochs", 0), ("block_batch_tokens", 1),
-                          ("block_samples", 1)):
+                          ("fit_samples", 1)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise InputError(f"{name} must be >= {low}, got {getattr(self, name)}", name)
         if self.distill_vocab not in ("full", "teacher"):
@@ -121,7 +122,9 @@ class StudentSpec:
             unused += ["distill_lr", "hidden_mse", "train_norms", "distill_bf16", "distill_vocab", "distill_divergence",
                        "distill_onpolicy"]
         if self.fit != "block":
-            unused += ["block_epochs", "block_lr", "block_target", "block_batch_tokens", "block_samples"]
+            unused += ["block_epochs", "block_lr", "block_target", "block_batch_tokens"]
+        if self.fit == "frobenius":
+            unused += ["fit_samples"]
         return {k: KEY_DEFAULTS[k] if k in unused else v for k, v in point.items()}
 
 
@@ -148,7 +151,7 @@ KEY_DEFAULTS = {"structure": "circulant", "block_size": 16, "rank": None, "param
                 "ridge": 1e-4, "distill_steps": 0, "distill_lr": 1e-3, "distill_batch": 8, "hidden_mse": 0.0,
                 "train_norms": False, "distill_bf16": False, "distill_vocab": "full", "block_epochs": 4, "block_lr": 1e-3,
                 "block_target": "mlp", "block_batch_tokens": 1024, "block_sizes": "", "transform": "none",
-                "distill_divergence": "forward", "distill_onpolicy": 0.0, "block_samples": None}
+                "distill_divergence": "forward", "distill_onpolicy": 0.0, "fit_samples": None}
 
 
 def parse_block_sizes(text: str) -> dict[str, int]:
@@ -227,7 +230,7 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
         samples = calibration_text(model, tokenizer, spec, io, eval_prompts, model_id, progress)
     transform, teacher = Transform(), model
     if spec.transform != "none":  # the student and the teacher it is fitted to, both reordered (same function)
-        transform, seconds = transform_for(model, tokenizer, spec, config, samples, progress)
+        transform, seconds = transform_for(model, tokenizer, spec, config, samples[:spec.fit_samples], progress)
         apply_transform_(student, transform)
         teacher = apply_transform_(copy.deepcopy(model), transform)
     summary = compress_(student, config)  # frobenius: compress_ projects each weight
@@ -248,7 +251,8 @@ def calibration_text(model: nn.Module | None, tokenizer, spec: StudentSpec, io: 
                      model_id: str, progress: bool) -> list[str]:
     """The spec's calibration samples (self-written ones come from `model`, cached per model),
     refused when they overlap the evaluation prompts (None: the bundled prompts) unless io.force_overlap."""
-    samples = load_calibration(spec.calib, model, tokenizer, spec.calib_samples, spec.calib_tokens, spec.seed,
+    n = spec.calib_samples if spec.calib_samples is not None else None if spec.calib == "teacher" else 500
+    samples = load_calibration(spec.calib, model, tokenizer, n, spec.calib_tokens, spec.seed,
                                model_id, progress=progress)
     prompts = eval_prompts if eval_prompts is not None else load_prompts()
     if spec.calib == "teacher" and not io.force_overlap:  # the model's own replies: drop the few that overlap
@@ -302,7 +306,7 @@ def fit_and_distill_(student, teacher, tokenizer, spec: StudentSpec, io: Student
     block = block_config(spec) if spec.fit == "block" else None
     info = fit_student_(student, teacher, tokenizer, samples, spec.fit, spec.ridge, spec.calib_tokens + 64,
                         spec.distill_batch, distill, distill_dir=io.distill_dir, resume=io.resume, progress=progress,
-                        block=block, block_samples=spec.block_samples, on_policy=on_policy, on_eval=on_eval)
+                        block=block, fit_samples=spec.fit_samples, on_policy=on_policy, on_eval=on_eval)
     info["calib"] = spec.calib
     return info
 
@@ -332,12 +336,12 @@ def prompt_curve(student, teacher, tokenizer, prompts: list[str], batch_size: in
 def fit_student_(student: nn.Module, teacher: nn.Module, tokenizer, samples: list[str], fit: str = "aware",
                  ridge: float = 1e-4, max_length: int = 128, batch_size: int = 8, distill=None,
                  held_out_fraction: float = 0.1, distill_dir=None, resume: bool = False,
-                 progress: bool = True, block: BlockConfig | None = None, block_samples: int | None = None,
+                 progress: bool = True, block: BlockConfig | None = None, fit_samples: int | None = None,
                  on_policy=None, on_eval=None) -> dict:
     """Fit (fit: frobenius = keep the projection, aware, sequential) and then optionally distil
     (distill: a distill.DistillConfig) the structured modules of `student` on calibration text.
-    Distillation holds out the last `held_out_fraction` of the samples for its held-out KL; block
-    reconstruction uses the first `block_samples` training samples (None: all)."""
+    Distillation holds out the last `held_out_fraction` of the samples for its held-out KL; the
+    fit uses the first `fit_samples` training samples (None: all), distillation all of them."""
     if fit not in FITS:
         raise InputError(f"unknown fit {fit!r}; allowed: {', '.join(FITS)}", "fit")
     device = next(student.parameters()).device
@@ -345,16 +349,17 @@ def fit_student_(student: nn.Module, teacher: nn.Module, tokenizer, samples: lis
     n_held = int(len(samples) * held_out_fraction) if distill is not None else 0
     train = make_batches(tokenizer, samples[:len(samples) - n_held], batch_size, max_length, device)
     info["tokens"] = int(sum(b["attention_mask"].sum() for b in train))
+    fit_on = train if fit_samples is None or fit_samples >= len(samples) - n_held else \
+        make_batches(tokenizer, samples[:fit_samples], batch_size, max_length, device)
+    if fit != "frobenius":
+        info["fit_tokens"] = int(sum(b["attention_mask"].sum() for b in fit_on))
     start = time.perf_counter()
     if fit == "aware":
-        fit_aware_(student, teacher, train, ridge, progress)
+        fit_aware_(student, teacher, fit_on, ridge, progress)
     elif fit == "sequential":
-        fit_sequential_(student, teacher, train, ridge, progress)
+        fit_sequential_(student, teacher, fit_on, ridge, progress)
     elif fit == "block":
-        fit_on = train if block_samples is None else \
-            make_batches(tokenizer, samples[:min(block_samples, len(samples) - n_held)], batch_size, max_length, device)
         info["block"] = reconstruct_(student, teacher, fit_on, block, ridge, progress)
-        info["block_tokens"] = int(sum(b["attention_mask"].sum() for b in fit_on))
     info["fit_s"] = time.perf_counter() - start
     if progress:
         print(stage_line(info), flush=True)
@@ -380,7 +385,7 @@ def stage_line(info: dict, distilled: bool = False) -> str:
         kl = f"; held-out KL {held[0][1]:.3f} -> {held[-1][1]:.3f}" if held else ""
         return (f"stage distill: {d['steps']} steps in {info['distill_s']:.0f} s "
                 f"({d['tokens_per_s']:.0f} tokens/s){kl}")
-    line = f"stage fit {info['fit']}: {info['fit_s']:.0f} s on {info['tokens']:,} calibration tokens"
+    line = f"stage fit {info['fit']}: {info['fit_s']:.0f} s on {info.get('fit_tokens', info['tokens']):,} calibration tokens"
     layers = info.get("block", {}).get("layers", [])
     if layers:
         before = sum(r["held_before"] for r in layers) / len(layers)

@@ -8,17 +8,19 @@ story openings, arithmetic, rewrites and multi-turn follow-ups "turn ||| follow-
 the chat template; a model without one continues each seed as an opening. A sample is plain
 text, the seed then the reply (then the follow-up and its reply), like the prompts users send.
 
-Generation is the lean loop batched: prompts of equal token length share a batch (no padding,
-no attention mask: every row is exact), a static KV cache, and one compiled decode step for
-every batch (fixed batch size: a short batch repeats rows that are dropped). Round 0 is greedy,
-later rounds sample (temperature, top-p over the top 64 tokens). Batches are written to a
-partial file as they finish, so an interrupted run resumes; the finished set is cached by
-model fingerprint and settings.
+Generation is the lean loop batched: prompts sorted by token length and left-padded into
+batches of 64 (an attention mask and per-row positions; rows equal HF generate's, tested), one
+static KV cache for every batch, eager (on this 2-core CPU a compiled step was slower at batch
+64). Most batches sample (temperature, top-p within the top 64 tokens), a `greedy_share` of them
+are greedy. Batches are appended to a partial file as they finish, so an interrupted run
+resumes; the finished set is cached by model fingerprint, settings and seeds, and the set for
+the embedded default model ships with bcllm (data/teacher_text/) so the first run need not write it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import inspect
 import json
@@ -35,6 +37,9 @@ from ..errors import InputError
 from ..io.models import cache_dir, model_fingerprint, static_cache
 
 SEEDS_FILE = Path(__file__).resolve().parents[1] / "data" / "seed_instructions.txt"
+# Text already written for the embedded default model, under the cache file's own name (key included),
+# so a fresh clone's first recipe does not spend ~25 minutes writing it; used only when the key matches.
+BUNDLED = Path(__file__).resolve().parents[1] / "data" / "teacher_text"
 TURN = " ||| "  # separates a seed's first turn from its follow-up
 
 
@@ -154,6 +159,9 @@ def teacher_written(model, tokenizer, cfg: TeacherText = TeacherText(), *, seeds
     path = cache_dir() / "calib" / f"teacher-{len(seeds)}x{cfg.rounds}-{cfg.max_new_tokens}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    bundled = BUNDLED / f"{path.name}.gz"
+    if bundled.is_file():
+        return json.loads(gzip.decompress(bundled.read_bytes()))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.jsonl")
     done = _read_partial(partial)
