@@ -401,7 +401,7 @@ def test_cli_eval_json(tmp_path, monkeypatch, capsys):
     data = json.loads(out.read_text())
     assert {"model", "config", "metrics", "compression", "per_prompt", "versions", "command"} <= set(data)
     assert set(ev.METRIC_KEYS) <= set(data["metrics"])
-    assert {"replaced_params", "circulant_params", "ratio"} <= set(data["compression"])
+    assert {"replaced_params", "structured_params", "ratio"} <= set(data["compression"])
     assert data["compression"]["num_modules"] == 3 and len(data["per_prompt"]) == 2
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "token_agreement" in printed and "replaced 3 modules" in printed

@@ -269,7 +269,7 @@ def test_sweep_resumes_after_an_exception_without_recomputing(tiny_folder, tmp_p
     for r in records.values():
         # the record's parameter reduction is what compress_ reported for that point
         c = r["compression"]
-        assert r["param_reduction"] == pytest.approx((c["replaced_params"] - c["circulant_params"]) / c["model_params_before"])
+        assert r["param_reduction"] == pytest.approx((c["replaced_params"] - c["structured_params"]) / c["model_params_before"])
         assert r["num_layers"] == {"0": 1, "1-2": 2, "all": 4}[r["point"]["layers"]]
     # b=2 on layers "all" removes more parameters than on layer 0 alone
     by = {(r["point"]["block_size"], r["point"]["layers"]): r for r in records.values()}
@@ -392,3 +392,36 @@ def test_evaluate_student_gives_the_cli_record(tiny_folder, tmp_path, cache, cap
     assert record["metrics"] == pytest.approx(cli["metrics"])
     assert record["compression"]["modules"] == cli["compression"]["modules"]
     assert len(record["per_prompt"]) == len(cli["per_prompt"]) == 6
+
+
+# ---------------------------------------------------------------- results written before a key was renamed
+
+def test_records_with_only_the_old_circulant_params_key_are_read(tmp_path, capsys):
+    """compress_'s summary names the structured modules' parameter count structured_params (it
+    counts low-rank ones too); results written before hold circulant_params, and every reader
+    takes either (tests/data/old_layout: a results directory of that time)."""
+    import shutil
+    from pathlib import Path
+
+    from bcllm.cli.main import print_summary
+    from bcllm.experiments.report import load_run
+    from bcllm.io.results import structured_params, with_current_keys
+
+    old = Path(__file__).parent / "data" / "old_layout"
+    assert '"circulant_params"' in (old / "results.jsonl").read_text()
+    assert '"structured_params"' not in (old / "results.jsonl").read_text()
+    run = tmp_path / "run"
+    shutil.copytree(old, run)
+    for records in (ex.finished(run / "results.jsonl").values(), load_run(run)["records"].values()):
+        records = list(records)
+        assert len(records) == 16
+        for r in records:
+            c = r["compression"]
+            assert c["structured_params"] == c["circulant_params"] == structured_params(c) > 0
+    summary = {k: v for k, v in records[0]["compression"].items() if k != "structured_params"}
+    assert structured_params(summary) == summary["circulant_params"]
+    assert structured_params({"structured_params": 7, "circulant_params": 9}) == 7  # the new key wins
+    assert with_current_keys({"compression": {"circulant_params": 5}}) == {
+        "compression": {"circulant_params": 5, "structured_params": 5}}
+    print_summary(summary)
+    assert f"-> {summary['circulant_params']:,} (" in capsys.readouterr().out

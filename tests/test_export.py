@@ -1,9 +1,11 @@
 """Fitted students as artifacts: the base-model record, load_student, and the Hugging Face export
 that loads without bcllm (in a subprocess where `import bcllm` fails) with the same logits."""
 
+import ast
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +77,7 @@ def make_student(arch, config, root):
 
 
 LOAD = r"""
-import json, sys, torch
+import json, os, sys, torch
 sys.modules["bcllm"] = None  # the export must not need bcllm
 from transformers import AutoModelForCausalLM
 dirs, inputs, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
@@ -90,6 +92,7 @@ for name, d in dirs.items():
         model.save_pretrained(out + ".resaved")
         again = AutoModelForCausalLM.from_pretrained(out + ".resaved", trust_remote_code=True)
         results["resaved"] = again(ids).logits
+        results["resaved_files"] = sorted(os.listdir(out + ".resaved"))
         try:
             AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False)
             results["refused"] = False
@@ -138,6 +141,26 @@ def test_export_generates_resaves_and_refuses_without_remote_code(exported):
         torch.testing.assert_close(results["resaved"], student(ids).logits, rtol=0, atol=1e-5)
     assert torch.equal(results["generate"], expected)
     assert results["refused"]
+    assert {"modeling_bcllm.py", "circulant_math.py"} <= set(results["resaved_files"])
+
+
+def test_export_copies_the_circulant_math_verbatim_and_the_template_has_none_of_its_own(exported):
+    """One source of truth: the exported folder's circulant_math.py is the package's file, byte for
+    byte, and the modeling file computes no transform itself."""
+    import bcllm.ops.circulant_math as circulant_math
+    from bcllm.io.artifact import TEMPLATE
+
+    package_file = Path(circulant_math.__file__).read_bytes()
+    for d in exported[1].values():
+        assert (Path(d) / "circulant_math.py").read_bytes() == package_file
+        assert (Path(d) / "modeling_bcllm.py").read_bytes() == TEMPLATE.read_bytes()
+    template = TEMPLATE.read_text()
+    assert "from .circulant_math import" in template and "torch.fft" not in template
+    names = {n.attr if isinstance(n, ast.Attribute) else n.id for n in ast.walk(ast.parse(template))
+             if isinstance(n, (ast.Attribute, ast.Name))}
+    assert not names & {"fft", "rfft", "irfft", "lru_cache", "_version", "data_ptr"}, names
+    imports = {n.split(".")[0] for n in re.findall(r"^(?:import|from) (\S+)", package_file.decode(), re.M)}
+    assert imports <= {"functools", "math", "torch"}, imports
 
 
 def test_load_student_round_trip(tmp_path):

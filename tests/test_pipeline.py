@@ -82,7 +82,7 @@ def test_a_structure_registered_in_one_file_works_everywhere(tmp_path):
     student, summary = build_student(teacher, None, StudentSpec(structure="diagonal", layers="1"),
                                      StudentIO(save=str(tmp_path / "s")))
     mlp = student.model.layers[1].mlp
-    assert isinstance(mlp.up_proj, DiagonalLinear) and summary["circulant_params"] == 3 * 64  # min(in, out) each
+    assert isinstance(mlp.up_proj, DiagonalLinear) and summary["structured_params"] == 3 * 64  # min(in, out) each
     assert torch.equal(mlp.up_proj.to_dense().diagonal(), teacher.model.layers[1].mlp.up_proj.weight.diagonal())
     fresh = copy.deepcopy(teacher)
     load_fitted(fresh, tmp_path / "s")  # checkpoint loading finds the config through the registry

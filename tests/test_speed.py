@@ -11,11 +11,11 @@ import torch
 from conftest import tiny_model
 
 from bcllm import CirculantConfig, compress_
-from bcllm.ops import circulant
+from bcllm.ops import circulant, circulant_math
 from bcllm.ops import costs
 from bcllm.bench.measure import llc_bytes, parse_ints, parse_shape
 from bcllm.cli import main
-from bcllm.structures import BlockCirculantLinear, FusedCirculantMLP, fuse_circulant_mlp_
+from bcllm.structures import BlockCirculantLinear, FusedCirculantMLP, fuse_circulant_mlp_, model_costs
 
 
 def rel_err(a, b):
@@ -69,8 +69,8 @@ def test_dft_tables_built_in_inference_mode_serve_autograd_later():
 
 def count_spectra_calls(monkeypatch):
     calls = []
-    real = circulant.spectra
-    monkeypatch.setattr(circulant, "spectra", lambda c: calls.append(1) or real(c))
+    real = circulant_math.spectra  # the one the spectra cache calls
+    monkeypatch.setattr(circulant_math, "spectra", lambda c: calls.append(1) or real(c))
     return calls
 
 

@@ -88,7 +88,7 @@ def test_streamed_fit_and_metrics_equal_the_in_memory_run(folder, fit, tmp_path)
             assert k == k2 and torch.equal(v, v2), f"{name}.{k}"
     assert result_s["metrics"] == result["metrics"]
     assert result_s["ci"] == result["ci"]
-    for key in ("num_modules", "replaced_params", "circulant_params", "model_params_before", "model_params_after",
+    for key in ("num_modules", "replaced_params", "structured_params", "model_params_before", "model_params_after",
                 "sizes", "config"):
         assert summary_s[key] == summary[key]
 

@@ -210,7 +210,7 @@ def test_compress_replaces_exactly_selected_within_budget(cfg, cls):
     assert summary["modules"] == names or sorted(summary["modules"]) == names
     assert summary["config"]["structure"] == cfg.describe()["structure"]
     report = budget_report(model, summary["modules"], 8)
-    assert report["actual_params"] == summary["circulant_params"] <= report["budget_params"]
+    assert report["actual_params"] == summary["structured_params"] <= report["budget_params"]
     assert report["budget_params"] == 4 * 96 * 64 // 8  # four 96x64 layers, no bias
     assert torch.isfinite(model(torch.randint(0, 128, (1, 6))).logits).all()
 
@@ -286,7 +286,7 @@ def test_summary_reports_actual_sizes_and_budget():
     assert set(summary["sizes"]) == set(summary["modules"]) and len(summary["modules"]) == 6
     assert all(size == {"rank": 4} for size in summary["sizes"].values())
     assert summary["budget_params"] == 6 * 768
-    assert summary["circulant_params"] == 6 * 4 * 160
+    assert summary["structured_params"] == 6 * 4 * 160
 
 
 def test_checkpoint_roundtrip_of_a_structure(tmp_path):
@@ -337,7 +337,7 @@ def test_smollm2_budget_16_sizes(smollm2):
                       (HybridConfig(budget_block_size=16, layers="14"), {"block_size": 32, "rank": 13})]:
         summary = compress_(model, cfg)
         assert summary["num_modules"] == 3 and list(summary["sizes"].values()) == [size] * 3
-        assert summary["circulant_params"] <= summary["budget_params"] == 3 * 1536 * 576 // 16
+        assert summary["structured_params"] <= summary["budget_params"] == 3 * 1536 * 576 // 16
     assert torch.isfinite(model(ids).logits).all()
 
 

@@ -53,7 +53,7 @@ def test_counts_and_summary(tiny_llama):
     assert s["num_modules"] == 8
     # 64x96 weights: each 96*64 dense -> 6*4*16 circulant
     assert s["replaced_params"] == 8 * 96 * 64
-    assert s["circulant_params"] == 8 * 6 * 4 * 16
+    assert s["structured_params"] == 8 * 6 * 4 * 16
     assert s["ratio"] == pytest.approx(16)
     assert s["model_params_before"] == n_before
     assert s["model_params_after"] == sum(p.numel() for p in tiny_llama.parameters())

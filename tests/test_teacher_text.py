@@ -188,3 +188,17 @@ def test_new_distillation_settings_are_checked():
         distill_(student, teacher, _data(1), (), DistillConfig(steps=1, onpolicy=1.5), progress=False)
     with pytest.raises(InputError, match="on-policy|onpolicy"):
         distill_(student, teacher, _data(1), (), DistillConfig(steps=1, onpolicy=0.5), progress=False)
+
+
+@pytest.mark.slow
+def test_the_bundled_teacher_text_is_the_default_models_own(smollm2, tmp_path, monkeypatch):
+    """On a fresh machine (empty cache) the default model's teacher text comes from the bundled
+    file, found by its cache key (model fingerprint, settings, seeds): nothing is generated."""
+    from bcllm.fit import teacher_text as tt
+
+    monkeypatch.setenv("BCLLM_CACHE", str(tmp_path / "cache"))
+    model, tok = smollm2
+    monkeypatch.setattr(tt, "_Generator", None)  # generating would fail
+    result = tt.teacher_written(model, tok, model_id="smollm2-135m", progress=False)
+    assert result["stats"]["seeds"] == len(tt.load_seeds()) and len(result["samples"]) == len(tt.load_seeds())
+    assert result["stats"]["config"] == __import__("dataclasses").asdict(tt.TeacherText())

@@ -171,7 +171,7 @@ def compress_(model: nn.Module, config) -> dict:
         "sizes": sizes,
         "budget_params": None if None in budgets else sum(budgets),
         "replaced_params": replaced,
-        "circulant_params": compressed,
+        "structured_params": compressed,  # every structure's (named circulant_params before; io.results reads both)
         "ratio": replaced / max(compressed, 1),
         "model_params_before": after - compressed + replaced,
         "model_params_after": after,

@@ -189,8 +189,8 @@ def param_bytes(model: nn.Module) -> int:
 
 
 def spectra_cache_bytes(model: nn.Module) -> int:
-    return sum(m._spec.numel() * m._spec.element_size() for m in model.modules()
-               if getattr(m, "_spec", None) is not None)
+    return sum(m._spectra.numel() * m._spectra.element_size() for m in model.modules()
+               if getattr(m, "_spectra", None) is not None)
 
 
 def lean_decode(model, ids: torch.Tensor, new_tokens: int, cache=None, step=None) -> tuple[float, torch.Tensor]:

@@ -41,23 +41,24 @@ from .metrics import ZeroLinear, length_batches, length_groups, prompt_stats, su
 from ..io.models import load_tokenizer, model_source, not_in_cache, resolve_dtype, tensors_fingerprint
 from ..fit.student import StudentIO, StudentSpec, block_config, calibration_text, config_for
 from ..io.prompts import context_length, tokenize_prompts
+from ..io.results import structured_params
 from ..fit.reconstruct import reconstruct_layer_
 from ..surgery import compress_, decoder_layers, layer_index, num_params, select_modules, set_module
 
 SELF_WRITTEN = ("mix", "self-chat", "self-seed")  # calibration sources the model generates: need the whole model
 
 
-def model_folder(spec: str) -> Path:
-    """The safetensors folder a model spec loads from (models.model_source: a GGUF is converted
+def model_folder(model_id: str) -> Path:
+    """The safetensors folder a model id loads from (models.model_source: a GGUF is converted
     once, in memory, and cached; a Hugging Face id is its snapshot in the local cache)."""
-    source, kw = model_source(spec)
+    source, kw = model_source(model_id)
     if kw:  # a Hugging Face id
         from huggingface_hub import snapshot_download
 
         try:
-            source = snapshot_download(spec, local_files_only=True)
+            source = snapshot_download(model_id, local_files_only=True)
         except OSError:  # LocalEntryNotFoundError (an OSError, as load_model's): not cached here
-            raise not_in_cache(spec) from None
+            raise not_in_cache(model_id) from None
     path = Path(source)
     if not list(path.glob("*.safetensors")):
         raise InputError(f"{str(path)!r} holds no .safetensors file: streaming reads safetensors only", "model")
@@ -128,9 +129,9 @@ class Streamer:
         self.outside_bytes = sum(p.numel() * p.element_size() for p in self.teacher.parameters() if id(p) not in inside)
 
     @classmethod
-    def open(cls, spec: str, dtype="float32", device="cpu"):
-        """(Streamer, tokenizer) of a model spec (as models.load_model takes); no weight is read yet."""
-        folder = model_folder(spec)
+    def open(cls, model_id: str, dtype="float32", device="cpu"):
+        """(Streamer, tokenizer) of a model id (as models.load_model takes); no weight is read yet."""
+        folder = model_folder(model_id)
         return cls(folder, dtype, device), load_tokenizer(str(folder))
 
     def _tied_names(self) -> dict[str, str]:
@@ -337,12 +338,12 @@ def _merge(summaries: list[dict], order: list[str], model_params: int) -> dict:
     for s in summaries:
         sizes.update(s["sizes"])
     replaced = sum(s["replaced_params"] for s in summaries)
-    compressed = sum(s["circulant_params"] for s in summaries)
+    compressed = sum(structured_params(s) for s in summaries)
     budgets = [s["budget_params"] for s in summaries]
     return {"config": None, "modules": [n for n in order if n in sizes], "num_modules": len(sizes),
             "sizes": {n: sizes[n] for n in order if n in sizes},
             "budget_params": None if None in budgets else sum(budgets), "replaced_params": replaced,
-            "circulant_params": compressed, "ratio": replaced / max(compressed, 1),
+            "structured_params": compressed, "ratio": replaced / max(compressed, 1),
             "model_params_before": model_params, "model_params_after": model_params - replaced + compressed}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .runs import BUDGETS, MANIFEST, RESULTS, pareto_front
-from ..io.results import read_jsonl
+from ..io.results import read_jsonl, with_current_keys
 
 FIT_MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 FRONT_STYLE = dict(color="black", lw=1.2, ls="--", zorder=1)
@@ -20,7 +20,7 @@ def load_run(run_dir) -> dict:
     manifest = run_dir / MANIFEST
     if not manifest.is_file():
         raise InputError(f"{str(run_dir)!r} has no {MANIFEST}: give a directory written by bcllm scan or sweep")
-    records = {r["key"]: r for r in read_jsonl(run_dir / RESULTS) if "key" in r}
+    records = {r["key"]: with_current_keys(r) for r in read_jsonl(run_dir / RESULTS) if "key" in r}
     lists = {}
     for name in ("sweep", "scan"):
         f = run_dir / f"{name}.json"

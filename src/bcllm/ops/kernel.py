@@ -142,41 +142,41 @@ def load():
     return _module
 
 
-def applies(x: torch.Tensor, spec: torch.Tensor) -> bool:
+def applies(x: torch.Tensor, spectra: torch.Tensor) -> bool:
     """Whether the kernel can take this product: 2-D float32 rows on the CPU, nothing that needs
     gradients, the kernel not disabled, and built. It runs on every decode product, where each
     tensor attribute read costs ~0.1 us: the spectra's own layout (contiguous planar float32,
     as circulant.spectra makes them) is checked by the kernel, whose errors are InputErrors."""
     if _module is None or not x.is_cpu or x.dtype != torch.float32 or x.dim() != 2:
         return False
-    if (x.requires_grad or spec.requires_grad) and torch.is_grad_enabled():
+    if (x.requires_grad or spectra.requires_grad) and torch.is_grad_enabled():
         return False
     return not disabled() and (_module is not _UNSET or load() is not None)
 
 
-def circulant_decode(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
+def circulant_decode(x: torch.Tensor, spectra: torch.Tensor, out_features: int, in_features: int,
                      block_size: int, threads: int = 1) -> torch.Tensor:
-    """(n, out) float32 = x @ W.T for the block-circulant W with planar spectra `spec` (2, F, q, p);
+    """(n, out) float32 = x @ W.T for the block-circulant W with planar `spectra` (2, F, q, p);
     `threads` > 1 splits the frequencies over that many of torch's threads, 0 over all of them.
     Call only where `applies`."""
     module = load()
     if module is None:
         raise RuntimeError("bcllm: the circulant decode kernel is not built (check kernel.applies first)")
     try:
-        return module.circulant_decode(x, spec, out_features, in_features, block_size, threads)
+        return module.circulant_decode(x, spectra, out_features, in_features, block_size, threads)
     except RuntimeError as e:  # the kernel's own checks of shapes and types: bad input, not a bug
         if "circulant_decode:" not in str(e):
             raise
         raise InputError(str(e).strip().splitlines()[0], "x") from None
 
 
-def circulant_decode_op(x: torch.Tensor, spec: torch.Tensor, out_features: int, in_features: int,
+def circulant_decode_op(x: torch.Tensor, spectra: torch.Tensor, out_features: int, in_features: int,
                         block_size: int, threads: int) -> torch.Tensor:
     """The kernel as the torch operator bcllm::circulant_decode, which the extension registers in
     C++ (its shape-only fake is registered on load), for graphs that torch.compile captures
     (bench.lean_decode with compile): a plain extension call would break the graph at every
     product. Eager code calls circulant_decode, which skips the dispatcher. Call only where `applies`."""
-    return torch.ops.bcllm.circulant_decode.default(x, spec, out_features, in_features, block_size, threads)
+    return torch.ops.bcllm.circulant_decode.default(x, spectra, out_features, in_features, block_size, threads)
 
 
 def _register_fake() -> None:

@@ -1,7 +1,7 @@
 """Block-circulant: BlockCirculantLinear (c[p, q, b], docs/DESIGN.md section 1, the product in the
 frequency domain), its config CirculantConfig, and the fused gated MLP FusedCirculantMLP.
 
-The spectra are a cache derived from c (ops.circulant.SpectraCache): rebuilt only when c changes
+The spectra are a cache derived from c (ops.circulant_math.cached_spectra): rebuilt only when c changes
 (its version counter moves) and, under autograd, computed in the forward pass so that gradients
 flow to c. gate_proj and up_proj of a gated MLP (Llama, Qwen2, Mistral, Gemma style) read the
 same input, so once both are BlockCirculantLinear with the same block size they can share one
@@ -40,8 +40,7 @@ class BlockCirculantLinear(StructuredLinear):
         p, q = circulant.grid_shape(out_features, in_features, block_size)
         # Initialised like nn.Linear: each output sums in_features products.
         self.c = nn.Parameter(torch.empty(p, q, block_size, **factory(device, dtype)).uniform_(-1, 1) / in_features ** 0.5)
-        self._spec = None
-        self._spec_key = None
+        self._spectra = self._spectra_key = None  # the spectra cache (circulant.cached_spectra)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, block_size: int) -> "BlockCirculantLinear":
@@ -63,18 +62,10 @@ class BlockCirculantLinear(StructuredLinear):
         return circulant.to_dense(self.c, self.out_features, self.in_features)
 
     def spectra(self) -> torch.Tensor:
-        """Planar frequency-major (2, F, q, p) spectra; cached unless gradients must flow to c."""
-        c = self._parameters["c"]  # (not self.c: nn.Module's lookup costs ~0.6 us, and this runs per decode call)
-        if torch.compiler.is_compiling() and self._spec is not None:
-            return self._spec  # a captured graph holds the cache as it was (bench.lean_decode builds it first)
-        if torch.is_grad_enabled() and c.requires_grad:
-            return circulant.spectra(c)
-        key = (c._version, c.data_ptr())  # (a move to another device changes the pointer)
-        if self._spec_key != key:
-            with torch.inference_mode(False), torch.no_grad():
-                self._spec = circulant.spectra(c)
-            self._spec_key = key
-        return self._spec
+        """Planar frequency-major (2, F, q, p) spectra; cached unless gradients must flow to c
+        (ops.circulant_math.cached_spectra)."""
+        # (self._parameters["c"], not self.c: nn.Module's lookup costs ~0.6 us, and this runs per decode call)
+        return circulant.cached_spectra(self, self._parameters["c"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -130,22 +121,11 @@ class FusedCirculantMLP(nn.Module):
     def __init__(self, mlp: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
-        self._spec = None
-        self._spec_key = None
+        self._spectra = self._spectra_key = None  # the spectra cache (circulant.cached_spectra)
 
     def spectra(self) -> torch.Tensor:
         """(2, F, q, p_gate + p_up) spectra of gate and up side by side; cached as in BlockCirculantLinear."""
-        g, u = self.gate_proj.c, self.up_proj.c
-        if torch.compiler.is_compiling() and self._spec is not None:
-            return self._spec  # as in BlockCirculantLinear.spectra
-        if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
-            return circulant.spectra(torch.cat([g, u]))
-        key = (g._version, g.data_ptr(), u._version, u.data_ptr(), g.device)
-        if self._spec_key != key:
-            with torch.inference_mode(False), torch.no_grad():
-                self._spec = circulant.spectra(torch.cat([g, u]))
-            self._spec_key = key
-        return self._spec
+        return circulant.cached_spectra(self, self.gate_proj.c, self.up_proj.c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj, self.up_proj

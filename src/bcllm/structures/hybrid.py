@@ -10,8 +10,8 @@ from torch import nn
 
 from ..errors import InputError
 from ..ops import circulant
-from .base import (InputStats, StructureConfig, StructuredLinear, _too_small, _weight_costs, circulant_params,
-                   linear_weight, register)
+from .base import (InputStats, StructureConfig, StructuredLinear, _too_small, _weight_costs, check_block_size,
+                   circulant_params, cross, fit_objective, linear_weight, register, ridged_gram)
 from .circulant import BlockCirculantLinear
 from .lowrank import LowRankLinear, check_rank, rank_for_budget
 

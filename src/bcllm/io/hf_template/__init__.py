@@ -1,1 +1,1 @@
-"""Files copied into an exported Hugging Face folder (bcllm.artifact.export_student); not imported by bcllm."""
+"""Files copied into an exported Hugging Face folder (bcllm.io.artifact.export_student); not imported by bcllm."""
