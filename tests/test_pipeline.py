@@ -193,7 +193,7 @@ def test_point_keys_keep_their_meaning_when_defaults_change():
     assert ex.point_key(StudentSpec(layers="12").point()) == json.dumps({"layers": "12"})
     # a calibrated point under today's defaults is not the old self-chat/96 point
     key = json.loads(ex.point_key(StudentSpec(layers="12", fit="aware").point()))
-    assert key == {"calib": "mix", "calib_samples": 500, "fit": "aware", "layers": "12"}
+    assert key == {"calib": "teacher", "calib_samples": None, "fit": "aware", "fit_samples": 320, "layers": "12"}
     # the recipe resolves its distillation steps; the block settings appear only with fit="block"
     assert StudentSpec(fit="block").point()["distill_steps"] == 100
     assert StudentSpec(fit="aware", block_epochs=9).point()["block_epochs"] == KEY_DEFAULTS["block_epochs"]

@@ -45,7 +45,7 @@ from ..io.results import structured_params
 from ..fit.reconstruct import reconstruct_layer_
 from ..surgery import compress_, decoder_layers, layer_index, num_params, select_modules, set_module
 
-SELF_WRITTEN = ("mix", "self-chat", "self-seed")  # calibration sources the model generates: need the whole model
+SELF_WRITTEN = ("teacher", "mix", "self-chat", "self-seed")  # calibration sources the model generates: need the whole model
 
 
 def model_folder(model_id: str) -> Path:

@@ -88,8 +88,8 @@ def evaluate_student(model_id_or_model, spec: StudentSpec = StudentSpec(), io: S
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}", "max_new_tokens")
     if stream and max_new_tokens:
-        raise InputError("stream measures the teacher-forced metrics only (greedy generation runs every layer "
-                         "for each new token): pass max_new_tokens=0", "max_new_tokens")
+        raise InputError("max_new_tokens 0 is required with stream: it measures the teacher-forced metrics only "
+                         "(greedy generation runs every layer for each new token)", "max_new_tokens")
     config_for(spec)  # the size options must make a config, before any model loads
     texts = prompts if isinstance(prompts, list) else load_prompts(prompts)
     torch.manual_seed(seed)

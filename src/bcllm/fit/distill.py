@@ -287,29 +287,24 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     hidden_layers = sorted({layer_index(n, prefix) for n in fitted_modules(student)} - {None})
     student.train(False)  # no dropout: the student should match the teacher's eval-mode function
     if held and run.step == 0:  # where distillation starts from
-        run.history["held_out_kl"].append((0, held_out_kl(student, held_lp, held)))
-        if on_eval is not None:
-            run.history.setdefault("curve", []).append({"step": 0, "tokens": 0, **on_eval(0)})
+        _evaluate(student, run, held, held_lp, on_eval)
     bar = tqdm(total=cfg.steps, initial=run.step, desc="distill", unit="step", disable=not progress)
     start, tokens = time.perf_counter(), 0
     try:
         while run.step < cfg.steps:
-            if every and run.step % every == every - 1:
+            if every and run.step % every == every - 1:  # the student's own text, the teacher scoring it now
                 batch = on_policy()
                 loss = _step(student, teacher, batch, None, run, hidden_layers)
             else:
-                batch = batches[_batch_index(run.step, len(batches), cfg.seed)]
-                target = targets[_batch_index(run.step, len(batches), cfg.seed)]
+                i = _batch_index(run.step, len(batches), cfg.seed)
+                batch, target = batches[i], targets[i]
                 with cached_prefix(student, first, target["tuple"]) as state, restricted_head(student, vocab):
                     state["hidden"] = target["prefix"]
                     loss = _step(student, teacher, batch, target["target"], run, hidden_layers)
             tokens += int(_masked(batch).sum())
             run.history["tokens"] = run.history.get("tokens", 0) + int(_masked(batch).sum())
             if held and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
-                run.history["held_out_kl"].append((run.step, held_out_kl(student, held_lp, held)))
-                if on_eval is not None:
-                    run.history.setdefault("curve", []).append({"step": run.step, "tokens": run.history["tokens"],
-                                                                **on_eval(run.step)})
+                _evaluate(student, run, held, held_lp, on_eval)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}",
                             **({"held_kl": f"{run.history['held_out_kl'][-1][1]:.4f}"}
@@ -329,6 +324,14 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "prefix_layers_cached": first,
             "vocab_size": None if vocab is None else int(vocab.numel()), "curve": run.history.get("curve", []),
             "distill_tokens": run.history.get("tokens", 0), "teacher_batches": len(targets.done)}
+
+
+def _evaluate(student, run, held, held_lp, on_eval) -> None:
+    """Held-out KL on calibration text at this step, and on_eval's figures (the curve) beside it."""
+    run.history["held_out_kl"].append((run.step, held_out_kl(student, held_lp, held)))
+    if on_eval is not None:
+        run.history.setdefault("curve", []).append({"step": run.step, "tokens": run.history.get("tokens", 0),
+                                                    **on_eval(run.step)})
 
 
 def _start(student, batches, cfg: DistillConfig) -> dict:

@@ -42,6 +42,7 @@ FITS = ("frobenius", "aware", "sequential", "block")
 # fit="block" runs the whole recovery recipe: sequential closed form, block reconstruction, then
 # this many distillation steps unless distill_steps says otherwise.
 BLOCK_DISTILL_STEPS = 100
+HELD_OUT_MAX = 64  # distillation's held-out calibration samples, at most
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class StudentSpec:
     block_lr: float = 1e-3
     block_target: str = "mlp"           # mlp: the dense MLP on the student's inputs; layer: the teacher's layer output
     block_batch_tokens: int = 1024
-    fit_samples: int | None = 400       # the fit (closed forms, block reconstruction) on the first this many
+    fit_samples: int | None = 320       # the fit (closed forms, block reconstruction) on the first this many
                                         # training samples (None: all); distillation uses them all
     block_sizes: str = ""               # per-module block sizes (circulant) or budgets (lowrank): "GLOB=B,..."
     transform: str = "none"             # circulant: none | hidden | residual | both (transforms.py), found first
@@ -346,7 +347,9 @@ def fit_student_(student: nn.Module, teacher: nn.Module, tokenizer, samples: lis
         raise InputError(f"unknown fit {fit!r}; allowed: {', '.join(FITS)}", "fit")
     device = next(student.parameters()).device
     info = {"fit": fit, "samples": len(samples), "ridge": ridge, "max_length": max_length}
-    n_held = int(len(samples) * held_out_fraction) if distill is not None else 0
+    # at most HELD_OUT_MAX samples: the held-out KL runs every 10 steps, and 10% of a large source is
+    # thousands of tokens a time
+    n_held = min(int(len(samples) * held_out_fraction), HELD_OUT_MAX) if distill is not None else 0
     train = make_batches(tokenizer, samples[:len(samples) - n_held], batch_size, max_length, device)
     info["tokens"] = int(sum(b["attention_mask"].sum() for b in train))
     fit_on = train if fit_samples is None or fit_samples >= len(samples) - n_held else \
