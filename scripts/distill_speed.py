@@ -29,7 +29,7 @@ torch.manual_seed(0)
 model, tok = load_model("smollm2-135m")
 spec = StudentSpec(layers=args.layers)
 student, _ = build_student(model, tok, spec)
-samples = load_calibration(spec.calib, model, tok, spec.calib_samples, spec.calib_tokens, 0, "smollm2-135m")
+samples = load_calibration(spec.calib, model, tok, spec.calib_samples or 500, spec.calib_tokens, 0, "smollm2-135m")
 batches = make_batches(tok, samples, spec.distill_batch, spec.calib_tokens + 64)[: args.steps]
 rows = []
 for cache_prefix, bf16, vocab in ((False, False, "full"), (True, False, "full"), (False, True, "full"),

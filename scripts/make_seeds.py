@@ -154,8 +154,8 @@ def build(rng: random.Random) -> dict[str, list[str]]:
 
 
 def main() -> None:
-    from bcllm.calib_data import check_overlap
-    from bcllm.prompts import load_prompts
+    from bcllm.fit.calib_text import check_overlap
+    from bcllm.io.prompts import load_prompts
 
     kinds = build(random.Random(0))
     seeds, seen = [], set()

@@ -81,7 +81,7 @@ measure(student, "sequential + block", time.perf_counter() - start, summary,
 if args.distill_steps:
     from bcllm.fit.calib_text import load_calibration
 
-    samples = load_calibration(spec.calib, model, tok, spec.calib_samples, spec.calib_tokens, 0, "smollm2-135m")
+    samples = load_calibration(spec.calib, model, tok, spec.calib_samples or 500, spec.calib_tokens, 0, "smollm2-135m")
     n_held = len(samples) // 10
     train = make_batches(tok, samples[:-n_held], spec.distill_batch, spec.calib_tokens + 64)
     held = make_batches(tok, samples[-n_held:], spec.distill_batch, spec.calib_tokens + 64)

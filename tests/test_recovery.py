@@ -161,8 +161,7 @@ def test_default_calibration_works_without_a_chat_template(tmp_path, monkeypatch
     monkeypatch.setenv("BCLLM_CACHE", str(tmp_path / "cache"))
     model, tok = load_model(str(make_tiny_folder(tmp_path / "tiny")))
     assert not getattr(tok, "chat_template", None)
-    spec = StudentSpec()
-    samples = load_calibration(spec.calib, model, tok, 40, 4, 0, "tiny")
+    samples = load_calibration("mix", model, tok, 40, 4, 0, "tiny")
     corpus = set(pydoc_chunks())
     own = [s for s in samples if s not in corpus]
     assert len(samples) == 40 and len(own) == min(MIX_SELF, 40 // 4)

@@ -202,3 +202,31 @@ def test_the_bundled_teacher_text_is_the_default_models_own(smollm2, tmp_path, m
     result = tt.teacher_written(model, tok, model_id="smollm2-135m", progress=False)
     assert result["stats"]["seeds"] == len(tt.load_seeds()) and len(result["samples"]) == len(tt.load_seeds())
     assert result["stats"]["config"] == __import__("dataclasses").asdict(tt.TeacherText())
+
+
+def test_on_policy_share_is_exact_for_any_share():
+    from bcllm.fit.distill import on_policy_step
+
+    for share in (0.1, 0.25, 0.3, 0.4, 0.7, 0.9):
+        assert sum(on_policy_step(i, share) for i in range(100)) == math.floor(100 * share + 1e-9)
+    assert not any(on_policy_step(i, 0.0) for i in range(50))
+
+
+def test_a_torn_partial_line_is_cut_before_appending(tmp_path):
+    from bcllm.fit.teacher_text import _end_torn_line, _read_partial
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"0:1:0": "a"}\n{"0:2:0": "b')
+    _end_torn_line(path)
+    with open(path, "a") as f:
+        f.write('{"0:3:0": "c"}\n')
+    assert _read_partial(path) == {"0:1:0": "a", "0:3:0": "c"}
+
+
+def test_end_tokens_never_include_the_unknown_token(tiny):
+    from bcllm.fit.teacher_text import end_tokens
+
+    model, tok = tiny
+    ends = end_tokens(model, tok)
+    assert tok.eos_token_id in ends and tok.unk_token_id not in ends
+    assert ends == {tok.eos_token_id, model.generation_config.eos_token_id} - {None}

@@ -324,7 +324,7 @@ def _calibration(streamer: Streamer, tokenizer, spec: StudentSpec, io: StudentIO
     """The calibration batches (as fit.student.fit_and_distill_ makes them) and what enters decoder layer 0."""
     samples = calibration_text(None, tokenizer, spec, io, eval_prompts, model_id, progress)
     max_length = spec.calib_tokens + 64
-    batches = make_batches(tokenizer, samples, spec.distill_batch, max_length, streamer.device)
+    batches = make_batches(tokenizer, samples[:spec.fit_samples], spec.distill_batch, max_length, streamer.device)
     inputs = [_model_inputs(b) for b in batches]
     hidden, extra = layer_arguments(streamer.teacher, streamer.prefix, inputs)
     info = {"fit": spec.fit, "samples": len(samples), "ridge": spec.ridge, "max_length": max_length,

@@ -380,7 +380,9 @@ class Session:
                           self.num_layers) for p in points]
 
     def rekey(self, point: dict) -> str:
-        return point_key(self.effective([point])[0])
+        """A stored point's key under today's fields: a field it lacks did not exist when it was
+        written, so it had the value KEY_DEFAULTS records, not today's base."""
+        return point_key(self.effective([{**{k: KEY_DEFAULTS[k] for k in POINT_FIELDS if k not in point}, **point}])[0])
 
     def run(self, points: list[dict], name: str) -> list[dict]:
         return run_points(self.effective(points), self.measure, self.results, desc=name, rekey=self.rekey)

@@ -278,8 +278,7 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     if cfg.vocab == "teacher":
         targets.fill()
         vocab = restrict_targets(teacher, batches, [targets[i] for i in range(len(batches))])
-    every = round(1 / cfg.onpolicy) if cfg.onpolicy else 0
-    if every and on_policy is None:
+    if cfg.onpolicy and on_policy is None:
         raise InputError("onpolicy distillation needs a source of the student's own continuations", "distill_onpolicy")
     held = list(held_out)
     held_lp = [torch.log_softmax(t, -1) for t in _teacher_logits(teacher, held)]
@@ -292,7 +291,7 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     start, tokens = time.perf_counter(), 0
     try:
         while run.step < cfg.steps:
-            if every and run.step % every == every - 1:  # the student's own text, the teacher scoring it now
+            if on_policy_step(run.step, cfg.onpolicy):  # the student's own text, the teacher scoring it now
                 batch = on_policy()
                 loss = _step(student, teacher, batch, None, run, hidden_layers)
             else:
@@ -326,6 +325,11 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
             "distill_tokens": run.history.get("tokens", 0), "teacher_batches": len(targets.done)}
 
 
+def on_policy_step(step: int, share: float) -> bool:
+    """Whether step (from 0) is on-policy: exactly floor(n * share) of the first n steps are."""
+    return math.floor((step + 1) * share) > math.floor(step * share)
+
+
 def _evaluate(student, run, held, held_lp, on_eval) -> None:
     """Held-out KL on calibration text at this step, and on_eval's figures (the curve) beside it."""
     run.history["held_out_kl"].append((run.step, held_out_kl(student, held_lp, held)))
@@ -343,6 +347,9 @@ def _start(student, batches, cfg: DistillConfig) -> dict:
                          "distill_divergence")
     if not 0 <= cfg.onpolicy < 1:
         raise InputError(f"onpolicy is a share of the steps, 0 <= x < 1; got {cfg.onpolicy}", "distill_onpolicy")
+    if cfg.vocab == "teacher" and (cfg.divergence != "forward" or cfg.onpolicy):
+        raise InputError("distill_vocab teacher restricts the cached forward-KL targets: use it with divergence "
+                         "forward and no on-policy steps", "distill_vocab")
     if cfg.vocab not in ("full", "teacher"):
         raise InputError(f"unknown distillation vocab {cfg.vocab!r}; allowed: full, teacher", "distill_vocab")
     if not batches:
@@ -416,7 +423,9 @@ class _Run:
         if self.path is None or not self.path.is_file():
             return
         state = torch.load(self.path, weights_only=False)
-        if state["config"] != asdict(self.cfg) or sorted(state["params"]) != sorted(self.params):
+        # settings added since a checkpoint was written had their defaults' behaviour then
+        if {**asdict(DistillConfig()), **state["config"]} != asdict(self.cfg) or \
+                sorted(state["params"]) != sorted(self.params):
             raise InputError(f"checkpoint {str(self.path)!r} was made with other distillation settings or "
                              f"modules; use another checkpoint folder or resume=False", "resume")
         with torch.no_grad():

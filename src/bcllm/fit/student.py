@@ -116,15 +116,20 @@ class StudentSpec:
         distill_steps resolved."""
         point = {k: getattr(self, k) for k in POINT_FIELDS}
         point["distill_steps"] = self.steps
+        if self.calib_samples is None and self.calib != "teacher":  # the count calibration_text uses
+            point["calib_samples"] = 500
+        if point["fit_samples"] is not None and point["calib_samples"] is not None and \
+                point["fit_samples"] >= point["calib_samples"]:  # the fit sees every sample either way
+            point["fit_samples"] = None
         unused = []
-        if self.fit == "frobenius" and not self.steps:
+        if self.fit == "frobenius" and not self.steps and self.transform == "none":
             unused += ["calib", "calib_samples", "calib_tokens", "ridge", "distill_batch"]
         if not self.steps:
             unused += ["distill_lr", "hidden_mse", "train_norms", "distill_bf16", "distill_vocab", "distill_divergence",
                        "distill_onpolicy"]
         if self.fit != "block":
             unused += ["block_epochs", "block_lr", "block_target", "block_batch_tokens"]
-        if self.fit == "frobenius":
+        if self.fit == "frobenius" and self.transform == "none":
             unused += ["fit_samples"]
         return {k: KEY_DEFAULTS[k] if k in unused else v for k, v in point.items()}
 

@@ -78,16 +78,27 @@ def _prompt_ids(tokenizer, turns: list[str], replies: list[str]) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def end_tokens(model, tokenizer) -> set[int]:
+    """Ids that end a reply: the tokenizer's end token and the model's generation config's (a list
+    for chat models whose turn ends with its own token), never the unknown token."""
+    ids = [tokenizer.eos_token_id]
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]
+    if getattr(tokenizer, "chat_template", None) and "<|im_end|>" in tokenizer.get_vocab():
+        ids.append(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return {t for t in ids if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id}
+
+
 def _pick(logits: torch.Tensor, cfg: TeacherText, greedy: bool, gen: torch.Generator) -> torch.Tensor:
     """Next tokens (B, 1): argmax, or a top-p sample within the top_k most likely tokens."""
     if greedy:
         return logits.argmax(-1, keepdim=True)
-    values, ids = (logits.float() / cfg.temperature).topk(cfg.top_k, dim=-1)
+    values, ids = (logits.float().cpu() / cfg.temperature).topk(cfg.top_k, dim=-1)  # the seeded CPU generator
     probs = values.softmax(-1)
     keep = probs.cumsum(-1) - probs < cfg.top_p  # the smallest prefix holding top_p of the mass
     probs = probs * keep
     choice = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen)
-    return ids.gather(-1, choice)
+    return ids.gather(-1, choice).to(logits.device)
 
 
 class _Generator:
@@ -108,23 +119,26 @@ class _Generator:
         """New tokens for each row, cut at the first end token."""
         cfg, n, real = self.cfg, max(len(r) for r in rows), len(rows)
         rows = rows + [rows[0]] * (cfg.batch_size - real)  # one cache shape for every batch
-        ids = torch.tensor([[self.pad] * (n - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([[self.pad] * (n - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows], device=device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         self.cache.reset()
-        out = self.model(ids, attention_mask=mask, position_ids=positions, cache_position=torch.arange(n), **self.kw)
+        out = self.model(ids, attention_mask=mask, position_ids=positions, cache_position=torch.arange(n, device=device),
+                         **self.kw)
         token = _pick(out.logits[:, -1], cfg, greedy, gen)
-        new = torch.empty(len(rows), cfg.max_new_tokens, dtype=torch.long)
-        position, done = positions[:, -1:] + 1, torch.zeros(len(rows), dtype=torch.bool)
-        eos, steps = torch.tensor(sorted(self.eos) or [-1]), 0
+        new = torch.empty(len(rows), cfg.max_new_tokens, dtype=torch.long, device=device)
+        position, done = positions[:, -1:] + 1, torch.zeros(len(rows), dtype=torch.bool, device=device)
+        eos, steps = torch.tensor(sorted(self.eos) or [-1], device=device), 0
         for i in range(cfg.max_new_tokens):
             new[:, i:i + 1] = token
             steps = i + 1
             done |= torch.isin(token[:, 0], eos)
             if bool(done[:real].all()) or i == cfg.max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], 1)
-            out = self.model(token, attention_mask=mask, position_ids=position, cache_position=torch.tensor([n + i]),
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=device)], 1)
+            out = self.model(token, attention_mask=mask, position_ids=position,
+                             cache_position=torch.tensor([n + i], device=device),
                              **self.kw)
             token = _pick(out.logits[:, -1], cfg, greedy, gen)
             position = position + 1
@@ -135,9 +149,10 @@ class _Generator:
         return result
 
 
-def _key(model, model_id: str, cfg: TeacherText, seeds: list[str]) -> str:
-    blob = json.dumps([model_id, model_fingerprint(model), asdict(cfg), hashlib.sha256("\n".join(seeds).encode())
-                       .hexdigest(), torch.__version__])
+def _key(model, cfg: TeacherText, seeds: list[str]) -> str:
+    """The weights (fingerprint), the settings and the seeds: not the model's name or the torch build,
+    so the bundled text is found however the default model is named and on any torch."""
+    blob = json.dumps([model_fingerprint(model), asdict(cfg), hashlib.sha256("\n".join(seeds).encode()).hexdigest()])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -155,7 +170,7 @@ def teacher_written(model, tokenizer, cfg: TeacherText = TeacherText(), *, seeds
     seeds = load_seeds() if seeds is None else seeds
     if cfg.rounds < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
         raise InputError("teacher text needs rounds, max_new_tokens and batch_size >= 1", "calib")
-    key = _key(model, model_id, cfg, seeds)
+    key = _key(model, cfg, seeds)
     path = cache_dir() / "calib" / f"teacher-{len(seeds)}x{cfg.rounds}-{cfg.max_new_tokens}-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -166,8 +181,7 @@ def teacher_written(model, tokenizer, cfg: TeacherText = TeacherText(), *, seeds
     partial = path.with_suffix(".partial.jsonl")
     done = _read_partial(partial)
     turns = [s.split(TURN) for s in seeds]
-    eos = {t for t in [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")] if isinstance(t, int)
-           and t >= 0}
+    eos = end_tokens(model, tokenizer)
     longest = max(len(_prompt_ids(tokenizer, t[:1], [])) for t in turns)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     gen_obj = _Generator(model, cfg, 2 * longest + 2 * cfg.max_new_tokens + 8, eos, pad)
@@ -187,6 +201,7 @@ def teacher_written(model, tokenizer, cfg: TeacherText = TeacherText(), *, seeds
                 texts = {f"{rnd}:{i}:{turn}": tokenizer.decode(r, skip_special_tokens=True).strip()
                          for (i, _), r in zip(batch, replies)}
                 generated += sum(len(r) for r in replies)
+                _end_torn_line(partial)
                 with open(partial, "a") as f:
                     f.write(json.dumps(texts) + "\n")
                     f.flush()
@@ -206,6 +221,14 @@ def teacher_written(model, tokenizer, cfg: TeacherText = TeacherText(), *, seeds
     os.replace(tmp, path)
     partial.unlink(missing_ok=True)
     return result
+
+
+def _end_torn_line(path: Path) -> None:
+    """An interrupted write left a last line without its newline: cut it (its replies are redone)."""
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            path.write_bytes(data[:data.rfind(b"\n") + 1])
 
 
 def _read_partial(path: Path) -> dict:
@@ -250,7 +273,8 @@ def student_continuations(student, tokenizer, prompts: list[str], batch_size: in
     made `pool` at a time with the batched lean loop and reused for pool // batch_size batches
     (DistiLLM reuses student samples likewise)."""
     cfg = TeacherText(max_new_tokens=new_tokens, temperature=temperature, top_p=1.0, batch_size=pool, seed=seed)
-    eos = {t for t in [tokenizer.eos_token_id] if isinstance(t, int) and t >= 0}
+    eos = end_tokens(student, tokenizer)
+    pool = max(pool, batch_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = [tokenizer(p, truncation=True, max_length=max_length - new_tokens)["input_ids"] for p in prompts]
     rows = [r for r in rows if r]
