@@ -105,7 +105,7 @@ def report(path: Path) -> None:
     result = json.loads(path.read_text())
     lines = [f"# Distillation data: which source generalises to held-out prompts", "",
              f"`{result['command']}`: one block-reconstructed student (SmolLM2-135M, MLPs of layers 10-19, block "
-             f"size 16, fit on the first 400 teacher-written samples in {result['base_seconds']:.0f} s), then "
+             f"size 16, fit on the first 500 teacher-written samples in {result['base_seconds']:.0f} s), then "
              f"{result['steps']} distillation steps (batch 8, lr 1e-3, cosine) from it with each source. Agreement "
              f"and KL: teacher-forced on `src/bcllm/data/heldout_prompts.txt` (100 prompts, 2,540 positions), "
              f"as `bcllm eval` measures them.", "",

@@ -169,7 +169,9 @@ def print_summary(summary: dict) -> None:
               f"{summary['budget_params']:,} (circulant block size {config['budget_block_size']})")
     cal = summary.get("calibration")
     if cal:
-        line = f"fit {cal['fit']} on {cal['samples']} {cal['calib']} samples ({cal['tokens']:,} tokens): {cal['fit_s']:.1f} s"
+        fitted = f"{cal['fit_tokens']:,} of " if cal.get("fit_tokens", cal["tokens"]) != cal["tokens"] else ""
+        line = (f"fit {cal['fit']} on {cal['samples']} {cal['calib']} samples ({fitted}{cal['tokens']:,} tokens): "
+                f"{cal['fit_s']:.1f} s")
         if "distill" in cal:
             held = cal["distill"]["held_out_kl"]
             line += (f"; distilled {cal['distill']['steps']} steps in {cal['distill_s']:.0f} s, final loss "

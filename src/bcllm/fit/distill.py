@@ -271,15 +271,9 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     if resume:
         run.load()
     first = first_trained_layer(student, params, cfg.cache_prefix and not cfg.train_norms)
-    # Targets are computed when a batch is first drawn: a long run over fresh data pays the teacher
-    # once per batch it uses, never for batches it does not reach.
-    targets = _LazyTargets(teacher, batches, cfg.topk, first)
-    vocab = None
-    if cfg.vocab == "teacher":
-        targets.fill()
-        vocab = restrict_targets(teacher, batches, [targets[i] for i in range(len(batches))])
     if cfg.onpolicy and on_policy is None:
         raise InputError("onpolicy distillation needs a source of the student's own continuations", "distill_onpolicy")
+    targets, vocab = _targets(teacher, batches, cfg, first)
     held = list(held_out)
     held_lp = [torch.log_softmax(t, -1) for t in _teacher_logits(teacher, held)]
     prefix, _ = decoder_layers(teacher)
@@ -323,6 +317,17 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "prefix_layers_cached": first,
             "vocab_size": None if vocab is None else int(vocab.numel()), "curve": run.history.get("curve", []),
             "distill_tokens": run.history.get("tokens", 0), "teacher_batches": len(targets.done)}
+
+
+def _targets(teacher, batches, cfg: DistillConfig, first: int):
+    """(targets, vocab): the teacher's targets, computed when a batch is first drawn (a long run over
+    fresh data pays the teacher once per batch it uses, never for batches it does not reach); with
+    vocab="teacher" all of them at once and the union of their top-k tokens."""
+    targets = _LazyTargets(teacher, batches, cfg.topk, first)
+    if cfg.vocab != "teacher":
+        return targets, None
+    targets.fill()
+    return targets, restrict_targets(teacher, batches, [targets[i] for i in range(len(batches))])
 
 
 def on_policy_step(step: int, share: float) -> bool:
