@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..io.models import cache_dir
+from .teacher_text import right_padded
 
 SOURCES = ("mix", "teacher", "self-chat", "self-seed", "pydoc", "pydoc-all")
 MIX_SELF = 96  # self-generated samples in the "mix" source
@@ -187,15 +188,8 @@ def make_batches(tokenizer, samples: list[str], batch_size: int = 8, max_length:
         raise InputError("no calibration samples")
     ids = [tokenizer(s, truncation=True, max_length=max_length)["input_ids"] for s in samples]
     ids = sorted((i for i in ids if len(i) >= 2), key=len)
-    batches = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        width = max(len(i) for i in chunk)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in chunk], device=device)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in chunk], device=device)
-        batches.append({"input_ids": input_ids, "attention_mask": mask})
-    return batches
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [right_padded(ids[start:start + batch_size], pad, device) for start in range(0, len(ids), batch_size)]
 
 
 def mixed(model, tokenizer, n: int, max_new_tokens: int = 48, seed: int = 0, model_id: str = "",

@@ -78,6 +78,13 @@ def _prompt_ids(tokenizer, turns: list[str], replies: list[str]) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def right_padded(rows: list[list[int]], pad: int, device="cpu") -> dict:
+    """One batch {input_ids, attention_mask} of token id rows, padded on the right to the longest."""
+    width = max(len(r) for r in rows)
+    return {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)}
+
+
 def end_tokens(model, tokenizer) -> set[int]:
     """Ids that end a reply: the tokenizer's end token and the model's generation config's (a list
     for chat models whose turn ends with its own token), never the unknown token."""
@@ -289,11 +296,7 @@ def student_continuations(student, tokenizer, prompts: list[str], batch_size: in
             student.eval()
             texts = [r + c for r, c in zip(chosen, generator(chosen, False, gen))]
             student.train(was_training)
-            for start in range(0, len(texts) - batch_size + 1, batch_size):
-                chunk = texts[start:start + batch_size]
-                width = max(len(t) for t in chunk)
-                ready.append({"input_ids": torch.tensor([t + [pad] * (width - len(t)) for t in chunk], device=device),
-                              "attention_mask": torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in chunk],
-                                                             device=device)})
+            ready.extend(right_padded(texts[start:start + batch_size], pad, device)
+                         for start in range(0, len(texts) - batch_size + 1, batch_size))
         return ready.pop()
     return next_batch
