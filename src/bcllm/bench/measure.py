@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import math
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..io.models import static_cache
+from ..io.models import cache_kwargs, static_cache
 from ..ops import circulant
 from ..ops import costs
 from ..structures.circulant import BlockCirculantLinear
@@ -208,9 +207,7 @@ def lean_decode(model, ids: torch.Tensor, new_tokens: int, cache=None, step=None
     else:
         cache.reset()
     step = model if step is None else step  # (not `or`: a compiled module refuses bool())
-    # transformers 5.x renamed past_key_values to cache; accept both.
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    kw = {name: cache, "use_cache": True, "logits_to_keep": 1}
+    kw = {**cache_kwargs(model, cache), "logits_to_keep": 1}
     out = model(ids, cache_position=torch.arange(n, device=ids.device), **kw)
     token = out.logits[:, -1:].argmax(-1)
     tokens = torch.empty(ids.shape[0], new_tokens, dtype=torch.long, device=ids.device)

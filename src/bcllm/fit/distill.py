@@ -294,8 +294,8 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
                 with cached_prefix(student, first, target["tuple"]) as state, restricted_head(student, vocab):
                     state["hidden"] = target["prefix"]
                     loss = _step(student, teacher, batch, target["target"], run, hidden_layers)
-            tokens += int(_masked(batch).sum())
-            run.history["tokens"] = run.history.get("tokens", 0) + int(_masked(batch).sum())
+            tokens += (n := int(_masked(batch).sum()))
+            run.history["tokens"] = run.history.get("tokens", 0) + n
             if held and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
                 _evaluate(student, run, held, held_lp, on_eval)
             bar.update(1)
@@ -326,7 +326,6 @@ def _targets(teacher, batches, cfg: DistillConfig, first: int):
     targets = _LazyTargets(teacher, batches, cfg.topk, first)
     if cfg.vocab != "teacher":
         return targets, None
-    targets.fill()
     return targets, restrict_targets(teacher, batches, [targets[i] for i in range(len(batches))])
 
 
@@ -406,10 +405,6 @@ class _LazyTargets:
         if i not in self.done:
             self.done[i] = teacher_targets(self.teacher, [self.batches[i]], self.topk, self.first)[0]
         return self.done[i]
-
-    def fill(self) -> None:
-        for i in range(len(self.batches)):
-            self[i]
 
 
 class _Run:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
-import inspect
 import json
 import os
 import random
@@ -34,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..io.models import cache_dir, model_fingerprint, static_cache
+from ..io.models import cache_dir, cache_kwargs, model_fingerprint, static_cache
 
 SEEDS_FILE = Path(__file__).resolve().parents[1] / "data" / "seed_instructions.txt"
 # Text already written for the embedded default model, under the cache file's own name (key included),
@@ -117,9 +116,7 @@ class _Generator:
     def __init__(self, model, cfg: TeacherText, max_len: int, eos: set[int], pad: int):
         self.model, self.cfg, self.eos, self.pad = model, cfg, eos, pad
         self.cache = static_cache(model, max_len)
-        # transformers 5.x renamed past_key_values to cache; accept both.
-        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.kw = {name: self.cache, "use_cache": True, "logits_to_keep": 1}
+        self.kw = {**cache_kwargs(model, self.cache), "logits_to_keep": 1}
 
     @torch.no_grad()
     def __call__(self, rows: list[list[int]], greedy: bool, gen: torch.Generator) -> list[list[int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 
@@ -167,6 +168,13 @@ def static_cache(model, max_len: int):
     from transformers import StaticCache
 
     return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def cache_kwargs(model, cache) -> dict:
+    """Keyword arguments that hand `cache` to model.forward with the cache on: transformers 5.x
+    renamed past_key_values to cache, so both are accepted."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
 
 
 def model_fingerprint(model) -> str:

@@ -31,6 +31,16 @@ from ..ops import circulant
 from ..ops.stats import InputStats
 from ..surgery import matches
 
+def check_size(value, name: str, out_features: int, in_features: int) -> int:
+    """An integer size (rank, number of blocks) in 1..min(out, in) for an out x in layer."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an int, got {value!r}", name)
+    if not 1 <= value <= min(out_features, in_features):
+        raise InputError(f"{name} must be in 1..{min(out_features, in_features)} for a "
+                         f"{out_features}x{in_features} layer, got {value}", name)
+    return value
+
+
 def check_block_size(block_size, out_features: int, in_features: int) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise InputError(f"block_size must be an int, got {block_size!r}", "block_size")

@@ -9,18 +9,12 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ..errors import InputError
 from .base import (InputStats, StructureConfig, StructuredLinear, _cholesky, _one_of, _too_small, _weight_costs,
-                   cross, factory, linear_weight, register, ridged_gram)
+                   check_size, cross, factory, linear_weight, register, ridged_gram)
 
 
 def check_num_blocks(num_blocks, out_features: int, in_features: int) -> int:
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
-        raise InputError(f"num_blocks must be an int, got {num_blocks!r}", "num_blocks")
-    if not 1 <= num_blocks <= min(out_features, in_features):
-        raise InputError(f"num_blocks must be in 1..{min(out_features, in_features)} for a "
-                         f"{out_features}x{in_features} layer, got {num_blocks}", "num_blocks")
-    return num_blocks
+    return check_size(num_blocks, "num_blocks", out_features, in_features)
 
 
 class BlockDiagonalLinear(StructuredLinear):

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import InputError
 from .base import (InputStats, StructureConfig, StructuredLinear, _cholesky, _one_of, _too_small, _weight_costs,
-                   cross, factory, linear_weight, register, ridged_gram)
+                   check_size, cross, factory, linear_weight, register, ridged_gram)
 
 
 def top_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -28,12 +28,7 @@ def top_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def check_rank(rank, out_features: int, in_features: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise InputError(f"rank must be an int, got {rank!r}", "rank")
-    if not 1 <= rank <= min(out_features, in_features):
-        raise InputError(f"rank must be in 1..{min(out_features, in_features)} for a "
-                         f"{out_features}x{in_features} layer, got {rank}", "rank")
-    return rank
+    return check_size(rank, "rank", out_features, in_features)
 
 
 class LowRankLinear(StructuredLinear):
