@@ -13,6 +13,7 @@ from bcllm.eval import metrics as ev
 from bcllm.cli import main
 from bcllm.eval.metrics import TeacherCache, evaluate
 from bcllm.io.prompts import load_prompts, tokenize_prompts
+from bcllm.structures import BlockCirculantLinear
 
 
 class CharTokenizer:
@@ -191,13 +192,32 @@ def test_block_size_one_student_equals_teacher(tmp_path):
     assert m["token_agreement"] == 1.0 and m["kl_mean"] < 1e-6
 
 
+def circulant_modules(model):
+    return [m for m in model.modules() if isinstance(m, BlockCirculantLinear)]
+
+
+def naive_generation(model, ids: list[int], n: int, eos_ids) -> list[int]:
+    """naive_greedy, then every token after the first end token set to that end token."""
+    new = naive_greedy(model, ids, n)
+    stop = next((k + 1 for k, t in enumerate(new) if t in eos_ids), n)
+    return new[:stop] + [new[stop - 1]] * (n - stop)
+
+
 def test_evaluate_matches_unbatched_reference(tmp_path):
-    """Every metric recomputed from plain one-prompt forwards, with the formulas written out."""
+    """Every metric recomputed from plain one-prompt forwards and token-by-token generations, with
+    the formulas written out; the student really is compressed, and generates through its
+    compressed modules."""
     model = tiny_model("llama")
     student = copy.deepcopy(model)
     compress_(student, CirculantConfig(block_size=4, targets="mlp"))
+    assert len(circulant_modules(student)) == 3 * 4 and not circulant_modules(model)
+    decode_calls = []  # compressed products on one new position: the student's decode steps
+    for module in circulant_modules(student):
+        module.register_forward_pre_hook(lambda m, args: decode_calls.append(1) if args[0].shape[-2] == 1 else None)
     tok = CharTokenizer()
-    result = evaluate(student, tok, PROMPTS, teacher=build(model, tmp_path, max_new_tokens=4), progress=False)
+    teacher = build(model, tmp_path, max_new_tokens=4)
+    result = evaluate(student, tok, PROMPTS, teacher=teacher, progress=False)
+    assert decode_calls  # the generations ran the compressed modules
     agree = top5 = kl = l2 = cos = n = nll_t = nll_s = n_nll = 0.0
     last = []
     with torch.no_grad():
@@ -226,7 +246,22 @@ def test_evaluate_matches_unbatched_reference(tmp_path):
     assert m["ppl_student"] == pytest.approx(math.exp(nll_s / n_nll), rel=1e-5)
     assert set(ev.METRIC_KEYS) <= set(m)
     assert len(result["per_prompt"]) == len(PROMPTS) and result["per_prompt"][1]["prompt"] == "abc"
-    assert 0.0 <= m["generation_agreement"] <= 1.0
+    # generations: each model alone, the whole sequence re-run for every token, the common prefix by hand
+    eos_ids = ev.eos_token_ids(model, tok)
+    prefixes = []
+    for i, prompt in enumerate(PROMPTS):
+        ids = tok(prompt)["input_ids"]
+        gen_t, gen_s = naive_generation(model, ids, 4, eos_ids), naive_generation(student, ids, 4, eos_ids)
+        assert teacher.generations[i] == gen_t
+        row = result["per_prompt"][i]
+        assert row["teacher_generation"] == tok.decode(gen_t) and row["student_generation"] == tok.decode(gen_s)
+        prefixes.append(next((k for k in range(4) if gen_t[k] != gen_s[k]), 4))
+        assert row["generation_agreement"] == prefixes[-1] / 4
+    assert m["generation_agreement"] == pytest.approx(sum(prefixes) / (4 * len(PROMPTS)))
+    # block size 4 is coarse enough to change what the student says: a compression that did
+    # nothing (student == teacher) fails here
+    assert min(prefixes) < 4 and m["generation_agreement"] < 1.0
+    assert m["token_agreement"] < 1.0 and m["kl_mean"] > 1e-5
 
 
 def test_cache_holds_teacher_logits_and_is_reused(tmp_path, monkeypatch):
@@ -408,7 +443,37 @@ def test_cli_eval_json(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_cli_generate_side_by_side(capsys):
+def test_cli_generate_side_by_side(capsys, monkeypatch):
+    from bcllm.eval import student as student_module
+
+    runs = []  # (model, prompt ids, new tokens, compressed products while it generated)
+    real = student_module.greedy_generate
+
+    def spy(model, token_ids, max_new_tokens, eos_ids=()):
+        calls = []
+        hooks = [m.register_forward_pre_hook(lambda *a: calls.append(1)) for m in circulant_modules(model)]
+        try:
+            new = real(model, token_ids, max_new_tokens, eos_ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        runs.append((model, token_ids, new[0].tolist(), len(calls)))
+        return new
+
+    monkeypatch.setattr(student_module, "greedy_generate", spy)
     assert main(["generate", "--layers", "12", "--max-new-tokens", "6", "Explain FFT."]) == 0
     out = capsys.readouterr().out
-    assert "teacher" in out and "student" in out and "of 6 tokens" in out
+    assert "teacher" in out and "student" in out and "replaced 3 modules" in out
+    (teacher, ids, gen_t, _), (student, ids_s, gen_s, compressed_calls) = runs
+    assert ids == ids_s and len(gen_t) == len(gen_s) == 6
+    # the student is compressed (layer 12's three MLP projections) and generates through them; the teacher is not
+    assert not circulant_modules(teacher) and len(circulant_modules(student)) == 3
+    assert [n for n, m in student.named_modules() if isinstance(m, BlockCirculantLinear)] == \
+        [f"model.layers.12.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    assert compressed_calls >= 3 * 6  # one forward per new token (the prompt's gives the first)
+    with torch.no_grad():
+        x = torch.tensor(ids)
+        z_t, z_s = teacher(input_ids=x).logits, student(input_ids=x).logits
+    assert (z_t - z_s).abs().max().item() > 1e-3  # the compression changes the logits
+    agree = next((k for k in range(6) if gen_t[k] != gen_s[k]), 6)
+    assert f"agree on the first {agree} of 6 tokens" in out

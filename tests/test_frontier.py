@@ -48,25 +48,56 @@ def test_frontier_cli_on_a_tiny_model(tmp_path, monkeypatch):
     from bcllm.cli import main
     from bcllm.io.models import load_model
     from bcllm.fit.student import parse_block_sizes
+    from bcllm.structures import BlockCirculantLinear
 
     folder = make_tiny_folder(tmp_path / "tiny")
     monkeypatch.setenv("BCLLM_CACHE", str(tmp_path / "cache"))
     out, js = tmp_path / "run", tmp_path / "f.json"
+    # 0.1: certainly met on this model (one layer at block size 8 keeps ~0.9 of the tokens; the whole
+    # path ~0.75); 0.95: above even the first step's agreement, so not met
     argv = ["frontier", "--model", str(folder), "--out", str(out), "--prompts", str(folder / "prompts.txt"),
-            "--min-agreement", "0.3", "0.95", "--sizes", "2,8", "--json", str(js)]
+            "--min-agreement", "0.1", "0.95", "--sizes", "2,8", "--json", str(js)]
     assert main(argv) == 0
     result = json.loads(js.read_text())
     assert len(result["scan"]) == 4 * 2
+    path = [dict(s) for s in result["path"]]
+    assert path
+    agreement = {json.dumps(sorted((int(l), b) for l, b in r["state"].items())): r["token_agreement"]
+                 for r in result["curve"] if r["structure"] == "circulant"}
+
+    def measured(k):  # token agreement measured for the path's prefix k (its state path[k - 1])
+        return agreement[json.dumps(sorted(path[k - 1].items()))]
+
+    met = [c for c in result["chosen"] if c["steps"]]
+    assert [c["min_agreement"] for c in result["chosen"]] == [0.1, 0.95]
+    assert met and met[0] is result["chosen"][0]  # the low floor was met: the checks below do run
     for c in result["chosen"]:
-        if c["steps"]:
-            assert c["token_agreement"] >= c["min_agreement"]
-            assert c["param_reduction"] > 0
-            # the comparison gets at most each circulant budget: it removes at least as much
-            assert c["compare"]["param_reduction"] >= c["param_reduction"] - 1e-9
-            meta = json.loads(open(c["student"] + "/fitted.json").read())
-            assert meta["config"]["block_sizes"] == parse_block_sizes(c["config"]["block_sizes"])
-            model, _ = load_model(str(folder))
-            load_fitted(model, c["student"])
+        k = c["steps"]
+        assert 0 <= k <= len(path)
+        if k < len(path):  # the longest prefix: the next one was measured and falls below the floor
+            assert measured(k + 1) < c["min_agreement"]
+    for c in met:
+        k = c["steps"]
+        assert {int(l): b for l, b in c["state"].items()} == path[k - 1]
+        assert c["token_agreement"] >= c["min_agreement"] and c["token_agreement"] == measured(k)
+        assert c["param_reduction"] > 0
+        # the comparison gets at most each circulant budget: it removes at least as much
+        assert c["compare"]["structure"] == "lowrank"
+        assert c["compare"]["param_reduction"] >= c["param_reduction"] - 1e-9
+        meta = json.loads(open(c["student"] + "/fitted.json").read())
+        assert meta["config"]["block_sizes"] == parse_block_sizes(c["config"]["block_sizes"])
+        model, _ = load_model(str(folder))
+        load_fitted(model, c["student"])
+        for i, layer in enumerate(model.model.layers):  # the saved student is the chosen state
+            down = layer.mlp.down_proj
+            if i in path[k - 1]:
+                assert isinstance(down, BlockCirculantLinear) and down.block_size == path[k - 1][i]
+            else:
+                assert not isinstance(down, BlockCirculantLinear)
+    for c in result["chosen"]:
+        if not c["steps"]:  # nothing chosen, measured or saved for a floor that no step meets
+            assert c["state"] == {} and not {"student", "compare", "token_agreement"} & set(c)
+            assert not (out / f"student-{c['min_agreement']:g}").exists()
     reductions = [c.get("param_reduction", 0) for c in result["chosen"]]
     assert reductions == sorted(reductions, reverse=True)  # a higher floor never allows more compression
     assert (out / "frontier.md").exists() and (out / "frontier.png").exists()

@@ -17,9 +17,21 @@ CUDA = "cuda"
 # relative error allowed per input dtype: float32 products vs a float64 reference; 16-bit ones
 # differ by the rounding of their inputs' product to the output dtype (2^-8 bf16, 2^-11 fp16)
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-SHAPES = [(256, 192, 1), (256, 192, 8), (256, 192, 16), (256, 192, 64),
-          (200, 130, 16), (130, 210, 20)]  # last two: b divides neither side; 20 is not a power of two
-ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 512]  # the planar path at every row count (the CPU kernel never runs on CUDA)
+# On CUDA every product takes circulant_matmul_planar (the CPU kernel never runs there), whose
+# branches are the block size (DFT tables up to DFT_MATMUL_MAX_BLOCK = 64, cuFFT rfft/irfft above),
+# its parity (even b folds the Nyquist frequency into frequency 0, in both branches) and padding
+# (b dividing both sides or not). One shape per combination:
+SHAPES = [(256, 192, 1),     # tables; b = 1: one frequency, no fold
+          (256, 192, 16),    # tables, even, exact
+          (200, 192, 16),    # tables, even, padding on the output side only (the input needs none)
+          (130, 210, 20),    # tables, even, not a power of two, padding on both sides
+          (130, 211, 7),     # tables, odd, padding on both sides
+          (256, 192, 64),    # tables, the largest block size they take
+          (200, 300, 65),    # cuFFT, odd (no Nyquist), the smallest block size it takes, padding
+          (256, 384, 128),   # cuFFT, even, a power of two, exact
+          (300, 200, 96)]    # cuFFT, even, not a power of two, padding on both sides
+# 1 row (decode) and several: no branch depends on the row count on CUDA
+ROWS = [1, 9]
 
 
 def rel_err(a, b):
@@ -40,27 +52,53 @@ def reference(layer, x):
         + layer.bias.double()
 
 
+def test_shapes_reach_both_branches():
+    assert {b > circulant.DFT_MATMUL_MAX_BLOCK for _, _, b in SHAPES} == {False, True}
+    assert {b % 2 for _, _, b in SHAPES if b > circulant.DFT_MATMUL_MAX_BLOCK} == {0, 1}
+
+
+def count_ffts(monkeypatch):
+    """Calls of torch.fft.rfft / irfft from now on (the cuFFT branch of the product)."""
+    calls = []
+    for name in ("rfft", "irfft"):
+        real = getattr(torch.fft, name)
+        monkeypatch.setattr(torch.fft, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("out_f,in_f,b", SHAPES)
 @pytest.mark.parametrize("n", ROWS)
-def test_product_matches_dense(out_f, in_f, b, n, dtype):
+def test_product_matches_dense(monkeypatch, out_f, in_f, b, n, dtype):
     layer = layer_on_cuda(out_f, in_f, b, dtype)
     x = torch.randn(n, in_f, device=CUDA, dtype=dtype)
+    with torch.no_grad():
+        layer.spectra()  # cached now: the product below computes no spectra of its own
+    ffts = count_ffts(monkeypatch)
     with torch.inference_mode():
         y = layer(x)
+    monkeypatch.undo()
+    # the branch this shape is here for: cuFFT above DFT_MATMUL_MAX_BLOCK, the DFT tables up to it
+    assert ffts == (["rfft", "irfft"] if b > circulant.DFT_MATMUL_MAX_BLOCK else [])
     assert y.device.type == "cuda" and y.dtype == dtype and y.shape == (n, out_f)
     assert rel_err(y, reference(layer, x)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("n", [1, 8, 9, 512])
-def test_both_paths_on_cuda(n):
+@pytest.mark.parametrize("b", [16, 128])
+@pytest.mark.parametrize("n", [1, 512])
+def test_both_paths_on_cuda(monkeypatch, n, b):
+    def no_kernel(*a, **k):
+        raise AssertionError("the CPU kernel was called on CUDA")
+
+    monkeypatch.setattr(circulant.kernel, "circulant_decode", no_kernel)
     torch.manual_seed(0)
-    c = torch.randn(24, 17, 16, device=CUDA)
+    p, q = circulant.grid_shape(380, 270, b)  # padding on both sides
+    c = torch.randn(p, q, b, device=CUDA)
     spec = circulant.spectra(c)
     x = torch.randn(n, 270, device=CUDA)
     ref = x.double() @ circulant.to_dense(c.double(), 380, 270).T
     for path in (circulant.circulant_matmul_planar, circulant.circulant_matmul):
-        assert rel_err(path(x, spec, 380, 270, 16), ref) < 1e-4, path.__name__
+        assert rel_err(path(x, spec, 380, 270, b), ref) < 1e-4, path.__name__
 
 
 def test_autocast_runs():
@@ -74,14 +112,15 @@ def test_autocast_runs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n", [3, 40])
-def test_gradients_flow(n, dtype):
-    layer = layer_on_cuda(130, 210, 20, dtype)
-    x = torch.randn(n, 210, device=CUDA, dtype=dtype, requires_grad=True)
-    w = torch.randn(n, 130, device=CUDA, dtype=torch.float64)
+@pytest.mark.parametrize("out_f,in_f,b", [(130, 210, 20), (200, 300, 96)])  # DFT tables; cuFFT
+def test_gradients_flow(n, dtype, out_f, in_f, b):
+    layer = layer_on_cuda(out_f, in_f, b, dtype)
+    x = torch.randn(n, in_f, device=CUDA, dtype=dtype, requires_grad=True)
+    w = torch.randn(n, out_f, device=CUDA, dtype=torch.float64)
     (layer(x).double() * w).sum().backward()
     c64 = layer.c.detach().double().requires_grad_()
     x64 = x.detach().double().requires_grad_()
-    (x64 @ circulant.to_dense(c64, 130, 210).T * w).sum().backward()
+    (x64 @ circulant.to_dense(c64, out_f, in_f).T * w).sum().backward()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert layer.c.grad.dtype == dtype and layer.c.grad.device.type == "cuda"
     assert rel_err(layer.c.grad, c64.grad) < tol

@@ -3,6 +3,7 @@ product, through the module and the fused gate/up MLP, and its fallback to the t
 Skipped only where no C++ compiler (or ninja) is available to build it."""
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -163,8 +164,40 @@ def test_bad_shapes_are_input_errors(built):
 
 
 def test_source_ships_with_the_package():
-    assert kernel.SOURCE.is_file()
-    assert kernel.extension_name() == kernel.extension_name()
+    assert kernel.SOURCE.is_file() and b"circulant_decode" in kernel.SOURCE.read_bytes()
+
+
+def test_extension_name_changes_with_what_the_build_depends_on(monkeypatch, tmp_path):
+    """A later process imports the build under this name: it must be stable, depend on the
+    source's bytes (not its path), and change with each input of the build (a stale library
+    loaded after an upgrade would compute with another kernel or crash)."""
+    name = kernel.extension_name()
+    assert re.fullmatch(r"bcllm_circulant_[0-9a-f]{16}", name)  # an importable module name
+    assert kernel.extension_name() == name
+    assert kernel.build_dir(name).name == name
+    copy = tmp_path / "copy.cpp"
+    copy.write_bytes(kernel.SOURCE.read_bytes())
+    edited = tmp_path / "edited.cpp"
+    edited.write_bytes(kernel.SOURCE.read_bytes() + b"\n// one more line\n")
+    with monkeypatch.context() as m:
+        m.setattr(kernel, "SOURCE", copy)
+        assert kernel.extension_name() == name  # the same bytes elsewhere: the same build
+    changes = {
+        "source bytes": lambda m: m.setattr(kernel, "SOURCE", edited),
+        "compiler flags": lambda m: m.setattr(kernel, "CFLAGS", kernel.CFLAGS + ["-DNDEBUG"]),
+        "CPU": lambda m: m.setattr(kernel, "_cpu_id", lambda: "model name : another CPU\nflags : sse2"),
+        "torch version": lambda m: m.setattr(kernel.torch, "__version__", torch.__version__ + ".other"),
+        "Python version": lambda m: m.setattr(kernel.sys, "version", kernel.sys.version + " other"),
+    }
+    names = {}
+    for what, change in changes.items():
+        with monkeypatch.context() as m:
+            change(m)
+            names[what] = kernel.extension_name()
+            assert names[what] != name, f"the name does not change with the {what}"
+            assert kernel.extension_name() == names[what], what
+        assert kernel.extension_name() == name, what  # undone: the original name again
+    assert len(set(names.values())) == len(names), names  # each change gives its own name
 
 
 def test_missing_tools_are_named_and_a_pip_ninja_is_found(monkeypatch, tmp_path):

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..io.models import cache_kwargs, static_cache
-from ..ops import circulant
+from ..ops import circulant, kernel
 from ..ops import costs
 from ..structures.circulant import BlockCirculantLinear
 from ..structures.costs import model_costs
@@ -338,13 +338,25 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
     eager = seconds.get("eager", decode)
     n_prefill = sum(len(ids) for ids in prompt_ids)
     n_decode = new_tokens * len(prompts)
-    result = {"compiled": compiled, "compile_seconds": compile_s, "compile_error": compile_error}
+    # the headline decode figure says how it was made: compiled, or eager because compile failed
+    result = {"compiled": compiled, "compile_seconds": compile_s, "compile_error": compile_error,
+              "decode_mode": "compiled" if compiled else "eager (torch.compile failed)" if compile_error else "eager",
+              "decode_kernel": kernel.usage()}
     for name in models:
         result[f"{name}_prefill_tokens_per_s"] = n_prefill / statistics.median(prefill[name])
         result[f"{name}_decode_tokens_per_s"] = n_decode / statistics.median(decode[name])
         result[f"{name}_eager_decode_tokens_per_s"] = n_decode / statistics.median(eager[name])
         result[f"{name}_generate_decode_tokens_per_s"] = n_decode / statistics.median(generate[name])
         result[f"{name}_param_bytes"] = param_bytes(models[name])
+    _add_ratios(result, model, compressed, device)
+    result.update(prompts=len(prompts), prefill_tokens=n_prefill, new_tokens=new_tokens, repeats=repeats,
+                  raw_seconds={"prefill": prefill, "decode": decode, "eager_decode": eager,
+                               "generate_decode": generate})
+    return result
+
+
+def _add_ratios(result: dict, model: nn.Module, compressed: nn.Module, device) -> None:
+    """Speedups (compressed over dense) and the analytic limits beside them, into `result`."""
     result["compressed_spectra_cache_bytes"] = spectra_cache_bytes(compressed)
     result["memory_bytes_per_s"] = memory_bandwidth(device)
     # decode streams every weight once a token: the best tokens/s the memory allows
@@ -356,10 +368,6 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
     result["prefill_flop_ratio"] = dense_cost["flops"] / circ_cost["flops"]  # limit at large batch
     result["decode_byte_ratio"] = dense_cost["bytes"] / circ_cost["bytes"]   # limit at batch 1
     result["costs"] = {"dense": dense_cost, "compressed": circ_cost}
-    result.update(prompts=len(prompts), prefill_tokens=n_prefill, new_tokens=new_tokens, repeats=repeats,
-                  raw_seconds={"prefill": prefill, "decode": decode, "eager_decode": eager,
-                               "generate_decode": generate})
-    return result
 
 
 def model_table(r: dict) -> str:
@@ -373,6 +381,8 @@ def model_table(r: dict) -> str:
     for label, kind, limit in rows:
         text += (f"| {label} | {r[f'dense_{kind}_tokens_per_s']:.1f} | {r[f'compressed_{kind}_tokens_per_s']:.1f} | "
                  f"{r[f'{kind}_speedup']:.2f}x | {limit} |\n")
+    if r.get("compile_error"):
+        text += f"| torch.compile failed ({r['compile_error'][:120]}): every decode figure is eager | | | | |\n"
     return text + (f"| dense decode limit (memory {r['memory_bytes_per_s'] / 1e9:.1f} GB/s over the weights) | "
                    f"{r['dense_byte_limit_tokens_per_s']:.1f} | | | |\n"
                    f"| parameter MiB | {r['dense_param_bytes'] / 2**20:.1f} | {r['compressed_param_bytes'] / 2**20:.1f} | "

@@ -100,6 +100,9 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
                    help="calibrate even when the calibration text overlaps the evaluation prompts")
     g.add_argument("--distill-steps", type=int, default=None, metavar="N",
                    help="logit distillation steps after the fit (default: 100 with --fit block, else 0)")
+    g.add_argument("--recipe", choices=["long"], default=None,
+                   help="long: --fit block with 400 distillation steps (about an hour on 2 cores for ten MLPs; "
+                        "the default block recipe runs 100)")
     g.add_argument("--distill-lr", type=float, default=D.distill_lr)
     g.add_argument("--distill-batch", type=int, default=D.distill_batch, help="samples per calibration batch (fit and distillation)")
     g.add_argument("--hidden-mse", type=float, default=D.hidden_mse, help="weight of the per-layer hidden-state MSE term")
@@ -127,16 +130,25 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
                    help="--fit block: fit the dense MLP on the student's inputs, or the teacher's decoder-layer "
                         "output (attention included)")
     g.add_argument("--block-batch-tokens", type=int, default=D.block_batch_tokens, help="--fit block: token rows per step")
-    g.add_argument("--distill-dir", metavar="DIR", help="distillation checkpoints here (with --resume: continue)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted distillation from --distill-dir")
+    g.add_argument("--distill-dir", metavar="DIR",
+                   help="checkpoints here: each finished layer of --fit block (DIR/block) and the distillation "
+                        "(with --resume: continue; a sweep keeps one subfolder per point)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from --distill-dir: after its last finished block-fit layer, "
+                        "then from its last distillation checkpoint (a checkpoint of another run is refused)")
     g.add_argument("--save", metavar="DIR", help="save the fitted structured modules (safetensors + JSON)")
     g.add_argument("--load", metavar="DIR", help="load a student saved with --save instead of fitting one")
 
 
 def spec_from_args(args):
     """The StudentSpec and StudentIO that parsed arguments describe, checked before any model loads."""
-    from ..fit.student import StudentIO, StudentSpec, config_for
+    from ..fit.student import RECIPES, StudentIO, StudentSpec, config_for
 
+    if getattr(args, "recipe", None):
+        if args.fit not in ("block", StudentSpec.fit) or args.distill_steps is not None:
+            raise InputError(f"--recipe {args.recipe} sets --fit block and the distillation steps; drop --fit "
+                             f"{args.fit} / --distill-steps", "recipe")
+        args.fit, args.distill_steps = "block", RECIPES[args.recipe]
     spec = StudentSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudentSpec)})
     io = StudentIO(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StudentIO)})
     config_for(spec)  # the size options must make a config
@@ -257,7 +269,7 @@ def cmd_eval(args) -> None:
     if json_path:
         config = {**args_config(args), "prompts": record["prompts"]}
         keys = ("metrics", "ci", "compression", "per_prompt", "num_prompts", "num_positions", "teacher_cache",
-                "timing", "versions")
+                "timing", "versions", "decode_kernel")
         write_json(json_path, {"model": args.model, "config": config, **{k: record[k] for k in keys},
                                "command": command_line()})
         print(f"wrote {json_path}")
@@ -423,13 +435,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 def write_bench(args, results: dict, table: str) -> None:
     from ..bench.measure import header_lines
-    from ..io.results import command_line, versions, write_json
+    from ..io.results import atomic_write, command_line, write_json
 
     text = header_lines(results["versions"]) + table
     print(text, end="")
     if args.json:
         write_json(args.json, results)
-        Path(args.json).with_suffix(".md").write_text(f"`{command_line()}`\n\n" + text)
+        atomic_write(Path(args.json).with_suffix(".md"), f"`{command_line()}`\n\n" + text)
         print(f"wrote {args.json} and {Path(args.json).with_suffix('.md')}")
 
 

@@ -20,6 +20,8 @@ import json
 import math
 import os
 import shutil
+import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..errors import InputError, InputFileError
 from ..surgery import set_module
 from ..io.models import cache_dir, model_file_identity, model_fingerprint  # noqa: F401 (re-exported)
 from ..io.prompts import context_length, tokenize_prompts
+from ..io.results import atomic_write, library_versions
 
 CACHE_FORMAT = 2  # bump when the cache layout or what it holds changes
 METRIC_KEYS = ("token_agreement", "last_token_agreement", "top5_overlap", "kl_mean", "logit_l2_mean",
@@ -261,9 +264,11 @@ class TeacherCache:
     @classmethod
     def load(cls, path) -> "TeacherCache":
         path = Path(path)
+        problem = teacher_cache_problem(path)
+        if problem:
+            raise InputFileError(f"teacher cache {str(path)!r} is damaged ({problem}); delete it and it is "
+                                 f"computed again")
         meta = json.loads((path / "meta.json").read_text())
-        if meta.get("format") != CACHE_FORMAT:
-            raise InputError(f"teacher cache {str(path)!r} has format {meta.get('format')}, expected {CACHE_FORMAT}")
         return cls(path, meta["token_ids"], meta["generations"], meta["settings"])
 
     @classmethod
@@ -291,13 +296,21 @@ class TeacherCache:
                         dtype=str(param.dtype), device=param.device.type)
         key_material = json.dumps({"format": CACHE_FORMAT, "model_id": model_id,
                                    "name_or_path": getattr(model.config, "name_or_path", ""),
-                                   "weights": model_fingerprint(model), "settings": settings,
+                                   "weights": model_fingerprint(model, full=True), "settings": settings,
+                                   "versions": library_versions(),
+                                   "attention": getattr(model.config, "_attn_implementation", None),
                                    "token_ids": token_ids}, sort_keys=True)
         key = hashlib.sha256(key_material.encode()).hexdigest()[:24]
         root = Path(root) if root is not None else cache_dir() / "teacher"
         path = root / key
-        if (path / "meta.json").is_file():
-            return cls.load(path)
+        if path.exists():
+            problem = teacher_cache_problem(path)
+            if problem is None:
+                return cls.load(path)
+            aside = path.with_name(f"{key}.damaged{int(time.time())}")
+            os.replace(path, aside)
+            print(f"bcllm: the teacher cache {str(path)!r} was damaged ({problem}); moved to {str(aside)!r} and "
+                  f"computed again", file=sys.stderr, flush=True)
         root.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(root)
         tmp = root / f".{key}.tmp{os.getpid()}"
@@ -313,6 +326,24 @@ class TeacherCache:
         cache = cls.load(path)
         cache.computed = True
         return cache
+
+
+def teacher_cache_problem(path: Path) -> str | None:
+    """What is wrong with a teacher cache folder (None: nothing): meta.json unreadable or of another
+    format, or logits.npy missing or not one row per prompt token (cut short)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format") != CACHE_FORMAT:
+            return f"format {meta.get('format')}, this bcllm reads {CACHE_FORMAT}"
+        rows = sum(len(t) for t in meta["token_ids"])
+        if len(meta["generations"]) != len(meta["token_ids"]):
+            return "meta.json has a generation count unlike its prompt count"
+        shape = np.load(path / "logits.npy", mmap_mode="r").shape
+        if shape[0] != rows:
+            return f"logits.npy has {shape[0]} rows, the prompts {rows} tokens"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _remove_dead_temporaries(root: Path) -> None:
@@ -349,7 +380,7 @@ def _compute_teacher(model, token_ids, settings, folder: Path, progress: bool) -
     rows.flush()
     del rows
     meta = {"format": CACHE_FORMAT, "settings": settings, "token_ids": token_ids, "generations": generations}
-    (folder / "meta.json").write_text(json.dumps(meta))
+    atomic_write(folder / "meta.json", json.dumps(meta))
 
 
 # ---- evaluation ----

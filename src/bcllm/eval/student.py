@@ -19,6 +19,7 @@ from ..fit.student import StudentIO, StudentSpec, build_student, config_for
 from ..io.models import load_model, model_file_identity
 from ..io.prompts import context_length, default_prompts_path, load_prompts, tokenize_prompts
 from ..io.results import versions
+from ..ops import kernel
 from .metrics import TeacherCache, common_prefix_length, eos_token_ids, evaluate, greedy_generate, measure_floor, with_floor
 from .streaming import Streamer, check_streamable, evaluate_streamed, fit_streamed_
 
@@ -94,6 +95,7 @@ def evaluate_student(model_id_or_model, spec: StudentSpec = StudentSpec(), io: S
     texts = prompts if isinstance(prompts, list) else load_prompts(prompts)
     torch.manual_seed(seed)
     options = dict(chat=chat, seed=seed, dtype=dtype, device=device)
+    calls = kernel.CALLS[0]
     if stream:
         result, summary, timing = evaluate_streamed_student(model_id_or_model, spec, io, texts, **options)
     else:
@@ -104,7 +106,8 @@ def evaluate_student(model_id_or_model, spec: StudentSpec = StudentSpec(), io: S
             "metrics": result["metrics"], "ci": result["ci"], "compression": summary,
             "per_prompt": result["per_prompt"], "num_prompts": result["num_prompts"],
             "num_positions": result["num_positions"], "max_new_tokens": result["max_new_tokens"],
-            "teacher_cache": result["teacher_cache"], "timing": timing, "versions": versions()}
+            "teacher_cache": result["teacher_cache"], "timing": timing, "versions": versions(),
+            "decode_kernel": {**kernel.usage(), "calls": kernel.CALLS[0] - calls}}
 
 
 def generate_side_by_side(model_id_or_model, prompt: str, spec: StudentSpec = StudentSpec(),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .runs import BUDGETS, MANIFEST, RESULTS, pareto_front
-from ..io.results import read_jsonl, with_current_keys
+from ..io.results import atomic_write, read_jsonl, with_current_keys
 
 FIT_MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
 FRONT_STYLE = dict(color="black", lw=1.2, ls="--", zorder=1)
@@ -378,9 +378,7 @@ def render(run_dirs, out_md, bench_files=(), frontier_files=()) -> list[Path]:
     parts, written = parts + texts, written + pngs
     if not (found_any or rows or frontier_files):
         raise InputError("no finished scan or sweep points yet in " + ", ".join(str(r["dir"]) for r in runs))
-    tmp = out_md.with_name(f".{out_md.name}.tmp")
-    tmp.write_text("\n".join(parts))
-    tmp.replace(out_md)
+    atomic_write(out_md, "\n".join(parts))
     return [out_md] + written
 
 
@@ -455,5 +453,5 @@ def frontier_section(result: dict, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     plot_frontier(result, out_dir / "frontier.png")
     path = out_dir / "frontier.md"
-    path.write_text(frontier_markdown(result, "frontier.png"))
+    atomic_write(path, frontier_markdown(result, "frontier.png"))
     return [path, out_dir / "frontier.png"]

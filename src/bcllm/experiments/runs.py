@@ -112,6 +112,11 @@ def point_key(point: dict, defaults: dict = KEY_DEFAULTS) -> str:
 
 # ---------------------------------------------------------------- results directory
 
+# Identity keys added since the first manifests, with the value every earlier run had. Other keys
+# an old manifest lacks (weights_sha256, library versions) are recorded when it is next opened.
+LEGACY_IDENTITY = {"seed": 0, "device": "cpu"}
+
+
 def open_results_dir(out, identity: dict) -> Path:
     """Create `out` with a manifest, or check that the manifest there describes the same run.
 
@@ -126,13 +131,19 @@ def open_results_dir(out, identity: dict) -> Path:
     manifest = out / MANIFEST
     if manifest.exists():
         try:
-            old = json.loads(manifest.read_text())["identity"]
+            meta = json.loads(manifest.read_text())
+            old = meta["identity"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise InputError(f"{manifest} is not a bcllm manifest; use another results directory", "out") from None
         for key in sorted(set(old) | set(identity)):
-            if old.get(key) != identity.get(key):
-                raise InputError(f"{str(out)!r} holds results for {key}={old.get(key)!r}, but this run has "
+            if key not in old and key not in LEGACY_IDENTITY:
+                continue  # not recorded when the directory was made
+            before = old.get(key, LEGACY_IDENTITY.get(key))
+            if before != identity.get(key):
+                raise InputError(f"{str(out)!r} holds results for {key}={before!r}, but this run has "
                                  f"{key}={identity.get(key)!r}; use another results directory", "out")
+        if set(identity) - set(old):  # a manifest from before these keys existed: recorded from now on
+            write_json(manifest, {**meta, "identity": {**identity, **old}})
     elif any(out.iterdir()):
         raise InputError(f"{str(out)!r} is not empty and has no {MANIFEST}: not a bcllm results "
                          f"directory; use an empty or new results directory", "out")
@@ -306,7 +317,7 @@ class Session:
         import torch
 
         from ..eval.metrics import TeacherCache
-        from ..io.models import load_model, model_file_identity
+        from ..io.models import load_model, model_file_identity, model_fingerprint
         from ..io.prompts import load_prompts
         from ..surgery import decoder_layers, num_params
 
@@ -322,7 +333,9 @@ class Session:
                     "num_layers": self.num_layers, "prompts": str(settings.prompts or "bundled prompts_100.txt"),
                     "prompts_sha256": hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16],
                     "num_prompts": len(self.prompts), "max_new_tokens": settings.max_new_tokens,
-                    "chat": settings.chat}
+                    "chat": settings.chat, "seed": settings.seed, "device": settings.device,
+                    "weights_sha256": model_fingerprint(self.model, full=True),
+                    "torch": torch.__version__, "transformers": versions().get("transformers")}
         self.out = open_results_dir(out, identity)
         self.results = self.out / RESULTS
         # The teacher runs once for all points (and is cached on disk across runs).
@@ -342,7 +355,11 @@ class Session:
 
         torch.manual_seed(self.settings.seed)
         spec = dataclasses.replace(self.base, **point)
-        student, summary = build_student(self.model, self.tokenizer, spec, self.io, eval_prompts=self.prompts,
+        io = self.io
+        if io.distill_dir:  # one checkpoint folder per point: a point never resumes another's run
+            key = hashlib.sha256(point_key(point).encode()).hexdigest()[:16]
+            io = dataclasses.replace(io, distill_dir=str(Path(io.distill_dir) / f"point-{key}"))
+        student, summary = build_student(self.model, self.tokenizer, spec, io, eval_prompts=self.prompts,
                                          model_id=self.settings.model, progress=False)
         result = ev.evaluate(student, self.tokenizer, self.prompts, teacher=self.teacher, progress=False)
         metrics = result["metrics"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..io.models import cache_dir
+from ..io.results import atomic_write, library_versions, read_cached_json
 from .teacher_text import right_padded
 
 SOURCES = ("mix", "teacher", "self-chat", "self-seed", "pydoc", "pydoc-all")
@@ -93,7 +93,8 @@ def _sample(model, tokenizer, texts: list[str], max_new_tokens: int, temperature
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     torch.manual_seed(seed)
-    out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens,
+    out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=SAMPLING["top_p"],
+                         max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(row[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
 
@@ -101,6 +102,10 @@ def _sample(model, tokenizer, texts: list[str], max_new_tokens: int, temperature
 def _chat(tokenizer, message: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+# sampling of the self-written text: temperatures of seed continuations, questions, answers; top-p
+SAMPLING = {"seed": 0.8, "question": 0.9, "answer": 0.7, "top_p": 0.95}
 
 
 @torch.no_grad()
@@ -116,10 +121,15 @@ def self_generated(model, tokenizer, n: int, kind: str = "self-chat", max_new_to
         raise InputError("self-chat calibration needs a chat template; this tokenizer has none: use self-seed", "calib")
     from ..io.models import model_fingerprint
 
-    key = hashlib.sha256(json.dumps([model_id, model_fingerprint(model), kind, n, max_new_tokens, seed]).encode())
+    # every input of the text: batch size sets the per-batch seeds and padding; the temperatures and
+    # seed lists are constants here, hashed so an edit to them gives a new file
+    lists = hashlib.sha256(json.dumps([SEEDS, TOPICS, SAMPLING]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([model_id, model_fingerprint(model, full=True), kind, n, max_new_tokens, seed,
+                                     batch_size, lists, next(model.parameters()).device.type,
+                                     library_versions()]).encode())
     path = cache_dir() / "calib" / f"{kind}-{n}-{max_new_tokens}-{seed}-{key.hexdigest()[:16]}.json"
-    if path.is_file():
-        return json.loads(path.read_text())["samples"]
+    if (cached := read_cached_json(path, "calibration text", "samples")) is not None:
+        return cached["samples"]
 
     rng = random.Random(seed)
     samples = []
@@ -129,24 +139,22 @@ def self_generated(model, tokenizer, n: int, kind: str = "self-chat", max_new_to
             count = min(batch_size, n - start)
             if kind == "self-seed":
                 seeds = [rng.choice(SEEDS) for _ in range(count)]
-                texts = _sample(model, tokenizer, seeds, max_new_tokens, 0.8, seed + start, True)
+                texts = _sample(model, tokenizer, seeds, max_new_tokens, SAMPLING["seed"], seed + start, True)
                 samples += [f"{s} {t}".strip() for s, t in zip(seeds, texts)]
                 continue
             asks = [_chat(tokenizer, f"Write one question or request that a user might ask about "
                                      f"{rng.choice(TOPICS)}. Reply with the question only.") for _ in range(count)]
             questions = [q.splitlines()[0].strip() if q.strip() else "Tell me something interesting."
-                         for q in _sample(model, tokenizer, asks, 32, 0.9, seed + start, False)]
-            answers = _sample(model, tokenizer, [_chat(tokenizer, q) for q in questions], max_new_tokens, 0.7,
-                              seed + start + 1, False)
+                         for q in _sample(model, tokenizer, asks, 32, SAMPLING["question"], seed + start, False)]
+            answers = _sample(model, tokenizer, [_chat(tokenizer, q) for q in questions], max_new_tokens,
+                              SAMPLING["answer"], seed + start + 1, False)
             samples += [f"{q} {a}".strip() for q, a in zip(questions, answers)]
     finally:
         tokenizer.padding_side = padding_side
     samples = [" ".join(s.split()) for s in samples]  # one sample a line, as in a calibration file
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"kind": kind, "n": n, "max_new_tokens": max_new_tokens, "seed": seed,
-                               "model_id": model_id, "samples": samples}))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"kind": kind, "n": n, "max_new_tokens": max_new_tokens, "seed": seed,
+                                   "model_id": model_id, "samples": samples}))
     return samples
 
 

@@ -24,6 +24,7 @@ from ..errors import InputError
 from ..structures.base import StructuredLinear, fitted_modules, linear_weight  # noqa: F401 (fitted_modules re-exported)
 from ..ops.stats import InputStats  # noqa: F401 (the fits' statistics; re-exported)
 from ..surgery import decoder_layers, layer_index
+from ..io.models import model_fingerprint
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -146,7 +147,9 @@ def _teacher_stats(teacher: nn.Module, names: list[str], batches, progress: bool
         return input_stats(teacher, names, batches, progress)
     prefix, _ = decoder_layers(teacher)
     kinds = {n.rsplit(".", 1)[-1] for n in names}
-    key = (id(teacher), _batches_digest(batches), tuple(sorted(kinds)))
+    # keyed on the weights, never on id(teacher): a new teacher copy (another channel reordering)
+    # may reuse a freed object's id
+    key = (model_fingerprint(teacher), _batches_digest(batches), tuple(sorted(kinds)))
     if key not in _SHARED_STATS:
         every = [n for n, m in teacher.named_modules() if isinstance(m, nn.Linear)
                  and n.rsplit(".", 1)[-1] in kinds and layer_index(n, prefix) is not None]
@@ -239,7 +242,7 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, extra) -> torch.Tensor:
 
 @torch.no_grad()
 def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: float = 1e-4,
-                    progress: bool = True, refine=None) -> dict:
+                    progress: bool = True, refine=None, stages=None) -> dict:
     """Error-compensating fit: decoder layers in forward order; each structured module sees the
     inputs x_s of the already-fitted student and targets W x_t of the teacher at the same
     positions. Within a layer, modules are fitted in forward order, one shared-input group at a
@@ -247,7 +250,10 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
 
     refine(SequentialLayer) is called after each layer's closed form, before the student's hidden
     states move on (block reconstruction trains the layer further there); its dicts are collected
-    in the result's "layers"."""
+    in the result's "layers". stages (stage checkpoints, e.g. reconstruct.LayerCheckpoints):
+    stages.load(index, layer, names) gives (tokens, refine's dict) of a layer restored from a
+    checkpoint, which is then run but neither fitted nor refined, or None; stages.save(index, layer,
+    names, tokens, dict) is called after each layer fitted here."""
     modules = check_pair(student, teacher)
     prefix, layers_t = decoder_layers(teacher)  # (the student's may hold no linear layer any more)
     layers_s = student.get_submodule(prefix)
@@ -266,8 +272,11 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
     for li in tqdm(range(first, last + 1), desc="sequential fit", disable=not progress, leave=False):
         layer_prefix = f"{prefix}.{li}."
         names = [n[len(layer_prefix):] for n in modules if n.startswith(layer_prefix)]
+        loaded = stages.load(li, layers_s[li], names) if stages is not None and names else None
         h_s, h_t, layer_tokens, result = sequential_layer_(li, layers_s[li], layers_t[li], names, h_s, h_t,
-                                                           extra[li], masks, ridge, refine)
+                                                           extra[li], masks, ridge, refine, loaded)
+        if stages is not None and names and loaded is None:
+            stages.save(li, layers_s[li], names, layer_tokens, result)
         tokens = layer_tokens or tokens
         if result is not None:
             refined.append(result)
@@ -275,14 +284,17 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
 
 
 def sequential_layer_(index: int, layer_s: nn.Module, layer_t: nn.Module, names: list, h_s: list, h_t: list,
-                      extra: list, masks: list, ridge: float, refine=None) -> tuple:
+                      extra: list, masks: list, ridge: float, refine=None, loaded=None) -> tuple:
     """One decoder layer of the sequential fit: fit the structured modules `names` (relative to the
     layer) of the student's layer, refine it, and run both layers on their hidden states. Returns
     (student hidden states, teacher hidden states) leaving the layer, the calibration tokens (0: no
     module here) and refine's dict (or None). `h_s is h_t` stays true while the student equals the
-    teacher. fit_sequential_ calls it for each layer; streaming.py calls it on one loaded layer at a time."""
+    teacher. fit_sequential_ calls it for each layer; streaming.py calls it on one loaded layer at a time.
+    loaded: (tokens, refine's dict) of a layer whose modules a stage checkpoint restored: only run."""
     unit, x_s, tokens, result = unit_name(names), None, 0, None
-    if names:
+    if loaded is not None:
+        tokens, result = loaded
+    elif names:
         # Only the smallest module holding the layer's structured modules (the MLP) runs per group:
         # its inputs do not depend on them, so they are captured once.
         x_s = unit_inputs(layer_s, unit, h_s, extra)
@@ -290,7 +302,7 @@ def sequential_layer_(index: int, layer_s: nn.Module, layer_t: nn.Module, names:
         tokens = _fit_unit(layer_s.get_submodule(unit), layer_t.get_submodule(unit), names, unit,
                            x_s, x_t, extra if not unit else None, masks, ridge)
     next_t = [_run_layer(layer_t, h, e) for h, e in zip(h_t, extra)]
-    if refine is not None and names:
+    if refine is not None and names and loaded is None:
         result = refine(SequentialLayer(index, layer_s, layer_t, names, h_s, h_t, next_t, extra, masks, unit, x_s))
     same = h_s is h_t and not names
     next_s = next_t if same else [_run_layer(layer_s, h, e) for h, e in zip(h_s, extra)]

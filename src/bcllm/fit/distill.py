@@ -18,8 +18,8 @@ uninterrupted run (batch order is a function of the step and seed).
 
 from __future__ import annotations
 
+import hashlib
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..errors import InputError, InputFileError
+from ..io.results import atomic_write
 from .closed_form import fitted_modules
 from ..surgery import decoder_layers, layer_index
 
@@ -267,7 +268,7 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     recorded at every held-out evaluation (e.g. agreement on held-out prompts: the curve)."""
     cfg = cfg or DistillConfig()
     params = _start(student, batches, cfg)
-    run = _Run(cfg, params, checkpoint_dir)
+    run = _Run(cfg, params, checkpoint_dir, start_identity(params, batches))
     if resume:
         run.load()
     first = first_trained_layer(student, params, cfg.cache_prefix and not cfg.train_norms)
@@ -407,12 +408,26 @@ class _LazyTargets:
         return self.done[i]
 
 
+@torch.no_grad()
+def start_identity(params: dict, batches) -> str:
+    """sha256 of the trainable tensors a distillation starts from and of its calibration batches'
+    tokens: a checkpoint resumes only the run that wrote it."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
+    for b in batches:
+        for key in ("input_ids", "attention_mask"):
+            h.update(b[key].cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class _Run:
     """The optimiser state of one distillation: parameters, AdamW, schedule, step, history, and
     its checkpoint file (written atomically; `load` continues an interrupted run)."""
 
-    def __init__(self, cfg: DistillConfig, params: dict, checkpoint_dir):
-        self.cfg, self.params = cfg, params
+    def __init__(self, cfg: DistillConfig, params: dict, checkpoint_dir, identity: str | None = None):
+        self.cfg, self.params, self.identity = cfg, params, identity
         self.opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(cfg))
         self.history = {"loss": [], "held_out_kl": []}
@@ -422,12 +437,12 @@ class _Run:
     def load(self) -> None:
         if self.path is None or not self.path.is_file():
             return
-        state = torch.load(self.path, weights_only=False)
-        # settings added since a checkpoint was written had their defaults' behaviour then
-        if {**asdict(DistillConfig()), **state["config"]} != asdict(self.cfg) or \
-                sorted(state["params"]) != sorted(self.params):
-            raise InputError(f"checkpoint {str(self.path)!r} was made with other distillation settings or "
-                             f"modules; use another checkpoint folder or resume=False", "resume")
+        try:
+            state = torch.load(self.path, weights_only=False)
+        except Exception as e:  # a truncated or overwritten file: pickle, zip and torch errors alike
+            raise InputFileError(f"distillation checkpoint {str(self.path)!r} is damaged ({type(e).__name__}); "
+                                 f"delete it to start over, or use another checkpoint folder", "resume") from None
+        self._check(state)
         with torch.no_grad():
             for name, value in state["params"].items():
                 self.params[name].copy_(value)
@@ -435,15 +450,30 @@ class _Run:
         self.sched.load_state_dict(state["scheduler"])
         self.history, self.step = state["history"], state["step"]
 
+    def _check(self, state: dict) -> None:
+        """Refuse a checkpoint of another run: other settings, modules or shapes, or (checkpoints
+        written since identities exist) another starting student or other calibration batches."""
+        other = None
+        # settings added since a checkpoint was written had their defaults' behaviour then
+        if {**asdict(DistillConfig()), **state["config"]} != asdict(self.cfg):
+            other = "other distillation settings"
+        elif sorted(state["params"]) != sorted(self.params) or \
+                any(v.shape != self.params[n].shape for n, v in state["params"].items()):
+            other = "other modules or module sizes"
+        elif state.get("identity") is not None and self.identity is not None and state["identity"] != self.identity:
+            other = "another starting student (fit, calibration or structure settings) or other calibration batches"
+        if other:
+            raise InputError(f"checkpoint {str(self.path)!r} was made by another run ({other}); use another "
+                             f"checkpoint folder or resume=False", "resume")
+
     def save(self) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        torch.save({"config": asdict(self.cfg), "step": self.step, "history": self.history,
-                    "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                    "params": {n: p.detach().clone() for n, p in self.params.items()}}, tmp)
-        os.replace(tmp, self.path)
+        state = {"config": asdict(self.cfg), "step": self.step, "history": self.history,
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "params": {n: p.detach().clone() for n, p in self.params.items()}, "identity": self.identity}
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
 
 @torch.no_grad()

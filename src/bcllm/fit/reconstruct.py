@@ -21,20 +21,27 @@ into train and held-out; the state with the lowest held-out loss is kept, so the
 worse on held-out activations than the closed form it starts from. One unit runs forward and
 backward at a time. MLP units are trained on shuffled token rows held in memory: inputs, targets
 and weights take (2 * hidden + 1) * 4 bytes a token (SmolLM2: 4.6 kB, 0.46 GB per 100k tokens).
+
+Stage checkpoints (checkpoint_dir): each finished layer is saved (LayerCheckpoints), so a killed run
+resumes after its last finished layer with the result of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .closed_form import SequentialLayer, _rows, _run_layer, fit_sequential_, unit_inputs
-from ..errors import InputError
+from .closed_form import (SequentialLayer, _batches_digest, _rows, _run_layer, fit_sequential_, fitted_modules,
+                          unit_inputs)
+from ..errors import InputError, InputFileError
 
 TARGETS = ("mlp", "layer")
 
@@ -57,10 +64,15 @@ class BlockConfig:
 
 
 def reconstruct_(student: nn.Module, teacher: nn.Module, batches, cfg: BlockConfig | None = None,
-                 ridge: float = 1e-4, progress: bool = True) -> dict:
-    """Sequential closed form, then block reconstruction of every layer; returns per-layer errors."""
+                 ridge: float = 1e-4, progress: bool = True, checkpoint_dir=None, resume: bool = False) -> dict:
+    """Sequential closed form, then block reconstruction of every layer; returns per-layer errors.
+    checkpoint_dir: each finished layer is saved under its block/ folder; with resume, the layers
+    a killed run finished there are loaded instead of fitted (LayerCheckpoints)."""
     cfg = cfg or BlockConfig()
+    batches = list(batches)
     bar = tqdm(desc="block reconstruction", unit="layer", disable=not progress)
+    stages = LayerCheckpoints(checkpoint_dir, resume, student, teacher, batches, cfg, ridge, bar) \
+        if checkpoint_dir else None
 
     def refine(layer: SequentialLayer) -> dict:
         result = reconstruct_layer_(layer, cfg)
@@ -71,11 +83,113 @@ def reconstruct_(student: nn.Module, teacher: nn.Module, batches, cfg: BlockConf
 
     start = time.perf_counter()
     try:
-        info = fit_sequential_(student, teacher, batches, ridge, progress=False, refine=refine)
+        info = fit_sequential_(student, teacher, batches, ridge, progress=False, refine=refine, stages=stages)
     finally:
         bar.close()
     info.update(fit="block", block=vars(cfg).copy(), block_s=time.perf_counter() - start)
+    if stages is not None and stages.loaded:
+        info["resumed_layers"] = stages.loaded
     return info
+
+
+class LayerCheckpoints:
+    """Stage checkpoints of block reconstruction (fit_sequential_'s `stages`): one file per finished
+    decoder layer, <checkpoint_dir>/block/layer_<index>.pt, holding {"identity", "state" (per
+    structured module, relative to the layer, its state_dict), "tokens", "result"}. The identity
+    covers everything that changes a layer's fit (block settings, ridge, the layer, every structured
+    module's type and shapes, the calibration tokens, the teacher's and student's other weights,
+    the device), so a file of another run is refused, never reused. Without resume no file is
+    read: the old ones are removed and the run writes its own."""
+
+    FORMAT = 1
+
+    def __init__(self, checkpoint_dir, resume: bool, student, teacher, batches, cfg: BlockConfig, ridge: float,
+                 bar=None):
+        self.folder, self.resume, self.bar, self.loaded = Path(checkpoint_dir) / "block", resume, bar, []
+        modules = fitted_modules(student)
+        self.identity = {"format": self.FORMAT, "block": vars(cfg).copy(), "ridge": float(ridge),
+                         "modules": {n: [type(m).__name__, _shapes(m)] for n, m in modules.items()},
+                         "batches": _batches_digest(batches), "weights": _weights_digest(student, teacher, modules),
+                         "device": next(student.parameters()).device.type}
+        if not resume and self.folder.is_dir():
+            for old in self.folder.glob("layer_*.pt"):
+                old.unlink()
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"layer_{index:03d}.pt"
+
+    def load(self, index: int, layer: nn.Module, names: list) -> tuple | None:
+        """(tokens, result) of the layer restored from its checkpoint, or None: fit it. Only an
+        unbroken run of layers from the first is loaded (later ones saw inputs of another run)."""
+        path = self.path(index)
+        if not self.resume or not path.is_file():
+            self.resume = False
+            return None
+        record = _read_checkpoint(path)
+        other = [k for k, v in {**self.identity, "layer": index}.items() if record["identity"].get(k) != v]
+        if other:
+            raise InputError(f"block checkpoint {str(path)!r} was made by another run (other {', '.join(other)}); "
+                             f"use another checkpoint folder or resume=False", "resume")
+        for rel in names:
+            layer.get_submodule(rel).load_state_dict(record["state"][rel])
+        self.loaded.append(index)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(layer=index, loaded=True)
+        return record["tokens"], record["result"]
+
+    def save(self, index: int, layer: nn.Module, names: list, tokens: int, result: dict) -> None:
+        state = {rel: {k: v.detach().cpu().clone() for k, v in layer.get_submodule(rel).state_dict().items()}
+                 for rel in names}
+        _save_atomic(self.path(index), {"identity": {**self.identity, "layer": index}, "state": state,
+                                        "tokens": tokens, "result": result})
+
+
+def _shapes(module: nn.Module) -> dict:
+    return {k: [list(v.shape), str(v.dtype)] for k, v in module.state_dict().items()}
+
+
+@torch.no_grad()
+def _weights_digest(student: nn.Module, teacher: nn.Module, modules: dict) -> str:
+    """sha256 of the teacher's tensors and of the student's outside its structured modules (which
+    the fit overwrites): what the layers' inputs and targets are computed with."""
+    h = hashlib.sha256()
+    inside = tuple(f"{n}." for n in modules)
+    for tag, model in (("teacher", teacher), ("student", student)):
+        for name, t in model.state_dict().items():
+            if tag == "student" and name.startswith(inside):
+                continue
+            h.update(f"{tag}:{name}:{t.dtype}:{list(t.shape)}".encode())
+            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: pickle, zip and torch errors alike
+        raise InputFileError(f"block checkpoint {str(path)!r} is damaged ({type(e).__name__}); delete it to fit that "
+                         f"layer again, or use another checkpoint folder", "resume") from None
+    if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
+        raise InputError(f"block checkpoint {str(path)!r} is not a bcllm block checkpoint; use another "
+                         f"checkpoint folder or resume=False", "resume")
+    return record
+
+
+def _save_atomic(path: Path, record: dict) -> None:
+    """torch.save into a temporary file of this process in the same folder, flushed to disk, then
+    renamed over `path`: a killed run leaves the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def reconstruct_layer_(layer: SequentialLayer, cfg: BlockConfig) -> dict:

@@ -42,6 +42,8 @@ FITS = ("frobenius", "aware", "sequential", "block")
 # fit="block" runs the whole recovery recipe: sequential closed form, block reconstruction, then
 # this many distillation steps unless distill_steps says otherwise.
 BLOCK_DISTILL_STEPS = 100
+# --recipe long: the recipe for users with more time (about an hour on 2 cores for ten MLPs).
+RECIPES = {"block": BLOCK_DISTILL_STEPS, "long": 400}
 HELD_OUT_MAX = 64  # distillation's held-out calibration samples, at most
 
 
@@ -302,7 +304,7 @@ def fit_and_distill_(student, teacher, tokenizer, spec: StudentSpec, io: Student
         distill = DistillConfig(steps=spec.steps, lr=spec.distill_lr, hidden_mse=spec.hidden_mse,
                                 train_norms=spec.train_norms, seed=spec.seed, bf16=spec.distill_bf16,
                                 vocab=spec.distill_vocab, divergence=spec.distill_divergence,
-                                onpolicy=spec.distill_onpolicy)
+                                onpolicy=spec.distill_onpolicy, eval_every=eval_cadence(spec.steps))
         if spec.distill_onpolicy:
             on_policy = student_continuations(student, tokenizer, [s.split(TURN)[0] for s in load_seeds()],
                                               spec.distill_batch, spec.calib_tokens + 64, seed=spec.seed)
@@ -315,6 +317,12 @@ def fit_and_distill_(student, teacher, tokenizer, spec: StudentSpec, io: Student
                         block=block, fit_samples=spec.fit_samples, on_policy=on_policy, on_eval=on_eval)
     info["calib"] = spec.calib
     return info
+
+
+def eval_cadence(steps: int) -> int:
+    """Held-out evaluation every 10 steps, sparser on long runs (about 12 points a curve): each one
+    costs about as much as a few steps."""
+    return max(10, steps // 12 // 10 * 10)
 
 
 def prompt_curve(student, teacher, tokenizer, prompts: list[str], batch_size: int = 16):
@@ -367,7 +375,8 @@ def fit_student_(student: nn.Module, teacher: nn.Module, tokenizer, samples: lis
     elif fit == "sequential":
         fit_sequential_(student, teacher, fit_on, ridge, progress)
     elif fit == "block":
-        info["block"] = reconstruct_(student, teacher, fit_on, block, ridge, progress)
+        info["block"] = reconstruct_(student, teacher, fit_on, block, ridge, progress,
+                                     checkpoint_dir=distill_dir, resume=resume)
     info["fit_s"] = time.perf_counter() - start
     if progress:
         print(stage_line(info), flush=True)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..io.models import cache_dir, cache_kwargs, model_fingerprint, static_cache
+from ..io.results import atomic_write, read_cached_json
 
 SEEDS_FILE = Path(__file__).resolve().parents[1] / "data" / "seed_instructions.txt"
 # Text already written for the embedded default model, under the cache file's own name (key included),
@@ -176,8 +177,8 @@ def teacher_written(model, tokenizer, cfg: TeacherText = TeacherText(), *, seeds
         raise InputError("teacher text needs rounds, max_new_tokens and batch_size >= 1", "calib")
     key = _key(model, cfg, seeds)
     path = cache_dir() / "calib" / f"teacher-{len(seeds)}x{cfg.rounds}-{cfg.max_new_tokens}-{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    if (cached := read_cached_json(path, "teacher text", "samples")) is not None:
+        return cached
     bundled = BUNDLED / f"{path.name}.gz"
     if bundled.is_file():
         return json.loads(gzip.decompress(bundled.read_bytes()))
@@ -220,9 +221,7 @@ def teacher_written(model, tokenizer, cfg: TeacherText = TeacherText(), *, seeds
               "seconds": seconds, "tokens_per_s": generated / seconds if seconds > 0 and generated else None,
               "config": asdict(cfg), "model_id": model_id,
               "torch": torch.__version__}}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(result))
     partial.unlink(missing_ok=True)
     return result
 

@@ -9,27 +9,19 @@ imports the circulant math from a verbatim copy of ops/circulant_math.py beside 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 from ..errors import InputError, InputFileError
 from .models import EMBEDDED, load_model, resolve_model
+from .results import atomic_write, file_sha256, read_json
 
 TEMPLATE = Path(__file__).parent / "hf_template" / "modeling_bcllm.py"
 # Copied verbatim beside the modeling file, which imports it relatively: one source of the circulant math.
 CIRCULANT_MATH = Path(__file__).parents[1] / "ops" / "circulant_math.py"
 # The structured module types the exported modeling code implements (rebuilt from their sizes()).
 EXPORTABLE = ("BlockCirculantLinear", "LowRankLinear", "BlockDiagonalLinear", "CirculantPlusLowRankLinear")
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _cached_revision(repo_id: str) -> str | None:
@@ -65,7 +57,7 @@ def _read_meta(folder: Path) -> dict:
     if not path.is_file():
         raise InputFileError(f"{str(folder)!r} holds no fitted student (no fitted.json); save one with --save",
                              "folder")
-    return json.loads(path.read_text())
+    return read_json(path, "student file", "save the student again (the folder is damaged or its save was interrupted)")
 
 
 def _check_gguf(base: dict, folder: Path) -> None:
@@ -141,7 +133,7 @@ def _write_config(out: Path, student, entries: dict, base: dict) -> None:
     head = student.get_output_embeddings()
     if head is not None and type(head).__name__ in EXPORTABLE:  # a structured lm_head cannot be tied to embeddings
         config["tie_word_embeddings"] = False
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_model(student, tokenizer, out_dir, base: dict | None = None) -> Path:

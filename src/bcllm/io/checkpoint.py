@@ -12,7 +12,6 @@ structure: the config class is looked up in the structures registry), then loads
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from ..errors import InputError, InputFileError
 from ..structures.base import config_class, fitted_modules
 from ..surgery import compress_
 from ..fit.transforms import Transform, apply_transform_
-from .results import command_line, versions, write_json
+from .results import atomic_write, command_line, file_sha256, read_json, versions, write_json
 
 FORMAT = 1
 
@@ -35,6 +34,11 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
     if not dataclasses.is_dataclass(config):
         raise InputError(f"config must be a dataclass config (CirculantConfig, ...), got {type(config).__name__}")
     folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "fitted.safetensors").exists():
+        raise InputFileError(f"{str(folder)!r} is a folder with other files in it, not a saved student; "
+                             f"save into a new or empty folder", "save")
+    if folder.exists() and not folder.is_dir():
+        raise InputFileError(f"cannot save a student to {str(folder)!r}: it is a file", "save")
     folder.mkdir(parents=True, exist_ok=True)
     modules = fitted_modules(student)
     if not modules:
@@ -45,15 +49,36 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
     for name in extra_params:
         tensors[name] = params[name].detach().contiguous().cpu()
     tensors.update(transform.tensors() if transform is not None else {})
-    tmp = folder / ".fitted.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / "fitted.safetensors")
+    # fitted.json goes last and names the tensors file's size and hash: a folder whose save was
+    # killed has no fitted.json (an earlier one is removed first) or a mismatch, never a wrong student
+    (folder / "fitted.json").unlink(missing_ok=True)
+    atomic_write(folder / "fitted.safetensors", lambda tmp: save_file(tensors, tmp))
     write_json(folder / "fitted.json", {
         "format": FORMAT, "config_type": type(config).__name__, "config": dataclasses.asdict(config),
         "modules": {name: type(m).__name__ for name, m in modules.items()}, "extra_params": list(extra_params),
         "original_fingerprint": original_fingerprint, "info": info or {}, "base": base, "versions": versions(),
-        "command": command_line()})
+        "command": command_line(), "tensors_file": file_digest(folder / "fitted.safetensors")})
     return folder
+
+
+def file_digest(path) -> dict:
+    """Size and sha256 of a file (a saved student's tensors: checked before they are read)."""
+    return {"bytes": Path(path).stat().st_size, "sha256": file_sha256(path)}
+
+
+def _read_tensors(path: Path, expected: dict | None, fix: str, device: str) -> dict:
+    """The tensors of a student folder, or an InputFileError naming the file: missing, not the
+    file fitted.json was written with (size, hash), or not readable as safetensors."""
+    if not path.is_file():
+        raise InputFileError(f"student file {str(path)!r} is missing; {fix}", "load")
+    if expected is not None and file_digest(path) != expected:
+        raise InputFileError(f"student file {str(path)!r} is not the file fitted.json was saved with "
+                             f"(size or hash differ: truncated or changed); {fix}", "load")
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # safetensors raises its own error types for a damaged header or body
+        raise InputFileError(f"student file {str(path)!r} is damaged ({type(e).__name__}: {e}); {fix}",
+                             "load") from None
 
 
 def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
@@ -66,15 +91,20 @@ def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
     if not meta_path.is_file():
         raise InputFileError(f"{str(folder)!r} holds no fitted student (no fitted.json); save one with "
                              f"checkpoint.save_fitted (the save option)", "load")
-    meta = json.loads(meta_path.read_text())
+    fix = "save the student again (the folder is damaged or its save was interrupted)"
+    meta = read_json(meta_path, "student file", fix)
     if meta.get("format") != FORMAT:
         raise InputError(f"{str(meta_path)!r} has format {meta.get('format')}, this bcllm reads {FORMAT}")
     if check_fingerprint and meta.get("original_fingerprint"):
         if model_fingerprint(model) != meta["original_fingerprint"]:
             raise InputError(f"{str(folder)!r} was fitted on other original weights than this model's; "
                              f"load it on the model it was made from")
-    config = config_class(meta["config_type"])(**meta["config"])
-    tensors = load_file(str(folder / "fitted.safetensors"), device=str(next(model.parameters()).device))
+    try:
+        config = config_class(meta["config_type"])(**meta["config"])
+    except (KeyError, TypeError) as e:
+        raise InputFileError(f"student file {str(meta_path)!r} is damaged (its config: {e}); {fix}", "load") from None
+    tensors = _read_tensors(folder / "fitted.safetensors", meta.get("tensors_file"), fix,
+                            str(next(model.parameters()).device))
     transform = Transform.from_tensors(tensors)  # the reordering the student was fitted on comes first
     apply_transform_(model, transform)
     tensors = {k: v for k, v in tensors.items() if not k.startswith("transform.")}

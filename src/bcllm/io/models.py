@@ -12,7 +12,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import inspect
+import json
 import os
+import shutil
+import struct
+import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,7 +94,9 @@ def _gguf_cache_folder(gguf: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path, folder: Path) -> None:
-    """Dequantise a GGUF once and save it as a plain safetensors folder (atomic rename)."""
+    """Dequantise a GGUF once and save it as a plain safetensors folder (atomic rename; a failed
+    conversion leaves no temporary folder, and a process that finds the folder made by another
+    meanwhile keeps that one)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -98,20 +105,54 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, folder)
+    except OSError:
+        if not cached_folder_problem(folder):  # another process finished the same conversion first
+            return
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_folder_problem(folder: Path) -> str | None:
+    """What is wrong with a converted model folder in the cache (None: nothing): a missing or
+    unreadable config.json, or a safetensors file whose size is not what its header says (a
+    conversion or a copy cut short). Cheap: headers only."""
+    try:
+        json.loads((folder / "config.json").read_text())
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            return "no safetensors file"
+        for f in files:
+            with open(f, "rb") as handle:
+                n = struct.unpack("<Q", handle.read(8))[0]
+                header = json.loads(handle.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size != 8 + n + end:
+                return f"{f.name} has {f.stat().st_size} bytes, its header says {8 + n + end}"
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def model_source(model_id: str) -> tuple[str, dict]:
     """(what from_pretrained reads, its extra keywords) for a model id: a GGUF's safetensors
     folder (converted once and cached), a folder, or a Hugging Face id read from the local cache
-    only (never downloaded)."""
+    only (never downloaded). A damaged cached conversion is moved aside and rebuilt, said in one line."""
     kind, path = resolve_model(model_id)
     if kind == "gguf":
         folder = _gguf_cache_folder(path)
-        if not (folder / "config.json").is_file():
+        problem = cached_folder_problem(folder) if folder.exists() else "absent"
+        if problem not in (None, "absent"):
+            aside = folder.with_name(f"{folder.name}.damaged{int(time.time())}")
+            os.replace(folder, aside)
+            print(f"bcllm: the cached model {str(folder)!r} was damaged ({problem}); moved to {str(aside)!r} "
+                  f"and converted again", file=sys.stderr, flush=True)
+        if problem is not None:
             _convert_gguf(path, folder)
         return str(folder), {}
     if kind == "folder":
@@ -145,9 +186,13 @@ def load_model(model_id: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
     try:
         tokenizer = load_tokenizer(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
-    except OSError:
-        if kw:  # a Hub id
+    except Exception as e:  # safetensors raises its own types for a damaged file
+        if kw and isinstance(e, OSError):  # a Hub id
             raise not_in_cache(model_id) from None
+        problem = None if kw else cached_folder_problem(Path(source))
+        if problem:
+            raise InputFileError(f"model folder {source!r} is damaged ({problem}); copy or save it again",
+                                 "model") from None
         raise
     model.to(device).eval()
     return model, tokenizer
@@ -177,18 +222,20 @@ def cache_kwargs(model, cache) -> dict:
     return {name: cache, "use_cache": True}
 
 
-def model_fingerprint(model) -> str:
-    """Cheap identity of the weights: names, shapes, dtypes and a strided sample of each parameter.
-    (No sums: a parallel sum's rounding depends on the thread count, and the key must not.)"""
-    return tensors_fingerprint(model.named_parameters())
+def model_fingerprint(model, full: bool = False) -> str:
+    """Identity of the weights: names, shapes, dtypes and a strided sample of each parameter
+    (cheap), or with full=True every byte (about a second per 500 MB: for keys that must not
+    miss a change anywhere). No sums: a parallel sum's rounding depends on the thread count."""
+    return tensors_fingerprint(model.named_parameters(), full)
 
 
 @torch.no_grad()
-def tensors_fingerprint(named_tensors) -> str:
+def tensors_fingerprint(named_tensors, full: bool = False) -> str:
     """model_fingerprint of (name, tensor) pairs, taken one at a time (streaming reads them so)."""
     h = hashlib.sha256()
     for name, p in named_tensors:
         flat = p.detach().reshape(-1)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(flat[::max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+        sample = flat if full else flat[::max(1, flat.numel() // 4096)]
+        h.update(sample.float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, InputFileError
 
 
 def versions() -> dict:
@@ -26,6 +28,15 @@ def versions() -> dict:
         out["cuda"] = torch.version.cuda
         out["gpu"] = torch.cuda.get_device_name(0)
     return out
+
+
+def library_versions() -> dict:
+    """The versions of the libraries that compute a model's outputs: part of every cache key (a new
+    torch or transformers may change kernels, defaults or the attention path)."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def cpu_model() -> str:
@@ -52,12 +63,92 @@ def check_writable(path) -> Path:
     return path
 
 
-def write_json(path, data: dict) -> None:
-    """Write JSON atomically: a killed run never leaves a half-written file."""
+def atomic_write(path, content) -> Path:
+    """Write a file so that it is whole or absent, whatever kills the process: the bytes go to a
+    temporary file in the same folder (named with the process id, so two processes never share one),
+    are flushed to disk, then renamed over `path`. `content` is str, bytes, or a function that
+    writes a file at the path it is given (safetensors' save_file, torch.save). A failed write
+    (a full disk) removes the temporary file and leaves any earlier `path` untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    try:
+        if callable(content):
+            content(str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            with open(tmp, "wb") as f:
+                f.write(content.encode() if isinstance(content, str) else content)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (the folder's entry), where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path, data: dict) -> None:
+    """Write JSON atomically: a killed run never leaves a half-written file."""
+    atomic_write(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
+
+
+def read_cached_json(path, what: str, field: str) -> dict | None:
+    """A cache file bcllm wrote (a JSON object with `field`), or None where there is none. A damaged
+    one (cut short, overwritten) is moved aside, said in one line, and None returned: the caller
+    makes it again."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and field in data:
+            return data
+        problem = f"no {field!r}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    aside = path.with_name(f"{path.name}.damaged{int(time.time())}")
+    os.replace(path, aside)
+    print(f"bcllm: the {what} {str(path)!r} was damaged ({problem}); moved to {str(aside)!r} and made again",
+          file=sys.stderr, flush=True)
+    return None
+
+
+def read_json(path, what: str, fix: str) -> dict:
+    """A JSON file bcllm wrote, or an InputFileError naming it: `what` it is, `fix` what to do."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputFileError(f"{what} {str(path)!r} does not exist; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputFileError(f"{what} {str(path)!r} is damaged ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise InputFileError(f"{what} {str(path)!r} is damaged (not a JSON object); {fix}")
+    return data
 
 
 def append_jsonl(path, record: dict) -> None:

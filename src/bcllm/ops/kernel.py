@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..io.results import atomic_write
 
 SOURCE = Path(__file__).resolve().parent / "kernels" / "circulant_decode.cpp"
 # -fopenmp compiles at::parallel_for's OpenMP region (without it, it runs serially); GOMP_parallel
@@ -33,6 +34,14 @@ DISABLE_ENV = "BCLLM_NO_KERNEL"
 _UNSET = object()
 _module = _UNSET  # the loaded extension, None once it failed, _UNSET before the first try
 _failure = ""  # why it failed, in full (a compiler's messages)
+CALLS = [0]  # eager products the kernel computed in this process (result files record whether it ran)
+
+
+def usage() -> dict:
+    """{"state": built | unavailable | not loaded, "calls": eager kernel products so far}: what a
+    result file records, so a figure says whether the fused kernel computed it."""
+    state = "not loaded" if _module is _UNSET else "built" if _module is not None else "unavailable"
+    return {"state": state, "calls": CALLS[0], **({"why": _failure.splitlines()[0][:200]} if _failure else {})}
 
 
 # os.environ's own dict and the key as it stores it: a membership test there takes ~40 ns, where
@@ -121,7 +130,7 @@ def _build():
     directory.mkdir(parents=True, exist_ok=True)
     module = load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
                   verbose=False)
-    complete.write_text(f"{library.name}\n")  # written last: the library is whole
+    atomic_write(complete, f"{library.name}\n")  # written last: the library is whole
     print(f"bcllm: kernel built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return module
 
@@ -162,6 +171,7 @@ def circulant_decode(x: torch.Tensor, spectra: torch.Tensor, out_features: int, 
     module = load()
     if module is None:
         raise RuntimeError("bcllm: the circulant decode kernel is not built (check kernel.applies first)")
+    CALLS[0] += 1
     try:
         return module.circulant_decode(x, spectra, out_features, in_features, block_size, threads)
     except RuntimeError as e:  # the kernel's own checks of shapes and types: bad input, not a bug
