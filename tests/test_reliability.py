@@ -449,3 +449,28 @@ def test_two_processes_building_one_teacher_cache(tiny_folder, tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1]  # one cache folder, the same figures
     assert not list((tmp_path / "cache" / "teacher").glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_sigkill_during_block_fit_and_distillation_resumes_to_the_same_student(tiny_folder, tmp_path):
+    """`compress --fit block --distill-dir D --resume` killed at random moments and rerun ends with
+    the student an unbroken run saves (stage checkpoints per layer, then distillation checkpoints)."""
+    from safetensors.torch import load_file
+
+    env = _env(tmp_path)
+    script = "import sys; from bcllm.cli import main; sys.exit(main({}))"
+
+    def argv(name):
+        return ["compress", "--model", str(tiny_folder), "--block-size", "4", "--fit", "block", "--calib",
+                str(tiny_folder / "calib.txt"), "--distill-steps", "40", "--distill-dir", str(tmp_path / f"ck-{name}"),
+                "--resume", "--save", str(tmp_path / name)]
+
+    subprocess.run([sys.executable, "-c", script.format(argv("straight"))], env=env, check=True, capture_output=True)
+    rng = random.Random(2)
+    killed = _killed_at_random(script.format(argv("broken")), [rng.uniform(5, 12) for _ in range(4)], tmp_path, env)
+    assert killed >= 1 and list((tmp_path / "ck-broken" / "block").glob("layer_*.pt"))  # killed after layers were kept
+    subprocess.run([sys.executable, "-c", script.format(argv("broken"))], env=env, check=True, capture_output=True)
+    straight, broken = (load_file(str(tmp_path / n / "fitted.safetensors")) for n in ("straight", "broken"))
+    assert straight.keys() == broken.keys()
+    for name in straight:
+        assert torch.equal(straight[name], broken[name]), name
