@@ -19,7 +19,7 @@ LAYERS = [
     ("ops", ["ops.kernel", "ops.circulant_math", "ops.circulant", "ops.stats", "ops.costs"]),
     ("surgery", ["surgery"]),
     ("structures", ["structures.base", "structures.circulant", "structures.lowrank", "structures.blockdiag",
-                    "structures.hybrid", "structures.costs"]),
+                    "structures.hybrid", "structures.quantized", "structures.costs"]),
     ("fit", ["fit.closed_form", "fit.teacher_text", "fit.calib_text", "fit.transforms", "fit.reconstruct", "fit.distill"]),
     ("io: saved students", ["io.checkpoint", "io.artifact"]),
     ("fit: build_student", ["fit.student"]),

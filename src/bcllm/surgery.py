@@ -155,15 +155,18 @@ def compress_(model: nn.Module, config) -> dict:
     for name, linear in selected.items():
         config.check(name, linear)
     budgets = [config.budget_params(linear, name) for name, linear in selected.items()]
-    replaced = compressed = 0
+    replaced = compressed = replaced_bytes = structured_bytes = 0
     sizes = {}
+    before = num_params(model)
     for name, linear in selected.items():
         new = config.build(name, linear)
         set_module(model, name, new)
         replaced += num_params(linear)
-        compressed += num_params(new)
+        replaced_bytes += sum(p.numel() * p.element_size() for p in linear.parameters())
+        compressed += new.num_params  # a structure's own count: quantized codes and pruned masks are buffers
+        structured_bytes += new.costs()["bytes"]
         sizes[name] = new.sizes()
-    after = num_params(model)
+    after = before - replaced + compressed
     return {
         "config": config.describe(),
         "modules": list(sizes),
@@ -173,6 +176,9 @@ def compress_(model: nn.Module, config) -> dict:
         "replaced_params": replaced,
         "structured_params": compressed,  # every structure's (named circulant_params before; io.results reads both)
         "ratio": replaced / max(compressed, 1),
-        "model_params_before": after - compressed + replaced,
+        "model_params_before": before,
         "model_params_after": after,
+        # weight bytes as stored (float data at its dtype's width; quantized codes at their bits)
+        "replaced_bytes": replaced_bytes,
+        "structured_bytes": structured_bytes,
     }

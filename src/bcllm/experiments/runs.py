@@ -575,7 +575,8 @@ def check_frontier(base: StudentSpec, floors: list[float], compare: str | None) 
     for a in floors:
         if not 0 < a <= 1:
             raise InputError(f"min_agreement must be in (0, 1], got {a}", "min_agreement")
-    budgeted = [s for s in STRUCTURES if s != "circulant"]
+    budgeted = [s for s, c in STRUCTURES.items()  # the structures sized by a circulant's parameter budget
+                if s != "circulant" and "budget_block_size" in {f.name for f in dataclasses.fields(c)}]
     if compare is not None and compare not in budgeted:
         raise InputError(f"compare must be none or a budgeted structure ({', '.join(budgeted)}), got {compare!r}",
                          "compare")

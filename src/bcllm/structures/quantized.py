@@ -1,0 +1,236 @@
+"""The baselines a user would pick instead of a structure: weight quantization (QuantizedLinear,
+QuantConfig) and pruning (PrunedLinear, PruneConfig), through the same fits, evaluation and floor.
+
+Quantization: b-bit codes with an asymmetric scale and zero point per group of `group_size` inputs
+(per output row when group_size is None), as llama.cpp's and GPTQ's formats store them. from_linear
+rounds to nearest (RTN); `fit_` is GPTQ (Frantar et al. 2022): columns quantised in order, each
+one's error spread over the columns not yet quantised through the inverse Gram of the calibration
+inputs, which minimises the same objective as every activation-aware fit here. Scales and zero
+points are parameters (block reconstruction and distillation train them; the codes stay fixed).
+
+Pruning: a fixed mask over the dense weight. from_linear keeps the largest |W|; `fit_` is Wanda
+(Sun et al. 2023): scores |W| * ||x|| per input (the calibration inputs' norms), compared within
+each output row; `pattern` "unstructured" keeps 1 - sparsity of each row, "2:4" two of every
+four consecutive inputs. The kept weights train; the pruned ones stay zero.
+
+Bytes (costs), with float data at its stored width like every structure's: codes at `bits` each
+plus a scale and zero point per group; the pruned weight as its kept values plus a 1-bit mask
+(unstructured) or 2:4's 2 bits per kept value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .base import InputStats, StructureConfig, StructuredLinear, _cholesky, factory, linear_weight, ridged_gram, register
+
+
+def check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise InputError(f"bits must be an int in 2..8, got {bits!r}", "bits")
+    return bits
+
+
+def quant_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of an asymmetric b-bit grid over the last dimension's min..max (0 included)."""
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-12)
+    return scale, torch.round(-lo / scale)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of w on the grid (scale, zero broadcast over w's last dimension)."""
+    return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, 2 ** bits - 1)
+
+
+class QuantizedLinear(StructuredLinear):
+    """W_hat[:, group g] = (codes - zero[:, g]) * scale[:, g]; codes in 0 .. 2^bits - 1."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.bits, self.group_size = check_bits(bits), group_size or in_features
+        if in_features % self.group_size:
+            raise InputError(f"group_size {self.group_size} does not divide the {in_features} inputs", "group_size")
+        groups = in_features // self.group_size
+        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
+        self.scale = nn.Parameter(torch.ones(out_features, groups, **factory(device, dtype)))
+        self.zero = nn.Parameter(torch.zeros(out_features, groups, **factory(device, dtype)))
+
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        return w.reshape(self.out_features, -1, self.group_size)
+
+    @torch.no_grad()
+    def _set(self, w: torch.Tensor) -> None:
+        """Round-to-nearest codes of w (out, in) on per-group min..max grids."""
+        scale, zero = quant_grid(self._grouped(w), self.bits)
+        self.scale.copy_(scale)
+        self.zero.copy_(zero)
+        self.codes.copy_(quantize(self._grouped(w), scale, zero, self.bits).reshape_as(w))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, bits: int, group_size: int | None = None) -> "QuantizedLinear":
+        layer = cls(bits=bits, group_size=group_size, **cls.dense_args(linear))
+        layer._set(linear_weight(linear).detach().float())
+        layer.copy_bias_(linear)
+        return layer
+
+    @torch.no_grad()
+    def fit_(self, weight: torch.Tensor, stats: InputStats, ridge: float = 1e-4) -> "QuantizedLinear":
+        """GPTQ on the ridged Gram A: quantise column j, then move its error, scaled by the rows of
+        the upper Cholesky factor of A^-1, onto the columns after it (each group's grid is set from
+        the updated weights when its first column comes up)."""
+        w = weight.detach().to(torch.float64).clone()
+        u = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(ridged_gram(stats, ridge).to(w.device))),
+                                  upper=True)
+        scale, zero = torch.empty_like(self.scale, dtype=w.dtype), torch.empty_like(self.zero, dtype=w.dtype)
+        codes = torch.empty_like(w)
+        for j in range(self.in_features):
+            g = j // self.group_size
+            if j % self.group_size == 0:
+                scale[:, g], zero[:, g] = quant_grid(w[:, j:j + self.group_size], self.bits)
+            codes[:, j] = quantize(w[:, j:j + 1], scale[:, g], zero[:, g], self.bits)[:, 0]
+            err = (w[:, j] - (codes[:, j] - zero[:, g]) * scale[:, g]) / u[j, j]
+            w[:, j + 1:] -= err[:, None] * u[j, j + 1:][None, :]
+        self.scale.copy_(scale)
+        self.zero.copy_(zero)
+        self.codes.copy_(codes)
+        return self
+
+    def to_dense(self) -> torch.Tensor:
+        w = (self._grouped(self.codes.to(self.scale.dtype)) - self.zero[..., None]) * self.scale[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_bias(nn.functional.linear(x, self.to_dense().to(x.dtype)))
+
+    @property
+    def num_params(self) -> int:
+        """Weights (codes) plus scales and zero points and bias: quantization keeps every weight."""
+        return self.codes.numel() + sum(p.numel() for p in self.parameters())
+
+    def costs(self) -> dict:
+        n, groups = self.codes.numel(), self.scale.numel()
+        bias = self.bias.numel() if self.bias is not None else 0
+        size = self.scale.element_size()
+        return {"flops": 2 * n + bias, "bytes": n * self.bits / 8 + size * (2 * groups + bias),
+                "params": n + 2 * groups + bias}
+
+    def sizes(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size}
+
+
+class PrunedLinear(StructuredLinear):
+    """W_hat = W * mask: a fixed 0/1 mask; the kept weights train."""
+
+    def __init__(self, in_features: int, out_features: int, sparsity: float = 0.5, pattern: str = "unstructured",
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if pattern not in ("unstructured", "2:4"):
+            raise InputError(f"unknown pruning pattern {pattern!r}; allowed: unstructured, 2:4", "pattern")
+        if pattern == "2:4" and in_features % 4:
+            raise InputError(f"2:4 pruning needs inputs in fours; this layer has {in_features}", "pattern")
+        if not 0 < sparsity < 1:
+            raise InputError(f"sparsity must be in (0, 1), got {sparsity}", "sparsity")
+        self.sparsity, self.pattern = (0.5, pattern) if pattern == "2:4" else (sparsity, pattern)
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, **factory(device, dtype)))
+        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
+
+    @torch.no_grad()
+    def _keep(self, w: torch.Tensor, score: torch.Tensor) -> None:
+        """Keep the highest-scoring weights of each output row (2:4: of each group of four inputs)."""
+        if self.pattern == "2:4":
+            groups = score.reshape(self.out_features, -1, 4)
+            mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, -1).indices, True)
+        else:
+            keep = self.in_features - int(round(self.sparsity * self.in_features))
+            mask = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(keep, -1).indices, True)
+        self.mask.copy_(mask.reshape_as(w))
+        self.weight.copy_(w * self.mask)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, sparsity: float = 0.5, pattern: str = "unstructured") -> "PrunedLinear":
+        layer = cls(sparsity=sparsity, pattern=pattern, **cls.dense_args(linear))
+        w = linear_weight(linear).detach().float()
+        layer._keep(w, w.abs())  # magnitude pruning
+        layer.copy_bias_(linear)
+        return layer
+
+    @torch.no_grad()
+    def fit_(self, weight: torch.Tensor, stats: InputStats, ridge: float = 1e-4) -> "PrunedLinear":
+        """Wanda: score |W_ij| * ||x_j|| (the inputs' root sum of squares); the kept weights unchanged."""
+        w = weight.detach().to(self.weight.device, torch.float32)
+        norms = stats.xx.diagonal().clamp(min=0).sqrt().to(w.device, torch.float32)
+        self._keep(w, w.abs() * norms[None, :])
+        return self
+
+    def to_dense(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_bias(nn.functional.linear(x, self.to_dense().to(x.dtype)))
+
+    @property
+    def num_params(self) -> int:
+        """Kept weights plus bias: the pruned ones are not stored."""
+        return int(self.mask.sum()) + (self.bias.numel() if self.bias is not None else 0)
+
+    def costs(self) -> dict:
+        kept, n = int(self.mask.sum()), self.mask.numel()
+        bias = self.bias.numel() if self.bias is not None else 0
+        index_bits = kept * 2 if self.pattern == "2:4" else n  # 2:4: 2 bits a kept value; else a bitmap
+        return {"flops": 2 * kept + bias, "bytes": self.weight.element_size() * (kept + bias) + index_bits / 8,
+                "params": kept + bias}
+
+    def sizes(self) -> dict:
+        return {"sparsity": self.sparsity, "pattern": self.pattern}
+
+
+@register("quant")
+@dataclass
+class QuantConfig(StructureConfig):
+    """b-bit weight quantization with a scale and zero point per group of group_size inputs (None:
+    per output row). The generic size option is the bit width here: `--structure quant --block-size 4`."""
+
+    bits: int = 4
+    group_size: int | None = 32
+    targets: Sequence[str] | str = ("mlp",)
+    layers: Iterable[int] | str | None = None
+    module = QuantizedLinear
+
+    @classmethod
+    def from_options(cls, size, rank, **where):
+        return cls(bits=check_bits(size), group_size=None if size == 8 else 32, **where)
+
+    def size_for(self, name, out_features, in_features):
+        group = self.group_size or in_features
+        if in_features % group:
+            raise InputError(f"group_size {group} does not divide the {in_features} inputs", "group_size")
+        return {"bits": check_bits(self.bits), "group_size": self.group_size}
+
+
+@register("prune")
+@dataclass
+class PruneConfig(StructureConfig):
+    """Pruning to `sparsity` of each row (pattern "unstructured") or 2:4. The generic size option
+    picks the pattern: `--structure prune --block-size 2` is 2:4, any other size unstructured 50%."""
+
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    targets: Sequence[str] | str = ("mlp",)
+    layers: Iterable[int] | str | None = None
+    module = PrunedLinear
+
+    @classmethod
+    def from_options(cls, size, rank, **where):
+        return cls(pattern="2:4" if size == 2 else "unstructured", **where)
+
+    def size_for(self, name, out_features, in_features):
+        if self.pattern == "2:4" and in_features % 4:
+            raise InputError(f"{name}: 2:4 pruning needs inputs in fours, got {in_features}", "pattern")
+        return {"sparsity": self.sparsity, "pattern": self.pattern}

@@ -1,0 +1,108 @@
+"""The baselines beside the structures: quantization (RTN and GPTQ) and pruning (magnitude and
+Wanda), checked against hand computations and against the objective every fit minimises."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bcllm import compress_
+from bcllm.ops.stats import InputStats
+from bcllm.structures.base import fit_objective
+from bcllm.structures.quantized import PruneConfig, PrunedLinear, QuantConfig, QuantizedLinear
+from conftest import tiny_model
+
+
+def linear(out_f=12, in_f=64, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_f, out_f)
+    return layer
+
+
+def stats_of(x: torch.Tensor) -> InputStats:
+    xx = (x.T @ x).double()
+    return InputStats(xx=xx, xt=xx, n=x.shape[0])
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (3, 16), (2, 32)])
+def test_round_to_nearest_is_within_half_a_step_and_dequantises_by_hand(bits, group):
+    lin = linear()
+    q = QuantizedLinear.from_linear(lin, bits, group)
+    g = group or 64
+    w = lin.weight.detach().reshape(12, -1, g)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    step = (hi - lo) / (2 ** bits - 1)
+    assert int(q.codes.max()) <= 2 ** bits - 1
+    by_hand = ((q.codes.float().reshape(12, -1, g) - q.zero[..., None]) * q.scale[..., None]).reshape(12, 64)
+    assert torch.allclose(q.to_dense(), by_hand)
+    err = (q.to_dense() - lin.weight).abs().reshape(12, -1, g)
+    assert (err <= step[..., None] / 2 + 1e-6).all()
+    x = torch.randn(5, 64)
+    assert torch.allclose(q(x), x @ by_hand.T + lin.bias, atol=1e-5)
+    assert q.costs()["bytes"] == 12 * 64 * bits / 8 + 4 * (2 * 12 * (64 // g) + 12)
+
+
+def test_gptq_lowers_the_output_error_below_rounding_and_equals_it_without_correlation():
+    lin = linear(16, 64, seed=1)
+    g = torch.Generator().manual_seed(2)
+    mix = torch.randn(64, 64, generator=g) * 0.3 + torch.eye(64)
+    x = torch.randn(2000, 64, generator=g) @ mix  # correlated inputs: error compensation has room
+    stats = stats_of(x)
+    rtn = QuantizedLinear.from_linear(lin, 3, 16)
+    gptq = copy.deepcopy(rtn).fit_(lin.weight, stats, ridge=1e-6)
+    w = lin.weight.detach()
+    out_err = lambda m: ((x @ (m.to_dense() - w).T) ** 2).sum().item()  # noqa: E731
+    assert out_err(gptq) < 0.8 * out_err(rtn)
+    assert fit_objective(gptq.to_dense(), w, stats) < fit_objective(rtn.to_dense(), w, stats)
+    # independent inputs of equal scale: nothing to compensate, GPTQ is rounding to nearest
+    white = InputStats(xx=torch.eye(64, dtype=torch.float64), xt=torch.eye(64, dtype=torch.float64), n=1)
+    same = copy.deepcopy(rtn).fit_(lin.weight, white, ridge=0.0)
+    assert torch.equal(same.codes, rtn.codes) and torch.allclose(same.scale, rtn.scale)
+
+
+def test_wanda_keeps_the_largest_weight_times_input_norm_per_row():
+    lin = linear(6, 8, seed=3)
+    x = torch.randn(100, 8) * torch.tensor([0.1, 1, 5, 0.2, 3, 0.5, 2, 1])
+    stats = stats_of(x)
+    pruned = PrunedLinear.from_linear(lin, 0.5, "unstructured").fit_(lin.weight, stats)
+    w = lin.weight.detach()
+    score = w.abs() * x.norm(dim=0)  # by hand: |W_ij| * ||X_j||
+    for i in range(6):
+        keep = set(score[i].argsort(descending=True)[:4].tolist())
+        assert set(pruned.mask[i].nonzero().flatten().tolist()) == keep
+    assert torch.equal(pruned.to_dense(), w * pruned.mask)
+    assert pruned.num_params == 6 * 4 + 6
+
+
+def test_two_four_keeps_two_of_every_four_and_magnitude_without_statistics():
+    lin = linear(5, 16, seed=4)
+    p = PrunedLinear.from_linear(lin, pattern="2:4")
+    assert (p.mask.reshape(5, 4, 4).sum(-1) == 2).all()
+    w = lin.weight.detach().abs().reshape(5, 4, 4)
+    kept = w * p.mask.reshape(5, 4, 4)
+    dropped_max = (w * ~p.mask.reshape(5, 4, 4)).amax(-1)
+    kept_min = torch.where(p.mask.reshape(5, 4, 4), kept, torch.inf).amin(-1)
+    assert (kept_min >= dropped_max).all()
+
+
+def test_quantized_and_pruned_students_count_bytes_and_parameters_honestly(tmp_path):
+    from bcllm.io.checkpoint import load_fitted, save_fitted
+
+    model = tiny_model("llama", layers=2)
+    q = copy.deepcopy(model)
+    summary = compress_(q, QuantConfig(bits=4, group_size=32, targets="mlp"))
+    weights = 2 * 3 * 64 * 96
+    assert summary["model_params_after"] >= summary["model_params_before"]  # quantization keeps every weight
+    assert summary["structured_bytes"] == pytest.approx(weights * 4 / 8 + 4 * 2 * weights / 32)
+    assert summary["replaced_bytes"] == weights * 4
+    with torch.no_grad():  # a trained scale, saved and loaded with the codes
+        next(m for m in q.modules() if isinstance(m, QuantizedLinear)).scale.mul_(1.1)
+    save_fitted(q, tmp_path / "q", QuantConfig(bits=4, group_size=32, targets="mlp"))
+    again = copy.deepcopy(model)
+    load_fitted(again, tmp_path / "q")
+    ids = torch.randint(0, 128, (1, 9))
+    assert torch.allclose(again(ids).logits, q(ids).logits, atol=1e-6)
+    p = copy.deepcopy(model)
+    summary = compress_(p, PruneConfig(pattern="2:4", targets="mlp"))
+    assert summary["structured_params"] == weights // 2  # (no biases in Llama's MLP)
