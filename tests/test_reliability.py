@@ -474,3 +474,37 @@ def test_sigkill_during_block_fit_and_distillation_resumes_to_the_same_student(t
     assert straight.keys() == broken.keys()
     for name in straight:
         assert torch.equal(straight[name], broken[name]), name
+
+
+# ---------------------------------------------------------------- figures say how they were made
+
+def test_a_failed_compile_is_said_in_the_figure_not_hidden(monkeypatch):
+    """On a compile failure bench model's headline decode figure silently became the eager one."""
+    import bcllm.bench.measure as bm
+    from bcllm.structures.circulant import fuse_circulant_mlp_
+
+    model = tiny_model("llama", layers=2)
+    student = copy.deepcopy(model)
+    compress_(student, CirculantConfig(block_size=16, targets="mlp"))
+    fuse_circulant_mlp_(student)
+    monkeypatch.setattr(bm, "compile_steps", lambda models, prompt, caches: (dict(models), {}, "no compiler (injected)"))
+    r = bm.bench_model(model, student, [[1, 2, 3]], new_tokens=2, repeats=1, compile=True)
+    assert not r["compiled"] and r["decode_mode"] == "eager (torch.compile failed)"
+    assert "torch.compile failed (no compiler (injected))" in bm.model_table(r)
+    assert set(r["decode_kernel"]) >= {"state", "calls"}
+
+
+def test_eval_records_whether_the_fused_kernel_ran(tiny_folder, cache, monkeypatch):
+    from bcllm import StudentSpec
+    from bcllm.eval.student import evaluate_student
+    from bcllm.ops import kernel
+
+    spec = StudentSpec(block_size=4)
+    prompts = ["w1 w2 w3", "w4 w5 w6 w7"]
+    with_generation = evaluate_student(str(tiny_folder), spec, prompts=prompts, max_new_tokens=3)
+    record = with_generation["decode_kernel"]
+    if kernel.load() is not None:  # decode products of one row go to the kernel where it is built
+        assert record["state"] == "built" and record["calls"] > 0
+    monkeypatch.setenv(kernel.DISABLE_ENV, "1")
+    off = evaluate_student(str(tiny_folder), spec, prompts=prompts, max_new_tokens=3)["decode_kernel"]
+    assert off["calls"] == 0
