@@ -133,7 +133,7 @@ def shared_input_stats():
         _SHARED_STATS = outer
 
 
-def _batches_digest(batches) -> str:
+def batches_digest(batches) -> str:
     h = hashlib.sha256()
     for b in batches:
         for k in ("input_ids", "attention_mask"):
@@ -149,7 +149,7 @@ def _teacher_stats(teacher: nn.Module, names: list[str], batches, progress: bool
     kinds = {n.rsplit(".", 1)[-1] for n in names}
     # keyed on the weights, never on id(teacher): a new teacher copy (another channel reordering)
     # may reuse a freed object's id
-    key = (model_fingerprint(teacher), _batches_digest(batches), tuple(sorted(kinds)))
+    key = (model_fingerprint(teacher), batches_digest(batches), tuple(sorted(kinds)))
     if key not in _SHARED_STATS:
         every = [n for n, m in teacher.named_modules() if isinstance(m, nn.Linear)
                  and n.rsplit(".", 1)[-1] in kinds and layer_index(n, prefix) is not None]

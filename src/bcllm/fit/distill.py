@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError, InputFileError
 from ..io.results import atomic_write
-from .closed_form import fitted_modules
+from .closed_form import batches_digest, fitted_modules
 from ..surgery import decoder_layers, layer_index
 
 
@@ -416,9 +416,7 @@ def start_identity(params: dict, batches) -> str:
     for name in sorted(params):
         h.update(name.encode())
         h.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
-    for b in batches:
-        for key in ("input_ids", "attention_mask"):
-            h.update(b[key].cpu().contiguous().numpy().tobytes())
+    h.update(batches_digest(batches).encode())
     return h.hexdigest()
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .closed_form import (SequentialLayer, _batches_digest, _rows, _run_layer, fit_sequential_, fitted_modules,
+from .closed_form import (SequentialLayer, batches_digest, _rows, _run_layer, fit_sequential_, fitted_modules,
                           unit_inputs)
 from ..errors import InputError, InputFileError
+from ..io.results import atomic_write
 
 TARGETS = ("mlp", "layer")
 
@@ -109,7 +109,7 @@ class LayerCheckpoints:
         modules = fitted_modules(student)
         self.identity = {"format": self.FORMAT, "block": vars(cfg).copy(), "ridge": float(ridge),
                          "modules": {n: [type(m).__name__, _shapes(m)] for n, m in modules.items()},
-                         "batches": _batches_digest(batches), "weights": _weights_digest(student, teacher, modules),
+                         "batches": batches_digest(batches), "weights": _weights_digest(student, teacher, modules),
                          "device": next(student.parameters()).device.type}
         if not resume and self.folder.is_dir():
             for old in self.folder.glob("layer_*.pt"):
@@ -141,7 +141,7 @@ class LayerCheckpoints:
     def save(self, index: int, layer: nn.Module, names: list, tokens: int, result: dict) -> None:
         state = {rel: {k: v.detach().cpu().clone() for k, v in layer.get_submodule(rel).state_dict().items()}
                  for rel in names}
-        _save_atomic(self.path(index), {"identity": {**self.identity, "layer": index}, "state": state,
+        _save_checkpoint(self.path(index), {"identity": {**self.identity, "layer": index}, "state": state,
                                         "tokens": tokens, "result": result})
 
 
@@ -176,20 +176,9 @@ def _read_checkpoint(path: Path) -> dict:
     return record
 
 
-def _save_atomic(path: Path, record: dict) -> None:
-    """torch.save into a temporary file of this process in the same folder, flushed to disk, then
-    renamed over `path`: a killed run leaves the old file or the new one, never a torn one."""
+def _save_checkpoint(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(record, tmp))
 
 
 def reconstruct_layer_(layer: SequentialLayer, cfg: BlockConfig) -> dict:
