@@ -31,7 +31,7 @@ def test_round_to_nearest_is_within_half_a_step_and_dequantises_by_hand(bits, gr
     q = QuantizedLinear.from_linear(lin, bits, group)
     g = group or 64
     w = lin.weight.detach().reshape(12, -1, g)
-    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    lo, hi = w.amin(-1), w.amax(-1)
     step = (hi - lo) / (2 ** bits - 1)
     assert int(q.codes.max()) <= 2 ** bits - 1
     by_hand = ((q.codes.float().reshape(12, -1, g) - q.zero[..., None]) * q.scale[..., None]).reshape(12, 64)
@@ -40,6 +40,7 @@ def test_round_to_nearest_is_within_half_a_step_and_dequantises_by_hand(bits, gr
     assert (err <= step[..., None] / 2 + 1e-6).all()
     x = torch.randn(5, 64)
     assert torch.allclose(q(x), x @ by_hand.T + lin.bias, atol=1e-5)
+    assert torch.allclose(q.to_dense().reshape(12, -1, g).amin(-1), lo, atol=1e-6)  # min is code 0, exactly
     assert q.costs()["bytes"] == 12 * 64 * bits / 8 + 4 * (2 * 12 * (64 // g) + 12)
 
 

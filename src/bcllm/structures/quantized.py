@@ -37,15 +37,17 @@ def check_bits(bits) -> int:
 
 
 def quant_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) of an asymmetric b-bit grid over the last dimension's min..max (0 included)."""
-    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    """(scale, zero) of an asymmetric b-bit grid from the last dimension's min to its max: code q
+    stands for min + q * scale, as llama.cpp's Q4_1 and torchao's asymmetric int4 store it (the
+    zero point is a float, min / scale; GPTQ's own grid rounds it and keeps 0 inside the range)."""
+    lo, hi = w.amin(-1), w.amax(-1)
     scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-12)
-    return scale, torch.round(-lo / scale)
+    return scale, -lo / scale
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes of w on the grid (scale, zero broadcast over w's last dimension)."""
-    return torch.clamp(torch.round(w / scale[..., None]) + zero[..., None], 0, 2 ** bits - 1)
+    return torch.clamp(torch.round(w / scale[..., None] + zero[..., None]), 0, 2 ** bits - 1)
 
 
 class QuantizedLinear(StructuredLinear):
