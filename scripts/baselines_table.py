@@ -6,7 +6,7 @@ JSONs of the recovery recipes, and writes docs/results/baselines.{json,md,png}: 
 the replaced weights (float data at 16 bits, as a model is shipped: bf16 is 16 bits a weight),
 token agreement, KL, kl_recovered and the floor.
 
-    python scripts/baselines_table.py [--run runs/baselines/run] [--evals docs/results/eval_*.json ...]
+    python scripts/baselines_table.py [--run DIR ...] [--evals docs/results/eval_*.json ...]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 OUT = Path("docs/results")
+PROMPTS = "src/bcllm/data/heldout_prompts.txt"
 FIT_NAMES = {"quant": {"frobenius": "round to nearest", "sequential": "GPTQ (sequential)"},
              "prune": {"frobenius": "magnitude", "sequential": "Wanda (sequential)"}}
 
@@ -57,8 +58,10 @@ def rows_from_sweep(run: Path) -> list[dict]:
         r = json.loads(line) if line.strip() else {}
         if "metrics" not in r:
             continue
-        rows.append(row(r["compression"], r["metrics"], r["ci"], r["point"]["fit"], r["point"].get("distill_steps", 0),
-                        "bcllm sweep (runs/baselines/run.sh)"))
+        pt = r["point"]
+        command = (f"bcllm eval --layers {pt['layers']} --structure {pt.get('structure', 'circulant')} --block-size "
+                   f"{pt.get('block_size', 16)} --fit {pt['fit']} --max-new-tokens 0 --prompts {PROMPTS}")
+        rows.append(row(r["compression"], r["metrics"], r["ci"], pt["fit"], pt.get("distill_steps", 0), command))
     return rows
 
 
@@ -128,10 +131,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, default=Path("runs/baselines/run"))
+    p.add_argument("--run", type=Path, nargs="+", default=[Path("runs/baselines/run")],
+                   help="results directories of sweeps (their results.jsonl)")
     p.add_argument("--evals", type=Path, nargs="*", default=[])
     args = p.parse_args()
-    rows = rows_from_sweep(args.run) + rows_from_evals(args.evals)
+    rows = [r for run in args.run for r in rows_from_sweep(run)] + rows_from_evals(args.evals)
     (OUT / "baselines.json").write_text(json.dumps(rows, indent=2) + "\n")
     (OUT / "baselines.md").write_text(markdown(rows))
     plot(rows, OUT / "baselines.png")
