@@ -345,13 +345,25 @@ def test_a_full_disk_while_saving_a_student_leaves_the_earlier_student(saved_stu
 
 # ---------------------------------------------------------------- SIGKILL at random points, then resume
 
-def _killed_at_random(script: str, delays, cwd: Path, env: dict) -> int:
-    """Run `script` in fresh processes, each SIGKILLed after one of `delays` seconds (or left to
-    finish); returns how many were killed before they finished."""
+def _killed_at_random(script: str, delays, cwd: Path, env: dict, progress: Path) -> int:
+    """Run `script` in fresh processes, each SIGKILLed `delay` seconds after it first wrote to
+    `progress` (a file or folder: a new file or a new modification time below it), or left to
+    finish; returns how many were killed before they finished. Waiting for progress, not for a
+    fixed time, puts every kill inside the work whatever the machine's speed."""
+    def snapshot():
+        if not progress.exists():
+            return []
+        files = [progress] if progress.is_file() else sorted(progress.rglob("*"))
+        return [(str(p), p.stat().st_mtime_ns) for p in files if p.is_file()]
+
     killed = 0
     for delay in delays:
+        before = snapshot()
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and snapshot() == before and time.monotonic() < deadline:
+            time.sleep(0.05)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -377,8 +389,8 @@ def test_sigkill_during_sweeps_loses_nothing_and_reuses_nothing(tiny_folder, tmp
                    check=True, capture_output=True)
     broken = argv + ["--out", str(tmp_path / "broken")]
     rng = random.Random(0)
-    killed = _killed_at_random(script.format(broken), [rng.uniform(2, 6)] + [rng.uniform(4, 12) for _ in range(3)],
-                               tmp_path, env)
+    killed = _killed_at_random(script.format(broken), [rng.uniform(0, 3) for _ in range(4)], tmp_path, env,
+                               tmp_path / "broken")
     subprocess.run([sys.executable, "-c", script.format(broken)], env=env, check=True, capture_output=True)
     assert killed >= 1
 
@@ -419,8 +431,8 @@ def test_sigkill_during_saves_leaves_a_whole_student_or_a_clear_error(tmp_path):
     out = tmp_path / "student"
     env = _env(tmp_path)
     rng = random.Random(1)
-    for delay in [rng.uniform(6, 9) for _ in range(4)]:
-        assert _killed_at_random(SAVE_LOOP.format(out=str(out)), [delay], tmp_path, env) == 1
+    for delay in [rng.uniform(0, 1) for _ in range(4)]:
+        assert _killed_at_random(SAVE_LOOP.format(out=str(out)), [delay], tmp_path, env, out) == 1
         model = tiny_model("llama", layers=2)
         try:
             summary = load_fitted(model, out)
@@ -467,7 +479,8 @@ def test_sigkill_during_block_fit_and_distillation_resumes_to_the_same_student(t
 
     subprocess.run([sys.executable, "-c", script.format(argv("straight"))], env=env, check=True, capture_output=True)
     rng = random.Random(2)
-    killed = _killed_at_random(script.format(argv("broken")), [rng.uniform(5, 12) for _ in range(4)], tmp_path, env)
+    killed = _killed_at_random(script.format(argv("broken")), [rng.uniform(0, 2) for _ in range(4)], tmp_path, env,
+                               tmp_path / "ck-broken")
     assert killed >= 1 and list((tmp_path / "ck-broken" / "block").glob("layer_*.pt"))  # killed after layers were kept
     subprocess.run([sys.executable, "-c", script.format(argv("broken"))], env=env, check=True, capture_output=True)
     straight, broken = (load_file(str(tmp_path / n / "fitted.safetensors")) for n in ("straight", "broken"))

@@ -102,6 +102,11 @@ class StructuredLinear(nn.Module):
         """What sizes this module (e.g. {"block_size": 16}); reported per module by compress_."""
         raise NotImplementedError
 
+    def costs(self) -> dict:
+        """Per token: FLOPs of a dense product of this shape, bytes and count of the module's own
+        parameters (a structure whose product is cheaper overrides it)."""
+        return _weight_costs(self, 2 * self.out_features * self.in_features)
+
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}"]
         parts += [f"{k}={v}" for k, v in self.sizes().items()] + [f"bias={self.bias is not None}"]
