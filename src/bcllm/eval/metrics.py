@@ -20,8 +20,6 @@ import json
 import math
 import os
 import shutil
-import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,7 @@ from ..errors import InputError, InputFileError
 from ..surgery import set_module
 from ..io.models import cache_dir, model_file_identity, model_fingerprint  # noqa: F401 (re-exported)
 from ..io.prompts import context_length, tokenize_prompts
-from ..io.results import atomic_write, library_versions
+from ..io.results import atomic_write, library_versions, set_aside
 
 CACHE_FORMAT = 2  # bump when the cache layout or what it holds changes
 METRIC_KEYS = ("token_agreement", "last_token_agreement", "top5_overlap", "kl_mean", "logit_l2_mean",
@@ -264,12 +262,29 @@ class TeacherCache:
     @classmethod
     def load(cls, path) -> "TeacherCache":
         path = Path(path)
-        problem = teacher_cache_problem(path)
+        cache, problem = cls._open(path)
         if problem:
             raise InputFileError(f"teacher cache {str(path)!r} is damaged ({problem}); delete it and it is "
                                  f"computed again")
-        meta = json.loads((path / "meta.json").read_text())
-        return cls(path, meta["token_ids"], meta["generations"], meta["settings"])
+        return cache
+
+    @classmethod
+    def _open(cls, path: Path) -> tuple["TeacherCache | None", str | None]:
+        """(the cache, None), or (None, what is wrong with the folder): meta.json unreadable or of
+        another format, or logits.npy missing or not one row per prompt token (cut short)."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            if meta.get("format") != CACHE_FORMAT:
+                return None, f"format {meta.get('format')}, this bcllm reads {CACHE_FORMAT}"
+            rows = sum(len(t) for t in meta["token_ids"])
+            if len(meta["generations"]) != len(meta["token_ids"]):
+                return None, "meta.json has a generation count unlike its prompt count"
+            shape = np.load(path / "logits.npy", mmap_mode="r").shape
+            if shape[0] != rows:
+                return None, f"logits.npy has {shape[0]} rows, the prompts {rows} tokens"
+            return cls(path, meta["token_ids"], meta["generations"], meta["settings"]), None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return None, f"{type(e).__name__}: {e}"
 
     @classmethod
     def build(cls, model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, chat: bool = False,
@@ -304,13 +319,10 @@ class TeacherCache:
         root = Path(root) if root is not None else cache_dir() / "teacher"
         path = root / key
         if path.exists():
-            problem = teacher_cache_problem(path)
-            if problem is None:
-                return cls.load(path)
-            aside = path.with_name(f"{key}.damaged{int(time.time())}")
-            os.replace(path, aside)
-            print(f"bcllm: the teacher cache {str(path)!r} was damaged ({problem}); moved to {str(aside)!r} and "
-                  f"computed again", file=sys.stderr, flush=True)
+            cache, problem = cls._open(path)
+            if cache is not None:
+                return cache
+            set_aside(path, "teacher cache", problem, "computed again")
         root.mkdir(parents=True, exist_ok=True)
         _remove_dead_temporaries(root)
         tmp = root / f".{key}.tmp{os.getpid()}"
@@ -326,24 +338,6 @@ class TeacherCache:
         cache = cls.load(path)
         cache.computed = True
         return cache
-
-
-def teacher_cache_problem(path: Path) -> str | None:
-    """What is wrong with a teacher cache folder (None: nothing): meta.json unreadable or of another
-    format, or logits.npy missing or not one row per prompt token (cut short)."""
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("format") != CACHE_FORMAT:
-            return f"format {meta.get('format')}, this bcllm reads {CACHE_FORMAT}"
-        rows = sum(len(t) for t in meta["token_ids"])
-        if len(meta["generations"]) != len(meta["token_ids"]):
-            return "meta.json has a generation count unlike its prompt count"
-        shape = np.load(path / "logits.npy", mmap_mode="r").shape
-        if shape[0] != rows:
-            return f"logits.npy has {shape[0]} rows, the prompts {rows} tokens"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def _remove_dead_temporaries(root: Path) -> None:

@@ -26,7 +26,8 @@ from pathlib import Path
 from ..errors import InputError
 from ..io.models import DEFAULT_MODEL
 from ..fit.student import KEY_DEFAULTS, POINT_FIELDS, StudentIO, StudentSpec, build_student, spec_value
-from ..io.results import append_jsonl, command_line, read_jsonl, versions, with_current_keys, write_json
+from ..io.results import (append_jsonl, command_line, library_versions, read_jsonl, versions, with_current_keys,
+                          write_json)
 from ..surgery import parse_layers
 
 RESULTS = "results.jsonl"
@@ -335,7 +336,7 @@ class Session:
                     "num_prompts": len(self.prompts), "max_new_tokens": settings.max_new_tokens,
                     "chat": settings.chat, "seed": settings.seed, "device": settings.device,
                     "weights_sha256": model_fingerprint(self.model, full=True),
-                    "torch": torch.__version__, "transformers": versions().get("transformers")}
+                    **library_versions()}
         self.out = open_results_dir(out, identity)
         self.results = self.out / RESULTS
         # The teacher runs once for all points (and is cached on disk across runs).

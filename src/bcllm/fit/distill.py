@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InputError, InputFileError
+from ..io.models import tensors_fingerprint
 from ..io.results import atomic_write
 from .closed_form import batches_digest, fitted_modules
 from ..surgery import decoder_layers, layer_index
@@ -412,12 +413,8 @@ class _LazyTargets:
 def start_identity(params: dict, batches) -> str:
     """sha256 of the trainable tensors a distillation starts from and of its calibration batches'
     tokens: a checkpoint resumes only the run that wrote it."""
-    h = hashlib.sha256()
-    for name in sorted(params):
-        h.update(name.encode())
-        h.update(params[name].detach().float().cpu().contiguous().numpy().tobytes())
-    h.update(batches_digest(batches).encode())
-    return h.hexdigest()
+    weights = tensors_fingerprint(sorted(params.items()), full=True)
+    return hashlib.sha256(f"{weights}:{batches_digest(batches)}".encode()).hexdigest()
 
 
 class _Run:

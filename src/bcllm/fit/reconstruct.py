@@ -28,7 +28,6 @@ resumes after its last finished layer with the result of an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from tqdm.auto import tqdm
 from .closed_form import (SequentialLayer, batches_digest, _rows, _run_layer, fit_sequential_, fitted_modules,
                           unit_inputs)
 from ..errors import InputError, InputFileError
+from ..io.models import tensors_fingerprint
 from ..io.results import atomic_write
 
 TARGETS = ("mlp", "layer")
@@ -153,15 +153,10 @@ def _shapes(module: nn.Module) -> dict:
 def _weights_digest(student: nn.Module, teacher: nn.Module, modules: dict) -> str:
     """sha256 of the teacher's tensors and of the student's outside its structured modules (which
     the fit overwrites): what the layers' inputs and targets are computed with."""
-    h = hashlib.sha256()
     inside = tuple(f"{n}." for n in modules)
-    for tag, model in (("teacher", teacher), ("student", student)):
-        for name, t in model.state_dict().items():
-            if tag == "student" and name.startswith(inside):
-                continue
-            h.update(f"{tag}:{name}:{t.dtype}:{list(t.shape)}".encode())
-            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return h.hexdigest()
+    return tensors_fingerprint([(f"teacher:{n}", t) for n, t in teacher.state_dict().items()] +
+                               [(f"student:{n}", t) for n, t in student.state_dict().items()
+                                if not n.startswith(inside)], full=True)
 
 
 def _read_checkpoint(path: Path) -> dict:

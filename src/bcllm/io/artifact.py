@@ -13,9 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import InputError, InputFileError
+from ..errors import InputError
 from .models import EMBEDDED, load_model, resolve_model
-from .results import atomic_write, file_sha256, read_json
+from .results import atomic_write, file_sha256
 
 TEMPLATE = Path(__file__).parent / "hf_template" / "modeling_bcllm.py"
 # Copied verbatim beside the modeling file, which imports it relatively: one source of the circulant math.
@@ -53,11 +53,9 @@ def base_record(model_id: str) -> dict:
 
 
 def _read_meta(folder: Path) -> dict:
-    path = folder / "fitted.json"
-    if not path.is_file():
-        raise InputFileError(f"{str(folder)!r} holds no fitted student (no fitted.json); save one with --save",
-                             "folder")
-    return read_json(path, "student file", "save the student again (the folder is damaged or its save was interrupted)")
+    from .checkpoint import read_meta
+
+    return read_meta(folder, "folder")
 
 
 def _check_gguf(base: dict, folder: Path) -> None:

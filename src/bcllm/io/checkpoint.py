@@ -61,6 +61,19 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
     return folder
 
 
+DAMAGED = "save the student again (the folder is damaged or its save was interrupted)"
+
+
+def read_meta(folder, param: str) -> dict:
+    """A student folder's fitted.json, or an InputFileError naming what is missing or damaged
+    (`param`: the option that named the folder)."""
+    path = Path(folder) / "fitted.json"
+    if not path.is_file():
+        raise InputFileError(f"{str(folder)!r} holds no fitted student (no fitted.json); save one with the "
+                             f"save option (--save, checkpoint.save_fitted)", param)
+    return read_json(path, "student file", DAMAGED)
+
+
 def file_digest(path) -> dict:
     """Size and sha256 of a file (a saved student's tensors: checked before they are read)."""
     return {"bytes": Path(path).stat().st_size, "sha256": file_sha256(path)}
@@ -88,11 +101,7 @@ def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
 
     folder = Path(folder)
     meta_path = folder / "fitted.json"
-    if not meta_path.is_file():
-        raise InputFileError(f"{str(folder)!r} holds no fitted student (no fitted.json); save one with "
-                             f"checkpoint.save_fitted (the save option)", "load")
-    fix = "save the student again (the folder is damaged or its save was interrupted)"
-    meta = read_json(meta_path, "student file", fix)
+    meta, fix = read_meta(folder, "load"), DAMAGED
     if meta.get("format") != FORMAT:
         raise InputError(f"{str(meta_path)!r} has format {meta.get('format')}, this bcllm reads {FORMAT}")
     if check_fingerprint and meta.get("original_fingerprint"):

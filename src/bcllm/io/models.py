@@ -16,8 +16,6 @@ import json
 import os
 import shutil
 import struct
-import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +24,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch
 
 from ..errors import InputError, InputFileError
+from .results import set_aside
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -147,13 +146,9 @@ def model_source(model_id: str) -> tuple[str, dict]:
     kind, path = resolve_model(model_id)
     if kind == "gguf":
         folder = _gguf_cache_folder(path)
-        problem = cached_folder_problem(folder) if folder.exists() else "absent"
-        if problem not in (None, "absent"):
-            aside = folder.with_name(f"{folder.name}.damaged{int(time.time())}")
-            os.replace(folder, aside)
-            print(f"bcllm: the cached model {str(folder)!r} was damaged ({problem}); moved to {str(aside)!r} "
-                  f"and converted again", file=sys.stderr, flush=True)
-        if problem is not None:
+        if folder.exists() and (problem := cached_folder_problem(folder)):
+            set_aside(folder, "cached model", problem, "converted again")
+        if not folder.exists():
             _convert_gguf(path, folder)
         return str(folder), {}
     if kind == "folder":

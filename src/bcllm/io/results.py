@@ -130,11 +130,19 @@ def read_cached_json(path, what: str, field: str) -> dict | None:
         problem = f"no {field!r}"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         problem = f"{type(e).__name__}: {e}"
+    set_aside(path, what, problem, "made again")
+    return None
+
+
+def set_aside(path, what: str, problem: str, then: str) -> Path:
+    """Move a damaged cache entry (file or folder) out of the way, beside it, and say so in one
+    line on stderr; the caller then makes it again (`then` says how)."""
+    path = Path(path)
     aside = path.with_name(f"{path.name}.damaged{int(time.time())}")
     os.replace(path, aside)
-    print(f"bcllm: the {what} {str(path)!r} was damaged ({problem}); moved to {str(aside)!r} and made again",
+    print(f"bcllm: the {what} {str(path)!r} was damaged ({problem}); moved to {str(aside)!r} and {then}",
           file=sys.stderr, flush=True)
-    return None
+    return aside
 
 
 def read_json(path, what: str, fix: str) -> dict:
