@@ -93,11 +93,11 @@ for name, d in dirs.items():
         again = AutoModelForCausalLM.from_pretrained(out + ".resaved", trust_remote_code=True)
         results["resaved"] = again(ids).logits
         results["resaved_files"] = sorted(os.listdir(out + ".resaved"))
-        try:
+        try:  # the weights are model.bcllm.safetensors: a dense load finds none
             AutoModelForCausalLM.from_pretrained(d, trust_remote_code=False)
             results["refused"] = False
-        except ValueError:
-            results["refused"] = True
+        except OSError as e:
+            results["refused"] = "no file named model.safetensors" in str(e)
 assert not any(m.startswith("bcllm") for m in sys.modules if sys.modules[m] is not None)
 torch.save(results, out)
 """
@@ -128,8 +128,10 @@ def test_export_loads_without_bcllm_with_same_logits(exported, name):
             expected = students[name](ids).logits
         torch.testing.assert_close(results[name][key], expected, rtol=0, atol=1e-5)
     config = json.loads((Path(dirs[name]) / "config.json").read_text())
-    assert config["model_type"] == "bcllm" and config["bcllm_base_model_type"].startswith(CASES[name][0])
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_bcllm.BcllmForCausalLM"
+    assert config["model_type"].startswith(CASES[name][0])  # the base's: AutoConfig needs no remote code
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_bcllm.BcllmForCausalLM"}
+    assert (Path(dirs[name]) / "model.bcllm.safetensors").is_file()
+    assert not (Path(dirs[name]) / "model.safetensors").exists()
     assert set(config["bcllm_modules"]) == set(fitted_modules(students[name]))
 
 
@@ -141,7 +143,37 @@ def test_export_generates_resaves_and_refuses_without_remote_code(exported):
         torch.testing.assert_close(results["resaved"], student(ids).logits, rtol=0, atol=1e-5)
     assert torch.equal(results["generate"], expected)
     assert results["refused"]
-    assert {"modeling_bcllm.py", "circulant_math.py"} <= set(results["resaved_files"])
+    assert {"modeling_bcllm.py", "circulant_math.py", "model.bcllm.safetensors"} <= set(results["resaved_files"])
+
+
+PLAIN = r"""
+import sys
+sys.modules["bcllm"] = None
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+print("IDS", tokenizer(sys.argv[2])["input_ids"])
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    print("DENSE LOADED")
+except OSError as e:
+    print("DENSE REFUSED", e)
+"""
+
+
+def test_export_tokenizer_loads_without_remote_code_or_prompt(exported, tmp_path):
+    """AutoTokenizer.from_pretrained(DIR) with no trust_remote_code, no terminal and no bcllm: no
+    custom-code prompt, no model-type warning, the base tokenizer's ids; a plain dense model load
+    of the folder still fails loudly (no silent load of the dense base with missing weights)."""
+    d, text = exported[1]["llama-circulant"], "w5 w7 w100 w3 nope w127"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    run = subprocess.run([sys.executable, "-c", PLAIN, d, text], stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    for bad in ("custom code", "y/N", "You are using a model of type", "trust_remote_code"):
+        assert bad not in output, output
+    assert f"IDS {tiny_tokenizer()(text)['input_ids']}" in run.stdout
+    assert "DENSE REFUSED" in run.stdout and "no file named model.safetensors" in run.stdout, output
 
 
 def test_export_copies_the_circulant_math_verbatim_and_the_template_has_none_of_its_own(exported):
@@ -213,7 +245,7 @@ def test_cli_export_writes_the_folder_and_names_its_arguments(tmp_path, capsys):
 
     folder, student = make_student("llama", CirculantConfig(block_size=16), tmp_path)
     assert main(["export", str(folder), str(tmp_path / "hf")]) == 0
-    assert (tmp_path / "hf" / "modeling_bcllm.py").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "hf" / "modeling_bcllm.py").is_file() and (tmp_path / "hf" / "model.bcllm.safetensors").is_file()
     assert "trust_remote_code=True" in capsys.readouterr().out
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")

@@ -11,11 +11,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bcllm"
 
 # Layers, lowest first; within a layer, modules are ordered too. A module may import (at top level
 # or inside a function) only modules before it. io is split in two: reading and writing files
-# (results, models, prompts) sits at the bottom; saved and exported students (checkpoint, artifact)
+# (results, GGUF parts, models, prompts) sits at the bottom; saved and exported students (checkpoint, artifact)
 # sit above the fits, since loading one re-applies the structures and channel transforms it was fitted with.
 LAYERS = [
     ("errors", ["errors"]),
-    ("io: files", ["io.results", "io.models", "io.prompts"]),
+    ("io: files", ["io.results", "io.gguf_parts", "io.models", "io.prompts"]),
     ("ops", ["ops.kernel", "ops.circulant_math", "ops.circulant", "ops.stats", "ops.costs"]),
     ("surgery", ["surgery"]),
     ("structures", ["structures.base", "structures.circulant", "structures.lowrank", "structures.blockdiag",

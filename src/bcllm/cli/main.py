@@ -41,7 +41,8 @@ def usage_message(error: InputError) -> str:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
-                   help="embedded name (smollm2-135m, gemma3-270m), .gguf file, HF folder or cached HF id")
+                   help="embedded name (smollm2-135m; gemma3-270m, qwen2.5-0.5b, qwen2.5-1.5b with their extras), "
+                        ".gguf file, HF folder or cached HF id")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
     p.add_argument("--seed", type=int, default=0)

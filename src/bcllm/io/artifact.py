@@ -22,6 +22,9 @@ TEMPLATE = Path(__file__).parent / "hf_template" / "modeling_bcllm.py"
 CIRCULANT_MATH = Path(__file__).parents[1] / "ops" / "circulant_math.py"
 # The structured module types the exported modeling code implements (rebuilt from their sizes()).
 EXPORTABLE = ("BlockCirculantLinear", "LowRankLinear", "BlockDiagonalLinear", "CirculantPlusLowRankLinear")
+# The weights are saved as this variant (model.bcllm.safetensors; the template's WEIGHTS_VARIANT):
+# a dense load of the folder without trust_remote_code finds no model.safetensors and fails.
+WEIGHTS_VARIANT = "bcllm"
 
 
 def _cached_revision(repo_id: str) -> str | None:
@@ -116,16 +119,14 @@ def module_entries(student) -> dict:
 
 
 def _write_config(out: Path, student, entries: dict, base: dict) -> None:
-    """Point config.json at the exported modeling code. model_type becomes "bcllm" (the base's is
-    kept in bcllm_base_model_type) so that loading without trust_remote_code fails loudly instead
-    of building the dense base architecture with missing weights."""
+    """Point config.json's AutoModelForCausalLM at the exported modeling code. model_type stays the
+    base's, so AutoConfig and AutoTokenizer load the folder without remote code (no prompt); a
+    dense model load without trust_remote_code fails loudly because the weights are a variant
+    (WEIGHTS_VARIANT), not model.safetensors."""
     path = out / "config.json"
     config = json.loads(path.read_text())
-    config["bcllm_base_model_type"] = config["model_type"]
-    config["model_type"] = "bcllm"
     config["architectures"] = ["BcllmForCausalLM"]
-    config["auto_map"] = {"AutoConfig": "modeling_bcllm.BcllmConfig",
-                          "AutoModelForCausalLM": "modeling_bcllm.BcllmForCausalLM"}
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_bcllm.BcllmForCausalLM"}
     config["bcllm_modules"] = entries
     config["bcllm_base"] = base
     head = student.get_output_embeddings()
@@ -139,7 +140,7 @@ def export_model(student, tokenizer, out_dir, base: dict | None = None) -> Path:
     as a self-contained Hugging Face folder; `base` is recorded in config.json as bcllm_base."""
     out = Path(out_dir)
     entries = module_entries(student)
-    student.save_pretrained(out)
+    student.save_pretrained(out, variant=WEIGHTS_VARIANT)
     tokenizer.save_pretrained(out)
     shutil.copyfile(TEMPLATE, out / "modeling_bcllm.py")
     shutil.copyfile(CIRCULANT_MATH, out / CIRCULANT_MATH.name)
@@ -149,8 +150,8 @@ def export_model(student, tokenizer, out_dir, base: dict | None = None) -> Path:
 
 def export_student(student_dir, out_dir, model: str | None = None) -> Path:
     """Write the student saved in `student_dir` (--save) as a self-contained Hugging Face folder
-    `out_dir`: config.json (the base config, auto_map, bcllm_modules), model.safetensors (the
-    compressed weights), tokenizer files, modeling_bcllm.py with circulant_math.py, and
+    `out_dir`: config.json (the base config, auto_map, bcllm_modules), model.bcllm.safetensors
+    (the compressed weights), tokenizer files, modeling_bcllm.py with circulant_math.py, and
     bcllm_fitted.json (provenance).
 
     Load it anywhere, without bcllm: AutoModelForCausalLM.from_pretrained(out_dir,

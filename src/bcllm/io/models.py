@@ -48,7 +48,17 @@ def _gemma3_gguf() -> Path:
     return pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
 
 
-EMBEDDED = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+def _parted_gguf(name: str):
+    def locate() -> Path:
+        from .gguf_parts import PARTED, assemble
+
+        return assemble(PARTED[name], cache_dir() / "gguf" / name)
+    return locate
+
+
+# Qwen2.5-Coder Instruct 0.5B and 1.5B (Q4_K_M) ship split in part packages (the extras qwen05, qwen15).
+EMBEDDED = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf,
+            "qwen2.5-0.5b": _parted_gguf("qwen2.5-0.5b"), "qwen2.5-1.5b": _parted_gguf("qwen2.5-1.5b")}
 
 
 def cache_dir() -> Path:

@@ -1,8 +1,11 @@
 """Structured linear layers of a bcllm student, for `from_pretrained(..., trust_remote_code=True)`.
 
 Written by `bcllm export`, with circulant_math.py beside it; needs only torch and transformers.
-config.json holds the base model's config plus `bcllm_modules` {module name: {"type": ..., sizes}}: the base architecture is built
-from the config, those modules are swapped in, then transformers loads model.safetensors.
+config.json holds the base model's config (its own model_type, so AutoConfig and AutoTokenizer need no
+remote code) plus `bcllm_modules` {module name: {"type": ..., sizes}}: the base architecture is built
+from the config, those modules are swapped in, then transformers loads the weights, saved as the
+variant WEIGHTS_VARIANT (model.bcllm.safetensors): a dense load of the folder without
+trust_remote_code finds no model.safetensors and fails loudly instead of loading wrong weights.
 
 The circulant math is bcllm's own: circulant_math.py, a verbatim copy of bcllm.ops.circulant_math.
 Block-circulant: a weight (out, in) is a p x q grid of b x b circulant blocks stored as c[p, q, b],
@@ -12,17 +15,16 @@ Block-diagonal: blocks[k, ceil(out/k), ceil(in/k)], padded the same way. Circula
 sum of the two, one shared bias.
 """
 
-import json
 import math
-import os
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .circulant_math import cached_spectra, circulant_matmul_planar, grid_shape
+
+WEIGHTS_VARIANT = "bcllm"  # the weights file is model.bcllm.safetensors (bcllm.io.artifact uses the same name)
 
 
 class BlockCirculantLinear(nn.Module):
@@ -121,13 +123,8 @@ def structured_class(config):
             swap_modules(self, getattr(config, "bcllm_modules", {}))
 
         def save_pretrained(self, save_directory, *args, **kwargs):
+            kwargs["variant"] = WEIGHTS_VARIANT
             base.save_pretrained(self, save_directory, *args, **kwargs)
-            path = os.path.join(save_directory, "config.json")
-            with open(path) as f:
-                saved = json.load(f)
-            saved["model_type"] = "bcllm"
-            with open(path, "w") as f:
-                json.dump(saved, f, indent=2, sort_keys=True)
 
         _CLASSES[base] = type("BcllmForCausalLM", (base,), {
             "__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__,
@@ -135,29 +132,17 @@ def structured_class(config):
     return _CLASSES[base]
 
 
-class BcllmConfig(PretrainedConfig):
-    """Entry point for AutoConfig. config.json says model_type "bcllm" so that loading without
-    trust_remote_code fails loudly (instead of building the dense base with missing weights);
-    this returns the base architecture's own config (type `bcllm_base_model_type`)."""
-
-    model_type = "bcllm"
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        config_dict, kwargs = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)
-        config_dict["model_type"] = config_dict["bcllm_base_model_type"]
-        return CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict, **kwargs)
-
-
 class BcllmForCausalLM(PreTrainedModel):
-    """Entry point named in config.json's auto_map; returns an instance of structured_class(config)."""
+    """Entry point named in config.json's auto_map; returns an instance of structured_class(config),
+    its weights read from the WEIGHTS_VARIANT file."""
 
-    config_class = BcllmConfig
+    config_class = PretrainedConfig
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, config=None, **kwargs):
         if config is None:
-            config = BcllmConfig.from_pretrained(pretrained_model_name_or_path)
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        kwargs["variant"] = WEIGHTS_VARIANT
         return structured_class(config).from_pretrained(pretrained_model_name_or_path, *args, config=config, **kwargs)
 
     @classmethod

@@ -1,0 +1,138 @@
+"""Does block-circulant compression get easier with model size? (issue 21)
+
+The same recipe on the middle third of each model's decoder layers (MLP projections), circulant
+and low-rank at the same parameter budget, at block sizes 16 and 4, measured on the held-out
+prompts with the floor (the same modules removed). Every point is one `bcllm eval` run whose JSON
+lands in RUN (a rerun measures only the missing points); its peak memory is recorded beside it.
+Then the table and plot: docs/results/scale.{md,json,png}.
+
+    python scripts/scale_table.py [--models smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b] [--run runs/scale]
+        [--fit sequential] [--block-sizes 16,4] [--structures circulant,lowrank] [--report-only]
+
+Calibration is --calib pydoc-all for every model: it needs no generation, so every model gets the
+same text and the larger models' calibration costs no hour of sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path("docs/results")
+PROMPTS = "src/bcllm/data/heldout_prompts.txt"
+LAYERS = {"smollm2-135m": 30, "qwen2.5-0.5b": 24, "qwen2.5-1.5b": 28, "gemma3-270m": 18}
+
+
+def middle_third(n_layers: int) -> str:
+    return f"{round(n_layers / 3)}-{round(2 * n_layers / 3) - 1}"
+
+
+def command(model: str, structure: str, block: int, fit: str, json_path: Path) -> list[str]:
+    return ["bcllm", "eval", "--model", model, "--layers", middle_third(LAYERS[model]), "--structure", structure,
+            "--block-size", str(block), "--fit", fit, "--calib", "pydoc-all", "--max-new-tokens", "0",
+            "--prompts", PROMPTS, "--json", str(json_path)]
+
+
+def run_point(cmd: list[str], json_path: Path, log: Path) -> None:
+    """Run one eval; its peak resident memory (this child only, from wait4) goes beside its JSON."""
+    start = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], stdout=out,
+                                stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0 or not json_path.exists():
+        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}; see {log}")
+    side = {"peak_rss_gib": usage.ru_maxrss / 2**20, "wall_s": time.time() - start, "command": " ".join(cmd)}
+    json_path.with_suffix(".run.json").write_text(json.dumps(side, indent=1))
+
+
+def row(json_path: Path) -> dict:
+    d = json.loads(json_path.read_text())
+    side = json.loads(json_path.with_suffix(".run.json").read_text())
+    m, c = d["metrics"], d["compression"]
+    block = c["calibration"].get("block") or {}
+    layers = block.get("layers", [])
+    return {"model": d["model"], "model_params": c["model_params_before"], "structure": c["config"]["structure"],
+            "block_size": c["config"]["block_size"], "fit": c["calibration"]["fit"], "layers": c["config"]["layers"],
+            "token_agreement": m["token_agreement"], "agreement_ci": d["ci"]["token_agreement"],
+            "kl_mean": m["kl_mean"], "floor_token_agreement": m["floor_token_agreement"],
+            "floor_kl_mean": m["floor_kl_mean"], "kl_recovered": m["kl_recovered"],
+            "params_removed": 1 - c["model_params_after"] / c["model_params_before"],
+            "replaced_params": c["replaced_params"],
+            "block_error_after": (sum(x["held_after"] for x in layers) / len(layers)) if layers else None,
+            "wall_s": side["wall_s"], "peak_rss_gib": side["peak_rss_gib"], "command": side["command"]}
+
+
+def report(rows: list[dict]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "scale.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| model | params | layers | structure | b | agreement [95% CI] | KL | floor agr. / KL | kl_recovered "
+             "| params removed | wall | peak RSS |", "|" + " --- |" * 12]
+    for r in sorted(rows, key=lambda r: (r["model_params"], r["block_size"], r["structure"])):
+        lo, hi = r["agreement_ci"]
+        lines.append(f"| {r['model']} | {r['model_params'] / 1e6:.0f}M | {r['layers']} | {r['structure']} | "
+                     f"{r['block_size']} | {r['token_agreement']:.3f} [{lo:.3f}, {hi:.3f}] | {r['kl_mean']:.3f} | "
+                     f"{r['floor_token_agreement']:.3f} / {r['floor_kl_mean']:.2f} | {r['kl_recovered']:.3f} | "
+                     f"{r['params_removed']:.1%} | {r['wall_s'] / 60:.1f} min | {r['peak_rss_gib']:.1f} GiB |")
+    lines += ["", "Commands (each row):", ""] + [f"    {r['command']}" for r in rows]
+    (OUT / "scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:len(rows) + 2]))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (structure, b), style in zip(sorted({(r["structure"], r["block_size"]) for r in rows}), ["o-", "s-", "o--", "s--"]):
+        pts = sorted((r["model_params"], r) for r in rows if (r["structure"], r["block_size"]) == (structure, b))
+        xs = [p / 1e6 for p, _ in pts]
+        axes[0].plot(xs, [r["token_agreement"] for _, r in pts], style, label=f"{structure} b={b}")
+        axes[1].plot(xs, [r["kl_recovered"] for _, r in pts], style, label=f"{structure} b={b}")
+    floor = sorted({(r["model_params"], r["floor_token_agreement"]) for r in rows})
+    axes[0].plot([p / 1e6 for p, _ in floor], [f for _, f in floor], "k:", label="floor (MLPs removed)")
+    for ax, name in zip(axes, ["token agreement (held-out prompts)", "kl_recovered (1 - KL / floor KL)"]):
+        ax.set_xscale("log")
+        ax.set_xlabel("model parameters (M)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Middle third of the MLPs compressed, same recipe on every model")
+    fig.tight_layout()
+    fig.savefig(OUT / "scale.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b")
+    ap.add_argument("--structures", default="circulant,lowrank")
+    ap.add_argument("--block-sizes", default="16,4")
+    ap.add_argument("--fit", default="sequential")
+    ap.add_argument("--run", default="runs/scale")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    points = [(m, s, int(b)) for m in args.models.split(",") for b in args.block_sizes.split(",")
+              for s in args.structures.split(",")]
+    for m in {m for m, _, _ in points}:
+        if m not in LAYERS:
+            raise SystemExit(f"unknown model {m!r}; this script knows {', '.join(LAYERS)}")
+    done = []
+    for i, (model, structure, block) in enumerate(points, 1):
+        path = run / f"{model}-{structure}-b{block}-{args.fit}.json"
+        if not path.exists() and not args.report_only:
+            print(f"[{i}/{len(points)}] {model} {structure} b={block} --fit {args.fit}", flush=True)
+            run_point(command(model, structure, block, args.fit, path), path, path.with_suffix(".log"))
+        if path.exists() and path.with_suffix(".run.json").exists():
+            done.append(row(path))
+    if done:
+        report(done)
+
+
+if __name__ == "__main__":
+    main()
