@@ -58,7 +58,7 @@ def row(json_path: Path) -> dict:
     block = c["calibration"].get("block") or {}
     layers = block.get("layers", [])
     return {"model": d["model"], "model_params": c["model_params_before"], "structure": c["config"]["structure"],
-            "block_size": c["config"]["block_size"], "fit": c["calibration"]["fit"], "layers": c["config"]["layers"],
+            "block_size": d["config"]["block_size"], "fit": c["calibration"]["fit"], "layers": d["config"]["layers"],
             "token_agreement": m["token_agreement"], "agreement_ci": d["ci"]["token_agreement"],
             "kl_mean": m["kl_mean"], "floor_token_agreement": m["floor_token_agreement"],
             "floor_kl_mean": m["floor_kl_mean"], "kl_recovered": m["kl_recovered"],
@@ -81,7 +81,7 @@ def report(rows: list[dict]) -> None:
                      f"{r['params_removed']:.1%} | {r['wall_s'] / 60:.1f} min | {r['peak_rss_gib']:.1f} GiB |")
     lines += ["", "Commands (each row):", ""] + [f"    {r['command']}" for r in rows]
     (OUT / "scale.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:len(rows) + 2]))
+    print("\n".join(lines[:len(rows) + 2]), flush=True)
 
     import matplotlib
     matplotlib.use("Agg")
@@ -130,8 +130,7 @@ def main() -> None:
             run_point(command(model, structure, block, args.fit, path), path, path.with_suffix(".log"))
         if path.exists() and path.with_suffix(".run.json").exists():
             done.append(row(path))
-    if done:
-        report(done)
+            report(done)  # after every point: a long run shows its table as it goes
 
 
 if __name__ == "__main__":

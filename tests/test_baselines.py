@@ -62,6 +62,40 @@ def test_gptq_lowers_the_output_error_below_rounding_and_equals_it_without_corre
     assert torch.equal(same.codes, rtn.codes) and torch.allclose(same.scale, rtn.scale)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_zero_inside_grid_holds_zero_exactly_and_its_integer_zero_point(bits):
+    torch.manual_seed(3)
+    lin = linear()
+    with torch.no_grad():
+        lin.weight[:, :32] = lin.weight[:, :32].abs() + 0.05  # a group entirely above zero: min..max misses 0
+        lin.weight[:, 40:44] = 0.0  # exact zeros inside a mixed-sign group
+    q = QuantizedLinear.from_linear(lin, bits, 32, zero_point="int")
+    w = lin.weight.detach().reshape(12, -1, 32)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    step = (hi - lo) / (2 ** bits - 1)
+    assert torch.allclose(q.scale, step)  # by hand: the range widened to hold 0
+    assert torch.equal(q.zero, torch.round(-lo / step))
+    assert torch.equal(q.to_dense()[:, 40:44], torch.zeros(12, 4))  # a zero weight is exactly zero
+    float_grid = QuantizedLinear.from_linear(lin, bits, 32)
+    assert float_grid.to_dense()[:, 40:44].abs().max() > 0  # the min..max grid has no exact zero
+    err = (q.to_dense() - lin.weight).abs().reshape(12, -1, 32)
+    assert (err <= step[..., None] * 1.0 + 1e-6).all()  # rounding the zero point moves the grid by < half a step
+    assert q.sizes()["zero_point"] == "int"
+    with pytest.raises(Exception, match="zero_point must be one of float, int"):
+        QuantizedLinear.from_linear(lin, bits, 32, zero_point="half")
+
+
+def test_gptq_damping_is_the_larger_of_ridge_and_damp():
+    lin = linear(16, 64, seed=1)
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(4)) @ (torch.eye(64) + 0.3)
+    stats = stats_of(x)
+    damped = QuantizedLinear.from_linear(lin, 3, 16, damp=1e-2).fit_(lin.weight, stats, ridge=1e-4)
+    ridged = QuantizedLinear.from_linear(lin, 3, 16).fit_(lin.weight, stats, ridge=1e-2)
+    plain = QuantizedLinear.from_linear(lin, 3, 16).fit_(lin.weight, stats, ridge=1e-4)
+    assert torch.equal(damped.codes, ridged.codes) and torch.allclose(damped.scale, ridged.scale)
+    assert not torch.equal(damped.codes, plain.codes)
+
+
 def test_wanda_keeps_the_largest_weight_times_input_norm_per_row():
     lin = linear(6, 8, seed=3)
     x = torch.randn(100, 8) * torch.tensor([0.1, 1, 5, 0.2, 3, 0.5, 2, 1])
@@ -107,3 +141,22 @@ def test_quantized_and_pruned_students_count_bytes_and_parameters_honestly(tmp_p
     p = copy.deepcopy(model)
     summary = compress_(p, PruneConfig(pattern="2:4", targets="mlp"))
     assert summary["structured_params"] == weights // 2  # (no biases in Llama's MLP)
+
+
+def test_quant_grid_and_damping_reach_the_modules_from_the_spec(tmp_path):
+    from bcllm.errors import InputError
+    from bcllm.fit.student import StudentSpec, config_for
+    from bcllm.io.checkpoint import load_fitted, save_fitted
+
+    config = config_for(StudentSpec(structure="quant", block_size=2, quant_grid="int", quant_damp=0.01, layers="0"))
+    model = tiny_model("llama", layers=2)
+    compress_(model, config)
+    modules = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert modules and all((m.bits, m.zero_point, m.damp) == (2, "int", 0.01) for m in modules)
+    assert all(torch.equal(m.zero, m.zero.round()) for m in modules)  # integer zero points: GPTQ's grid
+    save_fitted(model, tmp_path / "q", config)
+    again = tiny_model("llama", layers=2)
+    load_fitted(again, tmp_path / "q")
+    assert all(m.zero_point == "int" for m in again.modules() if isinstance(m, QuantizedLinear))
+    with pytest.raises(InputError, match="quant_grid applies to structure quant"):
+        StudentSpec(structure="circulant", quant_grid="int")

@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bcllm"
 # sit above the fits, since loading one re-applies the structures and channel transforms it was fitted with.
 LAYERS = [
     ("errors", ["errors"]),
+    ("dist", ["dist"]),
     ("io: files", ["io.results", "io.gguf_parts", "io.models", "io.prompts"]),
     ("ops", ["ops.kernel", "ops.circulant_math", "ops.circulant", "ops.stats", "ops.costs"]),
     ("surgery", ["surgery"]),

@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, dist
 from ..errors import InputError
 from ..io.results import structured_params
 
@@ -67,6 +67,12 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="circulant MLPs: first reorder (and rescale) channels without changing the dense "
                         "model's function, searched to bring the weights closer to block-circulant: hidden = "
                         "each MLP's intermediate channels, residual = the residual stream, both")
+    p.add_argument("--quant-grid", default=D.quant_grid, choices=["float", "int"],
+                   help="quant: the min..max grid with a float zero point (llama.cpp Q4_1, torchao) or GPTQ's "
+                        "grid that holds 0 exactly (integer zero point)")
+    p.add_argument("--quant-damp", type=float, default=D.quant_damp,
+                   help="quant --fit sequential (GPTQ): damping relative to the mean Gram diagonal, the larger "
+                        "of it and --ridge (GPTQ's own default: 0.01)")
     p.add_argument("--layers", default=D.layers, help="decoder layers: all, 10-19, 0,3,5")
     p.add_argument("--targets", default=D.targets,
                    help="comma-separated module suffixes, globs, or shorthands mlp / attn")
@@ -649,8 +655,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_voice(args) -> None:
+    """Under torchrun (bcllm.dist): `--device cuda` is each rank's own GPU, and only rank 0 prints
+    results (every rank computes them; errors still go to each rank's stderr)."""
+    if dist.world() > 1:
+        if getattr(args, "device", None):
+            args.device = dist.device_for(args.device)
+        if not dist.is_main():
+            sys.stdout = open(os.devnull, "w")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    one_voice(args)
     try:
         args.func(args)
     except InputError as e:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import dist
 from ..errors import InputError, InputFileError
 from ..surgery import set_module
 from ..io.models import cache_dir, model_file_identity, model_fingerprint  # noqa: F401 (re-exported)
@@ -317,6 +318,11 @@ class TeacherCache:
                                    "token_ids": token_ids}, sort_keys=True)
         key = hashlib.sha256(key_material.encode()).hexdigest()[:24]
         root = Path(root) if root is not None else cache_dir() / "teacher"
+        with dist.main_first():  # under torchrun rank 0 computes it, the other ranks read it
+            return cls._load_or_compute(root, key, model, token_ids, settings, progress)
+
+    @classmethod
+    def _load_or_compute(cls, root: Path, key: str, model, token_ids, settings: dict, progress: bool):
         path = root / key
         if path.exists():
             cache, problem = cls._open(path)
@@ -374,7 +380,7 @@ def _compute_teacher(model, token_ids, settings, folder: Path, progress: bool) -
     rows.flush()
     del rows
     meta = {"format": CACHE_FORMAT, "settings": settings, "token_ids": token_ids, "generations": generations}
-    atomic_write(folder / "meta.json", json.dumps(meta))
+    atomic_write(folder / "meta.json", json.dumps(meta), every_rank=True)  # read back at once
 
 
 # ---- evaluation ----

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import dist
 from ..errors import InputError
 from ..io.models import DEFAULT_MODEL
 from ..fit.student import KEY_DEFAULTS, POINT_FIELDS, StudentIO, StudentSpec, build_student, spec_value
@@ -122,7 +123,13 @@ def open_results_dir(out, identity: dict) -> Path:
     """Create `out` with a manifest, or check that the manifest there describes the same run.
 
     identity: what makes results comparable (model, prompts, evaluation settings). A directory
-    made for another model or prompt set is refused, so results are never mixed."""
+    made for another model or prompt set is refused, so results are never mixed. Under torchrun
+    rank 0 makes it first; the other ranks then check its manifest."""
+    with dist.main_first():
+        return _open_results_dir(out, identity)
+
+
+def _open_results_dir(out, identity: dict) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"out {str(out)!r} is a file; give a directory for the results", "out")
@@ -170,7 +177,7 @@ def end_torn_line(path) -> None:
     """A kill mid-write leaves a last line without its newline: end it, so that the next record
     starts on a line of its own (the torn line is kept, and skipped by read_jsonl)."""
     path = Path(path)
-    if path.exists() and path.stat().st_size:
+    if dist.is_main() and path.exists() and path.stat().st_size:
         with open(path, "rb+") as f:
             f.seek(-1, 2)
             if f.read(1) != b"\n":
@@ -184,14 +191,16 @@ def run_points(points: list[dict], measure, results_path, defaults: dict = KEY_D
     from tqdm import tqdm
 
     end_torn_line(results_path)
-    done = finished(results_path, rekey)
+    done = dist.broadcast_object(finished(results_path, rekey))  # torchrun: rank 0's records on every rank
     keys = list(dict.fromkeys(point_key(p, defaults) for p in points))  # drop duplicate points
     by_key = {point_key(p, defaults): p for p in points}
     todo = [k for k in keys if k not in done]
     print(f"{desc}: {len(keys)} points, {len(keys) - len(todo)} already in {results_path}, {len(todo)} to run")
     for key in tqdm(todo, desc=desc, unit="point", dynamic_ncols=True):
         done.update(finished(results_path, rekey))  # another process on the same directory may have done it
-        if key in done:
+        found = dist.broadcast_object(done.get(key))  # torchrun: every rank skips the points rank 0 skips
+        if found is not None:
+            done[key] = found
             continue
         start = time.perf_counter()
         record = measure(by_key[key])

@@ -19,6 +19,7 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from .. import dist
 from ..errors import InputError
 from ..io.models import cache_dir
 from ..io.results import atomic_write, library_versions, read_cached_json
@@ -218,7 +219,13 @@ def mixed(model, tokenizer, n: int, max_new_tokens: int = 48, seed: int = 0, mod
 
 def load_calibration(source: str, model=None, tokenizer=None, n: int = 100, max_new_tokens: int = 64,
                      seed: int = 0, model_id: str = "", progress: bool = True) -> list[str]:
-    """Calibration samples from a source name (SOURCES) or a text file path, one sample a line."""
+    """Calibration samples from a source name (SOURCES) or a text file path, one sample a line.
+    Under torchrun rank 0 reads or writes (and caches) them first, the other ranks then read its cache."""
+    with dist.main_first():
+        return _calibration(source, model, tokenizer, n, max_new_tokens, seed, model_id, progress)
+
+
+def _calibration(source, model, tokenizer, n, max_new_tokens, seed, model_id, progress) -> list[str]:
     if source in ("self-chat", "self-seed"):
         return self_generated(model, tokenizer, n, source, max_new_tokens, seed, model_id, progress=progress)
     if source == "teacher":  # the teacher's replies to the bundled seeds (teacher_text.py), cached

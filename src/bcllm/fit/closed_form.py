@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import dist
 from ..errors import InputError
 from ..structures.base import StructuredLinear, fitted_modules, linear_weight  # noqa: F401 (fitted_modules re-exported)
 from ..ops.stats import InputStats  # noqa: F401 (the fits' statistics; re-exported)
@@ -90,6 +91,10 @@ def input_stats(model: nn.Module, names, batches, progress: bool = True,
     the same tensor share one InputStats). One pass of the base model (no LM head), stopped after
     the last decoder layer needed. keep_rows > 0: each InputStats also keeps its first keep_rows
     input rows (float32, real positions, drawn from every batch) in `.rows`, for objectives that need the tokens."""
+    batches = list(batches)
+    # data-parallel: this rank's share, summed over ranks below (not with keep_rows: every rank keeps
+    # the rows a single process would)
+    local = batches if keep_rows else dist.shard(batches)
     capture = _InputCapture(model, names)
     prefix, layers = decoder_layers(model)
     indices = [layer_index(n, prefix) for n in names]
@@ -99,7 +104,7 @@ def input_stats(model: nn.Module, names, batches, progress: bool = True,
     stats: dict[str, InputStats] = {}
     sampler = torch.Generator().manual_seed(0)
     try:
-        for batch in tqdm(batches, desc="input statistics", disable=not progress, leave=False):
+        for batch in tqdm(local, desc="input statistics", disable=not progress, leave=False):
             capture.inputs.clear()
             try:
                 model.base_model(**_model_inputs(batch))
@@ -114,7 +119,18 @@ def input_stats(model: nn.Module, names, batches, progress: bool = True,
         capture.remove()
         if stop is not None:
             stop.remove()
+    if not keep_rows:
+        _all_reduce(stats)
     return stats
+
+
+def _all_reduce(stats: dict) -> None:
+    """Sum {name: InputStats} (modules fed one tensor share one) over the ranks, in name order."""
+    seen = set()
+    for name in sorted(stats):
+        if id(stats[name]) not in seen:
+            seen.add(id(stats[name]))
+            stats[name].all_reduce_()
 
 
 _SHARED_STATS: dict | None = None
@@ -174,11 +190,12 @@ def _accumulate(stats: dict, inputs: dict, mask) -> list:
 
 @torch.no_grad()
 def aware_layer_(layer_s: nn.Module, layer_t: nn.Module, names: list, h_t: list, extra: list, masks: list,
-                 ridge: float) -> tuple[list, int]:
+                 ridge: float, sharded: bool = False) -> tuple[list, int]:
     """The aware fit of one decoder layer: the structured modules `names` (relative to the layer) of
     the student's layer fitted to the teacher's layer on the inputs it sees; returns the teacher
     layer's output hidden states and the calibration tokens. The same statistics and solves as
-    fit_aware_ (streaming.py feeds it one loaded layer at a time)."""
+    fit_aware_ (streaming.py feeds it one loaded layer at a time). sharded: h_t is this rank's
+    share of the batches (dist.shard); the statistics are summed over ranks before the solves."""
     capture, stats, out = _InputCapture(layer_t, names), {}, []
     try:
         for h, e, mask in zip(h_t, extra, masks):
@@ -187,6 +204,8 @@ def aware_layer_(layer_s: nn.Module, layer_t: nn.Module, names: list, h_t: list,
             _accumulate(stats, capture.inputs, mask)
     finally:
         capture.remove()
+    if sharded:
+        _all_reduce(stats)
     for name in names:
         layer_s.get_submodule(name).fit_(linear_weight(layer_t.get_submodule(name)), stats[name], ridge)
     return out, (next(iter(stats.values())).n if stats else 0)
@@ -253,7 +272,11 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
     in the result's "layers". stages (stage checkpoints, e.g. reconstruct.LayerCheckpoints):
     stages.load(index, layer, names) gives (tokens, refine's dict) of a layer restored from a
     checkpoint, which is then run but neither fitted nor refined, or None; stages.save(index, layer,
-    names, tokens, dict) is called after each layer fitted here."""
+    names, tokens, dict) is called after each layer fitted here.
+
+    Data-parallel (dist.py): without refine, each rank runs its share of the batches and each
+    group's statistics are summed over ranks before its solve, so every rank fits the same weights;
+    with refine (block reconstruction trains on all token rows) every rank runs all of them."""
     modules = check_pair(student, teacher)
     prefix, layers_t = decoder_layers(teacher)  # (the student's may hold no linear layer any more)
     layers_s = student.get_submodule(prefix)
@@ -261,7 +284,8 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
     if outside:
         raise InputError(f"sequential fit handles modules inside decoder layers only; {outside[0]!r} is "
                          f"outside: use the aware fit", "fit")
-    batches = list(batches)
+    sharded = refine is None
+    batches = dist.shard(batches) if sharded else list(batches)
     masks = [b.get("attention_mask") for b in batches]
     indices = [layer_index(n, prefix) for n in modules]
     first, last = min(indices), max(indices)
@@ -274,7 +298,7 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
         names = [n[len(layer_prefix):] for n in modules if n.startswith(layer_prefix)]
         loaded = stages.load(li, layers_s[li], names) if stages is not None and names else None
         h_s, h_t, layer_tokens, result = sequential_layer_(li, layers_s[li], layers_t[li], names, h_s, h_t,
-                                                           extra[li], masks, ridge, refine, loaded)
+                                                           extra[li], masks, ridge, refine, loaded, sharded)
         if stages is not None and names and loaded is None:
             stages.save(li, layers_s[li], names, layer_tokens, result)
         tokens = layer_tokens or tokens
@@ -284,13 +308,15 @@ def fit_sequential_(student: nn.Module, teacher: nn.Module, batches, ridge: floa
 
 
 def sequential_layer_(index: int, layer_s: nn.Module, layer_t: nn.Module, names: list, h_s: list, h_t: list,
-                      extra: list, masks: list, ridge: float, refine=None, loaded=None) -> tuple:
+                      extra: list, masks: list, ridge: float, refine=None, loaded=None,
+                      sharded: bool = False) -> tuple:
     """One decoder layer of the sequential fit: fit the structured modules `names` (relative to the
     layer) of the student's layer, refine it, and run both layers on their hidden states. Returns
     (student hidden states, teacher hidden states) leaving the layer, the calibration tokens (0: no
     module here) and refine's dict (or None). `h_s is h_t` stays true while the student equals the
     teacher. fit_sequential_ calls it for each layer; streaming.py calls it on one loaded layer at a time.
-    loaded: (tokens, refine's dict) of a layer whose modules a stage checkpoint restored: only run."""
+    loaded: (tokens, refine's dict) of a layer whose modules a stage checkpoint restored: only run.
+    sharded: the hidden states are this rank's share of the batches (statistics summed over ranks)."""
     unit, x_s, tokens, result = unit_name(names), None, 0, None
     if loaded is not None:
         tokens, result = loaded
@@ -300,7 +326,7 @@ def sequential_layer_(index: int, layer_s: nn.Module, layer_t: nn.Module, names:
         x_s = unit_inputs(layer_s, unit, h_s, extra)
         x_t = x_s if h_s is h_t else unit_inputs(layer_t, unit, h_t, extra)
         tokens = _fit_unit(layer_s.get_submodule(unit), layer_t.get_submodule(unit), names, unit,
-                           x_s, x_t, extra if not unit else None, masks, ridge)
+                           x_s, x_t, extra if not unit else None, masks, ridge, sharded)
     next_t = [_run_layer(layer_t, h, e) for h, e in zip(h_t, extra)]
     if refine is not None and names and loaded is None:
         result = refine(SequentialLayer(index, layer_s, layer_t, names, h_s, h_t, next_t, extra, masks, unit, x_s))
@@ -353,7 +379,7 @@ def unit_inputs(layer: nn.Module, unit: str, hidden: list, extra: list) -> list:
     return out
 
 
-def _fit_unit(unit_s, unit_t, names, unit, x_s, x_t, extra, masks, ridge) -> int:
+def _fit_unit(unit_s, unit_t, names, unit, x_s, x_t, extra, masks, ridge, sharded: bool = False) -> int:
     """Closed-form fits of `names` (relative to the layer) inside one unit, one shared-input group
     at a time in forward order; extra: the layer's other arguments when the unit is the layer."""
     prefix = f"{unit}." if unit else ""
@@ -362,6 +388,8 @@ def _fit_unit(unit_s, unit_t, names, unit, x_s, x_t, extra, masks, ridge) -> int
     tokens = 0
     while todo:
         stats, group = _first_group_stats(unit_s, unit_t, x_s, x_t, extra, masks, todo)
+        if sharded:
+            stats.all_reduce_()
         for rel in group:
             unit_s.get_submodule(rel).fit_(linear_weight(unit_t.get_submodule(rel)), stats, ridge)
         todo = [n for n in todo if n not in group]

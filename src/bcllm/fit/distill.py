@@ -14,6 +14,11 @@ student's forward under bfloat16 autocast (the circulant products stay float32).
 A checkpoint (trainable tensors, optimiser, schedule, history) is written every
 `checkpoint_every` steps; with `resume` a run continues from it and ends in the same state as an
 uninterrupted run (batch order is a function of the step and seed).
+
+Data-parallel under torchrun (dist.py): every step's batch is split by rows over the ranks; each
+rank's loss is its share of the whole batch's (its positions' sum over the batch's positions), so
+the gradients summed over ranks, the clipped step and the loss are those of one process on the
+whole batch. The held-out KL is split the same way; on-policy batches are rank 0's.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import dist
 from ..errors import InputError, InputFileError
 from ..io.models import tensors_fingerprint
 from ..io.results import atomic_write
@@ -176,6 +182,10 @@ def restrict_targets(teacher, batches, targets: list[dict]) -> torch.Tensor:
     the exact top-k + tail KL of both distributions restricted to that vocabulary (a second pass
     of the teacher). Returns the union's token ids."""
     ids = torch.unique(torch.cat([t["target"][1].reshape(-1) for t in targets]))
+    if dist.world() > 1:  # the union over every rank's rows
+        present = torch.zeros(teacher.get_output_embeddings().weight.shape[0], device=ids.device)
+        present[ids] = 1
+        ids = dist.all_reduce_sum(present).nonzero()[:, 0]
     position = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=ids.device)
     position[ids] = torch.arange(ids.numel(), device=ids.device)
     for batch, t in zip(batches, targets):
@@ -195,6 +205,11 @@ def first_trained_layer(student, params: dict, enabled: bool = True) -> int:
 
 def topk_kl(z_s: torch.Tensor, target) -> torch.Tensor:
     """Mean over rows of KL(teacher || student) on the teacher's top-k tokens plus one tail bucket."""
+    return topk_kl_rows(z_s, target).mean()
+
+
+def topk_kl_rows(z_s: torch.Tensor, target) -> torch.Tensor:
+    """Per row, KL(teacher || student) on the teacher's top-k tokens plus one tail bucket."""
     values, ids, lse = target
     logp_t = values - lse[:, None]
     logq = torch.log_softmax(z_s.float(), dim=-1)
@@ -202,8 +217,7 @@ def topk_kl(z_s: torch.Tensor, target) -> torch.Tensor:
     p_t = logp_t.exp()
     tail_t = (1 - p_t.sum(-1)).clamp_min(1e-12)
     tail_s = (1 - logq_s.exp().sum(-1)).clamp_min(1e-12)
-    kl = (p_t * (logp_t - logq_s)).sum(-1) + tail_t * (tail_t.log() - tail_s.log())
-    return kl.mean()
+    return (p_t * (logp_t - logq_s)).sum(-1) + tail_t * (tail_t.log() - tail_s.log())
 
 
 DIVERGENCES = ("forward", "reverse", "jsd", "skew")
@@ -214,31 +228,39 @@ def divergence(z_t: torch.Tensor, z_s: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean over rows of a divergence between teacher logits z_t and student logits z_s (full
     vocabulary): forward KL(p||q), reverse KL(q||p), jsd (generalised JSD at beta 0.5, GKD) or skew
     (KL(p || a p + (1-a) q), DistiLLM)."""
+    return divergence_rows(z_t, z_s, kind).mean()
+
+
+def divergence_rows(z_t: torch.Tensor, z_s: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per row, the divergence of `divergence`."""
     logp = torch.log_softmax(z_t.float(), -1)
     logq = torch.log_softmax(z_s.float(), -1)
     p, q = logp.exp(), logq.exp()
     if kind == "forward":
-        return (p * (logp - logq)).sum(-1).mean()
+        return (p * (logp - logq)).sum(-1)
     if kind == "reverse":
-        return (q * (logq - logp)).sum(-1).mean()
+        return (q * (logq - logp)).sum(-1)
     if kind == "jsd":
         logm = torch.logaddexp(logp, logq) - math.log(2)
-        return 0.5 * ((p * (logp - logm)).sum(-1) + (q * (logq - logm)).sum(-1)).mean()
+        return 0.5 * ((p * (logp - logm)).sum(-1) + (q * (logq - logm)).sum(-1))
     if kind == "skew":
         logm = torch.logaddexp(logp + math.log(SKEW), logq + math.log(1 - SKEW))
-        return (p * (logp - logm)).sum(-1).mean()
+        return (p * (logp - logm)).sum(-1)
     raise InputError(f"unknown divergence {kind!r}; allowed: {', '.join(DIVERGENCES)}", "distill_divergence")
 
 
 @torch.no_grad()
 def held_out_kl(student, teacher_logprobs: list[torch.Tensor], batches) -> float:
-    """Full-vocabulary KL(teacher || student) per position, averaged over all real positions."""
+    """Full-vocabulary KL(teacher || student) per position, averaged over all real positions (of
+    every rank's rows: dist.split_rows)."""
     total, count = 0.0, 0
     for lp_t, batch in zip(teacher_logprobs, batches):
         z = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
         lq = torch.log_softmax(z[_masked(batch)].float(), -1)
         total += (lp_t.exp() * (lp_t - lq)).sum().item()
         count += lp_t.shape[0]
+    if dist.world() > 1:
+        total, count = dist.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / max(count, 1)
 
 
@@ -275,8 +297,9 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     first = first_trained_layer(student, params, cfg.cache_prefix and not cfg.train_norms)
     if cfg.onpolicy and on_policy is None:
         raise InputError("onpolicy distillation needs a source of the student's own continuations", "distill_onpolicy")
-    targets, vocab = _targets(teacher, batches, cfg, first)
-    held = list(held_out)
+    local = [dist.split_rows(b) for b in batches]  # this rank's rows of every batch (all of them alone)
+    targets, vocab = _targets(teacher, local, cfg, first)
+    held = [b for b in map(dist.split_rows, held_out) if _rows(b)]
     held_lp = [torch.log_softmax(t, -1) for t in _teacher_logits(teacher, held)]
     prefix, _ = decoder_layers(teacher)
     hidden_layers = sorted({layer_index(n, prefix) for n in fitted_modules(student)} - {None})
@@ -287,16 +310,9 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     start, tokens = time.perf_counter(), 0
     try:
         while run.step < cfg.steps:
-            if on_policy_step(run.step, cfg.onpolicy):  # the student's own text, the teacher scoring it now
-                batch = on_policy()
-                loss = _step(student, teacher, batch, None, run, hidden_layers)
-            else:
-                i = _batch_index(run.step, len(batches), cfg.seed)
-                batch, target = batches[i], targets[i]
-                with cached_prefix(student, first, target["tuple"]) as state, restricted_head(student, vocab):
-                    state["hidden"] = target["prefix"]
-                    loss = _step(student, teacher, batch, target["target"], run, hidden_layers)
-            tokens += (n := int(_masked(batch).sum()))
+            loss, n = _next_step(student, teacher, batches, local, targets, vocab, first, run, hidden_layers,
+                                 on_policy)
+            tokens += n
             run.history["tokens"] = run.history.get("tokens", 0) + n
             if held and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
                 _evaluate(student, run, held, held_lp, on_eval)
@@ -328,7 +344,29 @@ def _targets(teacher, batches, cfg: DistillConfig, first: int):
     targets = _LazyTargets(teacher, batches, cfg.topk, first)
     if cfg.vocab != "teacher":
         return targets, None
-    return targets, restrict_targets(teacher, batches, [targets[i] for i in range(len(batches))])
+    kept = [i for i in range(len(batches)) if _rows(batches[i])]  # (a rank may have no rows of a short batch)
+    return targets, restrict_targets(teacher, [batches[i] for i in kept], [targets[i] for i in kept])
+
+
+def _rows(batch: dict) -> int:
+    return batch["input_ids"].shape[0]
+
+
+def _next_step(student, teacher, batches, local, targets, vocab, first, run, hidden_layers, on_policy):
+    """The step run.step: on the student's own text (on-policy) or on its calibration batch, of which
+    this rank trains its rows `local[i]`; returns (loss, real positions of the whole batch)."""
+    if on_policy_step(run.step, run.cfg.onpolicy):  # the student's own text, the teacher scoring it now
+        batch = dist.broadcast_object(on_policy() if dist.is_main() else None)  # rank 0's, on every rank
+        n = int(_masked(batch).sum())
+        return _step(student, teacher, dist.split_rows(batch), None, run, hidden_layers, n), n
+    i = _batch_index(run.step, len(batches), run.cfg.seed)
+    n = int(_masked(batches[i]).sum())
+    if not _rows(local[i]):  # no rows here (a short batch): this rank only adds its zero gradients
+        return _step(student, teacher, local[i], None, run, hidden_layers, n), n
+    target = targets[i]
+    with cached_prefix(student, first, target["tuple"]) as state, restricted_head(student, vocab):
+        state["hidden"] = target["prefix"]
+        return _step(student, teacher, local[i], target["target"], run, hidden_layers, n), n
 
 
 def on_policy_step(step: int, share: float) -> bool:
@@ -370,30 +408,60 @@ def _start(student, batches, cfg: DistillConfig) -> dict:
     return params
 
 
-def _step(student, teacher, batch, target, run, hidden_layers) -> float:
-    """One optimiser step on one batch; returns the loss."""
-    cfg, mask = run.cfg, _masked(batch)
+def _step(student, teacher, batch, target, run, hidden_layers, total: int) -> float:
+    """One optimiser step on `batch` (this rank's rows of a batch with `total` real positions over
+    all ranks; dist.split_rows); returns the loss of the whole batch."""
+    run.opt.zero_grad(set_to_none=True)
     with torch.enable_grad():
-        with torch.autocast(mask.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                          use_cache=False, output_hidden_states=cfg.hidden_mse > 0)
-        if target is None or cfg.divergence != "forward":  # the teacher's full logits, this step
-            with torch.no_grad():
-                z_t = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                              use_cache=False).logits[mask]
-            loss = divergence(z_t, out.logits[mask], cfg.divergence)
-        else:
-            loss = topk_kl(out.logits[mask], target)
-        if cfg.hidden_mse > 0:
-            loss = loss + cfg.hidden_mse * _hidden_mse(teacher, batch, mask, out.hidden_states, hidden_layers)
-        run.opt.zero_grad(set_to_none=True)
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(run.params.values()), cfg.clip)
+        loss = _share_of_loss(student, teacher, batch, target, run.cfg, hidden_layers, total)
+        if loss.requires_grad:
+            loss.backward()
+    _sum_gradients(list(run.params.values()))
+    torch.nn.utils.clip_grad_norm_(list(run.params.values()), run.cfg.clip)
     run.opt.step()
     run.sched.step()
     run.step += 1
-    run.history["loss"].append(loss.item())
-    return loss.item()
+    value = loss.item() if dist.world() == 1 else dist.all_reduce_sum(loss.detach().double().reshape(1)).item()
+    run.history["loss"].append(value)
+    return value
+
+
+def _share_of_loss(student, teacher, batch, target, cfg: DistillConfig, hidden_layers, total: int) -> torch.Tensor:
+    """The loss on this rank's rows, weighted by their share of the batch's `total` real positions:
+    summed over ranks, the loss (and its gradient) of the whole batch. The weight is exactly 1 alone."""
+    mask = _masked(batch)
+    if not mask.shape[0]:  # no rows here: still takes part in the hidden-state denominators' sum
+        if cfg.hidden_mse > 0:
+            dist.all_reduce_sum(torch.zeros(len(hidden_layers), dtype=next(teacher.parameters()).dtype,
+                                            device=mask.device))
+        return torch.zeros((), device=mask.device)
+    with torch.autocast(mask.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        out = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      use_cache=False, output_hidden_states=cfg.hidden_mse > 0)
+    if target is None or cfg.divergence != "forward":  # the teacher's full logits, this step
+        with torch.no_grad():
+            z_t = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                          use_cache=False).logits[mask]
+        rows = divergence_rows(z_t, out.logits[mask], cfg.divergence)
+    else:
+        rows = topk_kl_rows(out.logits[mask], target)
+    loss = rows.mean() * (rows.shape[0] / total)
+    if cfg.hidden_mse > 0:
+        loss = loss + cfg.hidden_mse * _hidden_mse(teacher, batch, mask, out.hidden_states, hidden_layers)
+    return loss
+
+
+def _sum_gradients(params: list) -> None:
+    """Gradients summed over ranks in one message (each rank's are its share: _share_of_loss); a
+    parameter without a gradient on some rank counts zero there."""
+    if dist.world() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = dist.all_reduce_sum(torch.cat([p.grad.reshape(-1) for p in params]))
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
 
 
 class _LazyTargets:
@@ -478,10 +546,12 @@ def _teacher_logits(teacher, batches) -> list[torch.Tensor]:
 
 
 def _hidden_mse(teacher, batch, mask, student_hidden, layers) -> torch.Tensor:
-    """Mean over patched layers of ||h_s - h_t||^2 / ||h_t||^2 at the layer outputs (real positions)."""
+    """Mean over patched layers of ||h_s - h_t||^2 / ||h_t||^2 at the layer outputs (real positions);
+    ||h_t||^2 summed over every rank's rows, so the terms of the ranks add up to the whole batch's."""
     with torch.no_grad():
         teacher_hidden = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                  use_cache=False, output_hidden_states=True).hidden_states
+        scale = dist.all_reduce_sum(torch.stack([(teacher_hidden[li + 1][mask] ** 2).sum() for li in layers]))
     terms = [((student_hidden[li + 1][mask] - teacher_hidden[li + 1][mask]) ** 2).sum()
-             / (teacher_hidden[li + 1][mask] ** 2).sum().clamp_min(1e-12) for li in layers]
+             / scale[k].clamp_min(1e-12) for k, li in enumerate(layers)]
     return torch.stack(terms).mean()

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .closed_form import (SequentialLayer, batches_digest, _rows, _run_layer, fit_sequential_, fitted_modules,
                           unit_inputs)
+from .. import dist
 from ..errors import InputError, InputFileError
 from ..io.models import tensors_fingerprint
 from ..io.results import atomic_write
@@ -86,6 +87,8 @@ def reconstruct_(student: nn.Module, teacher: nn.Module, batches, cfg: BlockConf
         info = fit_sequential_(student, teacher, batches, ridge, progress=False, refine=refine, stages=stages)
     finally:
         bar.close()
+    # every rank ran the whole fit (dist.py); rank 0's result on all of them, whatever float noise
+    dist.broadcast_([p for m in fitted_modules(student).values() for p in m.parameters()])
     info.update(fit="block", block=vars(cfg).copy(), block_s=time.perf_counter() - start)
     if stages is not None and stages.loaded:
         info["resumed_layers"] = stages.loaded
@@ -111,7 +114,7 @@ class LayerCheckpoints:
                          "modules": {n: [type(m).__name__, _shapes(m)] for n, m in modules.items()},
                          "batches": batches_digest(batches), "weights": _weights_digest(student, teacher, modules),
                          "device": next(student.parameters()).device.type}
-        if not resume and self.folder.is_dir():
+        if not resume and self.folder.is_dir() and dist.is_main():  # rank 0 writes them (dist.py)
             for old in self.folder.glob("layer_*.pt"):
                 old.unlink()
 

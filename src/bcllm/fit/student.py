@@ -79,6 +79,8 @@ class StudentSpec:
                                         # training samples (None: all); distillation uses them all
     block_sizes: str = ""               # per-module block sizes (circulant) or budgets (lowrank): "GLOB=B,..."
     transform: str = "none"             # circulant: none | hidden | residual | both (transforms.py), found first
+    quant_grid: str = "float"           # quant: float (min..max, Q4_1's) | int (GPTQ's, zero exactly on the grid)
+    quant_damp: float = 0.0             # quant with fit sequential (GPTQ): damping, the larger of it and ridge
     seed: int = field(default=0, metadata={"point": False})  # the run's seed: not a sweep setting
 
     def __post_init__(self):
@@ -100,6 +102,12 @@ class StudentSpec:
         if self.block_sizes and self.structure not in ("circulant", "lowrank"):
             raise InputError("block_sizes applies to circulant (block sizes) and lowrank (budgets)", "block_sizes")
         parse_block_sizes(self.block_sizes)
+        if (self.quant_grid, self.quant_damp) != ("float", 0.0) and self.structure != "quant":
+            raise InputError(f"quant_grid applies to structure quant (with quant_damp), not {self.structure}",
+                             "quant_grid")
+        if self.quant_grid not in ("float", "int") or not 0 <= self.quant_damp < 1:
+            raise InputError(f"quant_grid must be float or int and quant_damp in [0, 1); got {self.quant_grid!r}, "
+                             f"{self.quant_damp}", "quant_grid")
         if self.block_target not in TARGETS:
             raise InputError(f"unknown block_target {self.block_target!r}; allowed: {', '.join(TARGETS)}",
                              "block_target")
@@ -214,6 +222,8 @@ def config_for(spec: StudentSpec):
         raise InputError("give rank or param_budget, not both (the budget sets the rank)", "rank")
     size = spec.param_budget if spec.param_budget is not None else spec.block_size
     config = cls.from_options(size, spec.rank, targets=spec.targets, layers=spec.layers)
+    if spec.structure == "quant":
+        config = dataclasses.replace(config, zero_point=spec.quant_grid, damp=spec.quant_damp)
     if spec.block_sizes:
         if spec.rank is not None:
             raise InputError("block_sizes sets per-module budgets; give it without rank", "block_sizes")

@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .. import dist
 from ..errors import InputError
 from .models import EMBEDDED, load_model, resolve_model
 from .results import atomic_write, file_sha256
@@ -135,6 +136,7 @@ def _write_config(out: Path, student, entries: dict, base: dict) -> None:
     atomic_write(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+@dist.on_main  # under torchrun rank 0 writes; the other ranks wait for it
 def export_model(student, tokenizer, out_dir, base: dict | None = None) -> Path:
     """Write an in-memory student (a base model after compress_ / load_fitted) and its tokenizer
     as a self-contained Hugging Face folder; `base` is recorded in config.json as bcllm_base."""
@@ -163,5 +165,6 @@ def export_student(student_dir, out_dir, model: str | None = None) -> Path:
         raise InputError(f"{str(out)!r} is not empty; export into a new folder", "out_dir")
     student, tokenizer, summary = load_student(student_dir, model=model)
     export_model(student, tokenizer, out, summary["base"])
-    shutil.copyfile(Path(student_dir) / "fitted.json", out / "bcllm_fitted.json")
+    if dist.is_main():
+        shutil.copyfile(Path(student_dir) / "fitted.json", out / "bcllm_fitted.json")
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import dist
 from ..errors import InputError, InputFileError
 from ..structures.base import config_class, fitted_modules
 from ..surgery import compress_
@@ -26,6 +27,7 @@ from .results import atomic_write, command_line, file_sha256, read_json, version
 FORMAT = 1
 
 
+@dist.on_main  # under torchrun rank 0 writes; the other ranks wait for it
 def save_fitted(student, folder, config, original_fingerprint: str = "", extra_params=(), info=None,
                 base: dict | None = None, transform: Transform | None = None) -> Path:
     """Write the structured modules of `student` (plus named `extra_params`) to `folder`; `base` is the

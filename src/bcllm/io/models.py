@@ -23,6 +23,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch
 
+from .. import dist
 from ..errors import InputError, InputFileError
 from .results import set_aside
 
@@ -153,14 +154,15 @@ def model_source(model_id: str) -> tuple[str, dict]:
     """(what from_pretrained reads, its extra keywords) for a model id: a GGUF's safetensors
     folder (converted once and cached), a folder, or a Hugging Face id read from the local cache
     only (never downloaded). A damaged cached conversion is moved aside and rebuilt, said in one line."""
-    kind, path = resolve_model(model_id)
-    if kind == "gguf":
-        folder = _gguf_cache_folder(path)
-        if folder.exists() and (problem := cached_folder_problem(folder)):
-            set_aside(folder, "cached model", problem, "converted again")
-        if not folder.exists():
-            _convert_gguf(path, folder)
-        return str(folder), {}
+    with dist.main_first():  # under torchrun rank 0 joins and converts, the other ranks read its files
+        kind, path = resolve_model(model_id)
+        if kind == "gguf":
+            folder = _gguf_cache_folder(path)
+            if folder.exists() and (problem := cached_folder_problem(folder)):
+                set_aside(folder, "cached model", problem, "converted again")
+            if not folder.exists():
+                _convert_gguf(path, folder)
+            return str(folder), {}
     if kind == "folder":
         return str(path), {}
     return model_id, {"local_files_only": True}

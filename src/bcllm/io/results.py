@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import dist
 from ..errors import InputError, InputFileError
 
 
@@ -63,13 +64,17 @@ def check_writable(path) -> Path:
     return path
 
 
-def atomic_write(path, content) -> Path:
+def atomic_write(path, content, every_rank: bool = False) -> Path:
     """Write a file so that it is whole or absent, whatever kills the process: the bytes go to a
     temporary file in the same folder (named with the process id, so two processes never share one),
     are flushed to disk, then renamed over `path`. `content` is str, bytes, or a function that
     writes a file at the path it is given (safetensors' save_file, torch.save). A failed write
-    (a full disk) removes the temporary file and leaves any earlier `path` untouched."""
+    (a full disk) removes the temporary file and leaves any earlier `path` untouched.
+    Under torchrun only rank 0 writes (results, checkpoints, caches: dist.py); every_rank: a file
+    this process reads back at once (a part of a cache folder it builds itself)."""
     path = Path(path)
+    if not (every_rank or dist.is_main()):
+        return path
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         if callable(content):
@@ -160,7 +165,10 @@ def read_json(path, what: str, fix: str) -> dict:
 
 
 def append_jsonl(path, record: dict) -> None:
-    """Append one record and flush it to disk at once (results are never lost on a kill)."""
+    """Append one record and flush it to disk at once (results are never lost on a kill); under
+    torchrun rank 0 only."""
+    if not dist.is_main():
+        return
     with open(path, "a") as f:
         f.write(json.dumps(record, default=_jsonable) + "\n")
         f.flush()

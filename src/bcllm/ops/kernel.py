@@ -130,7 +130,7 @@ def _build():
     directory.mkdir(parents=True, exist_ok=True)
     module = load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(directory),
                   verbose=False)
-    atomic_write(complete, f"{library.name}\n")  # written last: the library is whole
+    atomic_write(complete, f"{library.name}\n", every_rank=True)  # written last: the library is whole
     print(f"bcllm: kernel built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return module
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import dist
+
 
 @dataclass
 class InputStats:
@@ -41,3 +43,13 @@ class InputStats:
         if self.xt is not self.xx:
             self.xt += (x_s.T @ x_t.to(dtype)).to(torch.float64)
         self.n += x_s.shape[0]
+
+    def all_reduce_(self) -> "InputStats":
+        """Sum the statistics over the ranks of a data-parallel run (each accumulated its share of
+        the batches: dist.shard); every rank then holds the statistics of all batches."""
+        if dist.world() > 1:
+            dist.all_reduce_sum(self.xx)
+            if self.xt is not self.xx:
+                dist.all_reduce_sum(self.xt)
+            self.n = int(dist.all_reduce_sum(torch.tensor([self.n], dtype=torch.float64)).item())
+        return self

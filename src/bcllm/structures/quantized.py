@@ -36,13 +36,27 @@ def check_bits(bits) -> int:
     return bits
 
 
-def quant_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) of an asymmetric b-bit grid from the last dimension's min to its max: code q
-    stands for min + q * scale, as llama.cpp's Q4_1 and torchao's asymmetric int4 store it (the
-    zero point is a float, min / scale; GPTQ's own grid rounds it and keeps 0 inside the range)."""
+def quant_grid(w: torch.Tensor, bits: int, zero_point: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of an asymmetric b-bit grid over the last dimension; code q stands for
+    (q - zero) * scale. zero_point "float": the grid runs from the min to the max, zero = -min /
+    scale unrounded, as llama.cpp's Q4_1 and torchao's asymmetric int4 store it. "int": GPTQ's
+    grid, widened to hold 0 and zero rounded to an integer code, so 0 is exactly representable
+    (at 2 bits that is worth much more than the finer grid: docs/results.md)."""
     lo, hi = w.amin(-1), w.amax(-1)
+    if zero_point == "int":
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-12)
-    return scale, -lo / scale
+    zero = -lo / scale
+    return scale, torch.round(zero) if zero_point == "int" else zero
+
+
+ZERO_POINTS = ("float", "int")
+
+
+def check_zero_point(zero_point) -> str:
+    if zero_point not in ZERO_POINTS:
+        raise InputError(f"zero_point must be one of {', '.join(ZERO_POINTS)}, got {zero_point!r}", "zero_point")
+    return zero_point
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -54,9 +68,10 @@ class QuantizedLinear(StructuredLinear):
     """W_hat[:, group g] = (codes - zero[:, g]) * scale[:, g]; codes in 0 .. 2^bits - 1."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None,
-                 bias: bool = True, device=None, dtype=None):
+                 zero_point: str = "float", damp: float = 0.0, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.bits, self.group_size = check_bits(bits), group_size or in_features
+        self.zero_point, self.damp = check_zero_point(zero_point), float(damp)
         if in_features % self.group_size:
             raise InputError(f"group_size {self.group_size} does not divide the {in_features} inputs", "group_size")
         groups = in_features // self.group_size
@@ -70,14 +85,15 @@ class QuantizedLinear(StructuredLinear):
     @torch.no_grad()
     def _set(self, w: torch.Tensor) -> None:
         """Round-to-nearest codes of w (out, in) on per-group min..max grids."""
-        scale, zero = quant_grid(self._grouped(w), self.bits)
+        scale, zero = quant_grid(self._grouped(w), self.bits, self.zero_point)
         self.scale.copy_(scale)
         self.zero.copy_(zero)
         self.codes.copy_(quantize(self._grouped(w), scale, zero, self.bits).reshape_as(w))
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, bits: int, group_size: int | None = None) -> "QuantizedLinear":
-        layer = cls(bits=bits, group_size=group_size, **cls.dense_args(linear))
+    def from_linear(cls, linear: nn.Module, bits: int, group_size: int | None = None, zero_point: str = "float",
+                    damp: float = 0.0) -> "QuantizedLinear":
+        layer = cls(bits=bits, group_size=group_size, zero_point=zero_point, damp=damp, **cls.dense_args(linear))
         layer._set(linear_weight(linear).detach().float())
         layer.copy_bias_(linear)
         return layer
@@ -86,16 +102,18 @@ class QuantizedLinear(StructuredLinear):
     def fit_(self, weight: torch.Tensor, stats: InputStats, ridge: float = 1e-4) -> "QuantizedLinear":
         """GPTQ on the ridged Gram A: quantise column j, then move its error, scaled by the rows of
         the upper Cholesky factor of A^-1, onto the columns after it (each group's grid is set from
-        the updated weights when its first column comes up)."""
+        the updated weights when its first column comes up). The damping is the larger of the fit's
+        ridge and the layer's own `damp` (GPTQ's default is 0.01 of the mean Gram diagonal: with
+        bcllm's least-squares ridge, 1e-4, GPTQ overfits the calibration statistics at 2-3 bits)."""
         w = weight.detach().to(torch.float64).clone()
-        u = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(ridged_gram(stats, ridge).to(w.device))),
-                                  upper=True)
+        damped = ridged_gram(stats, max(ridge, self.damp)).to(w.device)
+        u = torch.linalg.cholesky(torch.cholesky_inverse(_cholesky(damped)), upper=True)
         scale, zero = torch.empty_like(self.scale, dtype=w.dtype), torch.empty_like(self.zero, dtype=w.dtype)
         codes = torch.empty_like(w)
         for j in range(self.in_features):
             g = j // self.group_size
             if j % self.group_size == 0:
-                scale[:, g], zero[:, g] = quant_grid(w[:, j:j + self.group_size], self.bits)
+                scale[:, g], zero[:, g] = quant_grid(w[:, j:j + self.group_size], self.bits, self.zero_point)
             codes[:, j] = quantize(w[:, j:j + 1], scale[:, g], zero[:, g], self.bits)[:, 0]
             err = (w[:, j] - (codes[:, j] - zero[:, g]) * scale[:, g]) / u[j, j]
             w[:, j + 1:] -= err[:, None] * u[j, j + 1:][None, :]
@@ -124,7 +142,7 @@ class QuantizedLinear(StructuredLinear):
                 "params": n + 2 * groups + bias}
 
     def sizes(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size}
+        return {"bits": self.bits, "group_size": self.group_size, "zero_point": self.zero_point, "damp": self.damp}
 
 
 class PrunedLinear(StructuredLinear):
@@ -197,10 +215,14 @@ class PrunedLinear(StructuredLinear):
 @dataclass
 class QuantConfig(StructureConfig):
     """b-bit weight quantization with a scale and zero point per group of group_size inputs (None:
-    per output row). The generic size option is the bit width here: `--structure quant --block-size 4`."""
+    per output row), on the min..max grid (zero_point "float") or GPTQ's zero-inside grid ("int");
+    damp: GPTQ's damping (fit "sequential"), relative to the mean Gram diagonal. The generic size
+    option is the bit width here: `--structure quant --block-size 4`."""
 
     bits: int = 4
     group_size: int | None = 32
+    zero_point: str = "float"
+    damp: float = 0.0
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
     module = QuantizedLinear
@@ -213,7 +235,8 @@ class QuantConfig(StructureConfig):
         group = self.group_size or in_features
         if in_features % group:
             raise InputError(f"group_size {group} does not divide the {in_features} inputs", "group_size")
-        return {"bits": check_bits(self.bits), "group_size": self.group_size}
+        return {"bits": check_bits(self.bits), "group_size": self.group_size,
+                "zero_point": check_zero_point(self.zero_point), "damp": self.damp}
 
 
 @register("prune")
