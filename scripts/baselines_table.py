@@ -42,6 +42,8 @@ def method(compression: dict, fit: str, steps: int) -> str:
     s = c["structure"]
     if s == "quant":
         name = f"int{sizes['bits']} " + (f"group {sizes['group_size']}" if sizes["group_size"] else "per row")
+        name += ", zero-inside grid" if sizes.get("zero_point") == "int" else ""
+        name += f", damping {sizes['damp']:g}" if sizes.get("damp") and fit == "sequential" else ""
     elif s == "prune":
         name = "prune 2:4" if sizes["pattern"] == "2:4" else f"prune {sizes['sparsity']:.0%}"
     elif s == "circulant":
@@ -61,6 +63,8 @@ def rows_from_sweep(run: Path) -> list[dict]:
         pt = r["point"]
         command = (f"bcllm eval --layers {pt['layers']} --structure {pt.get('structure', 'circulant')} --block-size "
                    f"{pt.get('block_size', 16)} --fit {pt['fit']} --max-new-tokens 0 --prompts {PROMPTS}")
+        command += "".join(f" --{k.replace('_', '-')} {pt[k]}" for k, default in (("quant_grid", "float"),
+                           ("quant_damp", 0.0)) if pt.get(k, default) != default)
         rows.append(row(r["compression"], r["metrics"], r["ci"], pt["fit"], pt.get("distill_steps", 0), command))
     return rows
 

@@ -9,7 +9,7 @@ likewise, so every rank holds the same fitted weights; only rank 0 writes files.
 exactly the single-process run.
 
 The process group is created on first use: gloo for CPU tensors, plus nccl for CUDA tensors where
-CUDA is available (BCLLM_DIST_BACKEND overrides, e.g. gloo for several ranks on one GPU). A rank
+each rank has a GPU of its own (else gloo for those too; BCLLM_DIST_BACKEND overrides). A rank
 that waits longer than BCLLM_DIST_TIMEOUT seconds (default 7200: rank 0 may be writing a cache
 while the others wait) for the others fails with a message saying so.
 """
@@ -68,9 +68,12 @@ def init(init_method: str | None = None, *, rank_id: int | None = None, world_si
     world_size = world() if world_size is None else world_size
     if world_size <= 1:
         return False
-    backend = os.environ.get("BCLLM_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():  # before any nccl call: each rank on its own GPU where there are enough
-        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus:  # before any nccl call: each rank on its own GPU where there are enough (device_for)
+        torch.cuda.set_device(local_rank() % gpus)
+    # nccl needs a GPU per rank; gloo also sums CUDA tensors (several ranks sharing one GPU)
+    own_gpu = gpus and gpus >= int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    backend = os.environ.get("BCLLM_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if own_gpu else "gloo")
     _waits["timeout_s"] = timeout or timeout_s()
     td.init_process_group(backend, init_method=init_method or "env://", world_size=world_size,
                           rank=rank() if rank_id is None else rank_id,

@@ -357,6 +357,8 @@ def _next_step(student, teacher, batches, local, targets, vocab, first, run, hid
     this rank trains its rows `local[i]`; returns (loss, real positions of the whole batch)."""
     if on_policy_step(run.step, run.cfg.onpolicy):  # the student's own text, the teacher scoring it now
         batch = dist.broadcast_object(on_policy() if dist.is_main() else None)  # rank 0's, on every rank
+        device = next(student.parameters()).device  # (this rank's GPU, not rank 0's)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         n = int(_masked(batch).sum())
         return _step(student, teacher, dist.split_rows(batch), None, run, hidden_layers, n), n
     i = _batch_index(run.step, len(batches), run.cfg.seed)

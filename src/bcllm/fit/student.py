@@ -167,7 +167,8 @@ KEY_DEFAULTS = {"structure": "circulant", "block_size": 16, "rank": None, "param
                 "ridge": 1e-4, "distill_steps": 0, "distill_lr": 1e-3, "distill_batch": 8, "hidden_mse": 0.0,
                 "train_norms": False, "distill_bf16": False, "distill_vocab": "full", "block_epochs": 4, "block_lr": 1e-3,
                 "block_target": "mlp", "block_batch_tokens": 1024, "block_sizes": "", "transform": "none",
-                "distill_divergence": "forward", "distill_onpolicy": 0.0, "fit_samples": None}
+                "distill_divergence": "forward", "distill_onpolicy": 0.0, "fit_samples": None, "quant_grid": "float",
+                "quant_damp": 0.0}
 
 
 def parse_block_sizes(text: str) -> dict[str, int]:

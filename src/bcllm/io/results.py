@@ -25,6 +25,8 @@ def versions() -> dict:
             out[pkg] = __import__(pkg).__version__
         except Exception:  # a missing optional package is not an error here
             pass
+    if dist.world() > 1:  # data-parallel under torchrun (dist.py): timings are of the whole group
+        out["processes"] = dist.world()
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
         out["gpu"] = torch.cuda.get_device_name(0)
