@@ -73,7 +73,7 @@ def everything() -> dict:
     student = compressed(teacher)
     reconstruct_(student, teacher, batches, BlockConfig(epochs=1, batch_tokens=8), progress=False)
     out["block"] = {"weights": fitted_state(student)}
-    # (hidden_mse without cache_prefix: with it the student's hidden states miss the skipped layers)
+    # (one case without the cached prefix: both forward paths are split over ranks)
     for name, settings in (("forward", dict(hidden_mse=0.5, onpolicy=0.3, cache_prefix=False)),
                            ("reverse", dict(divergence="reverse")), ("teacher_vocab", dict(vocab="teacher"))):
         out[f"distill_{name}"] = distilled(student, teacher, **settings)

@@ -554,6 +554,9 @@ def _hidden_mse(teacher, batch, mask, student_hidden, layers) -> torch.Tensor:
         teacher_hidden = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                  use_cache=False, output_hidden_states=True).hidden_states
         scale = dist.all_reduce_sum(torch.stack([(teacher_hidden[li + 1][mask] ** 2).sum() for li in layers]))
-    terms = [((student_hidden[li + 1][mask] - teacher_hidden[li + 1][mask]) ** 2).sum()
+    # With a cached prefix the skipped layers (_Skip) record no hidden state: the student's list is
+    # shorter by their number, its entries still in layer order after the embeddings.
+    skipped = len(teacher_hidden) - len(student_hidden)
+    terms = [((student_hidden[li + 1 - skipped][mask] - teacher_hidden[li + 1][mask]) ** 2).sum()
              / scale[k].clamp_min(1e-12) for k, li in enumerate(layers)]
     return torch.stack(terms).mean()
