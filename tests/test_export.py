@@ -251,3 +251,27 @@ def test_cli_export_writes_the_folder_and_names_its_arguments(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("x")
     assert main(["export", str(folder), str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_lm_eval_own_cli_runs_on_the_exported_folder(exported, tmp_path):
+    """`python -m lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` (lm-eval's
+    own loader, no bcllm code) on the bundled offline task gives the accuracy bcllm's side-by-side
+    run computes from the in-memory student."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'bcllm[lmeval]'")
+    from bcllm.eval.lmeval import BUNDLED_TASKS_DIR, lm_eval_side_by_side
+
+    students, dirs, _ = exported
+    d = dirs["llama-circulant"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               HF_MODULES_CACHE=str(tmp_path / "modules"))
+    run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                          f"pretrained={d},trust_remote_code=True,dtype=float32", "--tasks", "bcllm_mc",
+                          "--include_path", str(BUNDLED_TASKS_DIR), "--limit", "4", "--device", "cpu", "--batch_size", "1",
+                          "--output_path", str(tmp_path / "out")], stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    result = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())
+    acc = result["results"]["bcllm_mc"]["acc,none"]
+    ours = lm_eval_side_by_side(students["llama-circulant"], students["llama-circulant"], tiny_tokenizer(),
+                                "bcllm_mc", limit=4)["tasks"]["bcllm_mc"]["student"]["acc"]
+    assert acc == pytest.approx(ours)
