@@ -43,7 +43,7 @@ def method(compression: dict, fit: str, steps: int) -> str:
     if s == "quant":
         name = f"int{sizes['bits']} " + (f"group {sizes['group_size']}" if sizes["group_size"] else "per row")
         name += ", zero-inside grid" if sizes.get("zero_point") == "int" else ""
-        name += f", damping {sizes['damp']:g}" if sizes.get("damp") and fit == "sequential" else ""
+        name += f", damping {sizes['damp']:g}" if sizes.get("damp") and fit != "frobenius" else ""
     elif s == "prune":
         name = "prune 2:4" if sizes["pattern"] == "2:4" else f"prune {sizes['sparsity']:.0%}"
     elif s == "circulant":

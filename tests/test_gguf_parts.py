@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import sys
 
 import numpy as np
@@ -127,3 +128,21 @@ def test_embedded_specs_are_consistent():
         assert spec.name == name and len(spec.packages) == len(spec.part_sizes)
         assert len(spec.sha256) == 64 and spec.arch == "qwen2"
         assert all(s == spec.part_sizes[0] for s in spec.part_sizes[:-1]) and spec.part_sizes[-1] <= spec.part_sizes[0]
+
+
+def test_a_killed_assembly_leaves_no_partial_file_behind(fake, tmp_path):
+    """SIGKILL skips cleanup: the next assembly removes a dead process's temporary file and keeps
+    a live one's (another process assembling the same model now)."""
+    import subprocess
+
+    spec, _, data = fake
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (cache / f"{spec.file}.tmp{dead.pid}").write_bytes(data[:100])
+    (cache / f"{spec.file}.tmp{os.getpid()}x").write_bytes(b"not a pid")
+    live = cache / f"{spec.file}.tmp1"  # pid 1 always exists
+    live.write_bytes(b"busy")
+    assert assemble(spec, cache, progress=False).read_bytes() == data
+    assert _cache_left(cache) == sorted([spec.file, live.name, f"{spec.file}.tmp{os.getpid()}x"])

@@ -35,7 +35,7 @@ from ..errors import InputError, InputFileError
 from ..surgery import set_module
 from ..io.models import cache_dir, model_file_identity, model_fingerprint  # noqa: F401 (re-exported)
 from ..io.prompts import context_length, tokenize_prompts
-from ..io.results import atomic_write, library_versions, set_aside
+from ..io.results import atomic_write, library_versions, remove_dead_temporaries, set_aside
 
 CACHE_FORMAT = 2  # bump when the cache layout or what it holds changes
 METRIC_KEYS = ("token_agreement", "last_token_agreement", "top5_overlap", "kl_mean", "logit_l2_mean",
@@ -330,7 +330,7 @@ class TeacherCache:
                 return cache
             set_aside(path, "teacher cache", problem, "computed again")
         root.mkdir(parents=True, exist_ok=True)
-        _remove_dead_temporaries(root)
+        remove_dead_temporaries(root, ".*.tmp*")
         tmp = root / f".{key}.tmp{os.getpid()}"
         try:
             _compute_teacher(model, token_ids, settings, tmp, progress)
@@ -344,17 +344,6 @@ class TeacherCache:
         cache = cls.load(path)
         cache.computed = True
         return cache
-
-
-def _remove_dead_temporaries(root: Path) -> None:
-    """Temporary folders of runs that were killed (SIGKILL skips cleanup) and hold a partial cache."""
-    for tmp in root.glob(".*.tmp*"):
-        try:
-            os.kill(int(tmp.name.rsplit(".tmp", 1)[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
 
 
 def _compute_teacher(model, token_ids, settings, folder: Path, progress: bool) -> None:

