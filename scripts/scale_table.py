@@ -66,6 +66,9 @@ def row(json_path: Path) -> dict:
             "token_agreement": m["token_agreement"], "agreement_ci": d["ci"]["token_agreement"],
             "kl_mean": m["kl_mean"], "floor_token_agreement": m["floor_token_agreement"],
             "floor_kl_mean": m["floor_kl_mean"], "kl_recovered": m["kl_recovered"],
+            # the share of the agreement the removal lost that the structure gives back
+            "agreement_recovered": (m["token_agreement"] - m["floor_token_agreement"]) /
+                                   max(1e-9, 1 - m["floor_token_agreement"]),
             "params_removed": 1 - c["model_params_after"] / c["model_params_before"],
             "replaced_params": c["replaced_params"],
             "block_error_after": (sum(x["held_after"] for x in layers) / len(layers)) if layers else None,
@@ -77,12 +80,13 @@ def report(rows: list[dict]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "scale.json").write_text(json.dumps(rows, indent=1))
     lines = ["| model | params | layers | structure | b | agreement [95% CI] | KL | floor agr. / KL | kl_recovered "
-             "| params removed | wall | peak RSS |", "|" + " --- |" * 12]
+             "| agr. recovered | params removed | wall | peak RSS |", "|" + " --- |" * 13]
     for r in sorted(rows, key=lambda r: (r["model_params"], r["block_size"], r["structure"])):
         lo, hi = r["agreement_ci"]
         lines.append(f"| {r['model']} | {r['model_params'] / 1e6:.0f}M | {r['layers']} | {r['structure']} | "
                      f"{r['block_size']} | {r['token_agreement']:.3f} [{lo:.3f}, {hi:.3f}] | {r['kl_mean']:.3f} | "
                      f"{r['floor_token_agreement']:.3f} / {r['floor_kl_mean']:.2f} | {r['kl_recovered']:.3f} | "
+                     f"{r['agreement_recovered']:.3f} | "
                      f"{r['params_removed']:.1%} | {r['wall_s'] / 60:.1f} min | {r['peak_rss_gib']:.1f} GiB"
                      f"{' (streamed)' if r.get('streamed') else ''} |")
     lines += ["", "Commands (each row):", ""] + [f"    {r['command']}" for r in rows]
@@ -98,10 +102,14 @@ def report(rows: list[dict]) -> None:
         pts = sorted((r["model_params"], r) for r in rows if (r["structure"], r["block_size"]) == (structure, b))
         xs = [p / 1e6 for p, _ in pts]
         axes[0].plot(xs, [r["token_agreement"] for _, r in pts], style, label=f"{structure} b={b}")
-        axes[1].plot(xs, [r["kl_recovered"] for _, r in pts], style, label=f"{structure} b={b}")
+        axes[1].plot(xs, [r["kl_recovered"] for _, r in pts], style, label=f"{structure} b={b}: KL")
+        axes[1].plot(xs, [r["agreement_recovered"] for _, r in pts], style, alpha=0.45,
+                     label=f"{structure} b={b}: agreement")
     floor = sorted({(r["model_params"], r["floor_token_agreement"]) for r in rows})
     axes[0].plot([p / 1e6 for p, _ in floor], [f for _, f in floor], "k:", label="floor (MLPs removed)")
-    for ax, name in zip(axes, ["token agreement (held-out prompts)", "kl_recovered (1 - KL / floor KL)"]):
+    axes[1].legend(fontsize=7)
+    for ax, name in zip(axes, ["token agreement (held-out prompts)",
+                               "share of the floor's loss recovered\n(1 - KL/floor KL; (agr - floor)/(1 - floor))"]):
         ax.set_xscale("log")
         ax.set_xlabel("model parameters (M)")
         ax.set_ylabel(name)

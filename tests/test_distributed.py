@@ -42,7 +42,7 @@ def compressed(teacher):
     return student
 
 
-def distilled(student, teacher, **settings) -> dict:
+def distilled(student, teacher, sizes=(4, 3, 1), held=(3,), **settings) -> dict:
     """Losses, held-out KL and weights of a few distillation steps on batches of 4, 3 and 1 rows (the
     last one leaves a rank without rows), on-policy batches drawn from a seeded generator."""
     from bcllm.fit.distill import DistillConfig, distill_
@@ -50,7 +50,7 @@ def distilled(student, teacher, **settings) -> dict:
     student = copy.deepcopy(student)
     g = torch.Generator().manual_seed(7)
     cfg = DistillConfig(steps=6, lr=1e-2, eval_every=2, seed=1, **settings)
-    out = distill_(student, teacher, token_batches([4, 3, 1], 3), token_batches([3], 4), cfg, progress=False,
+    out = distill_(student, teacher, token_batches(sizes, 3), token_batches(held, 4), cfg, progress=False,
                    on_policy=lambda: token_batches([3], int(torch.randint(0, 1000, (1,), generator=g)))[0])
     return {"loss": out["loss"], "held_out_kl": [kl for _, kl in out["held_out_kl"]],
             "weights": fitted_state(student)}
@@ -73,9 +73,11 @@ def everything() -> dict:
     student = compressed(teacher)
     reconstruct_(student, teacher, batches, BlockConfig(epochs=1, batch_tokens=8), progress=False)
     out["block"] = {"weights": fitted_state(student)}
-    # (one case without the cached prefix: both forward paths are split over ranks)
+    # (one case without the cached prefix: both forward paths are split over ranks; one with batches
+    # and held-out text of one row: rank 0 has no rows of any, the held-out KL and vocabulary still sum)
     for name, settings in (("forward", dict(hidden_mse=0.5, onpolicy=0.3, cache_prefix=False)),
-                           ("reverse", dict(divergence="reverse")), ("teacher_vocab", dict(vocab="teacher"))):
+                           ("reverse", dict(divergence="reverse")), ("teacher_vocab", dict(vocab="teacher")),
+                           ("one_row", dict(vocab="teacher", hidden_mse=0.5, sizes=(1, 1), held=(1,)))):
         out[f"distill_{name}"] = distilled(student, teacher, **settings)
     return out
 
@@ -136,7 +138,7 @@ def test_the_statistics_count_every_token_once(runs):
     assert ranks[0]["sequential"]["tokens"] == ranks[1]["sequential"]["tokens"] == tokens
 
 
-@pytest.mark.parametrize("kind", ["forward", "reverse", "teacher_vocab"])
+@pytest.mark.parametrize("kind", ["forward", "reverse", "teacher_vocab", "one_row"])
 def test_distillation_split_over_ranks_gives_the_whole_batch_losses(runs, kind):
     alone, ranks = runs
     for rank in ranks:
@@ -144,6 +146,19 @@ def test_distillation_split_over_ranks_gives_the_whole_batch_losses(runs, kind):
         close(alone[f"distill_{kind}"]["held_out_kl"], rank[f"distill_{kind}"]["held_out_kl"])
         close(alone[f"distill_{kind}"]["weights"], rank[f"distill_{kind}"]["weights"], 1e-4)
     close(ranks[0][f"distill_{kind}"]["weights"], ranks[1][f"distill_{kind}"]["weights"], 0)
+
+
+def test_a_launchers_rank_without_a_world_is_one_process(monkeypatch, tmp_path):
+    """RANK set (Kubeflow and the like) but no WORLD_SIZE: one process, which writes its files."""
+    from bcllm import dist
+    from bcllm.io.results import atomic_write
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert (dist.world(), dist.rank(), dist.local_rank(), dist.is_main()) == (1, 0, 0, True)
+    atomic_write(tmp_path / "out.txt", "written")
+    assert (tmp_path / "out.txt").read_text() == "written"
 
 
 def test_alone_every_helper_is_a_no_op(monkeypatch):
@@ -195,3 +210,40 @@ def test_a_failing_or_missing_rank_ends_the_run_with_a_message(tmp_path, how, me
     with pytest.raises(mp.ProcessRaisedException, match=message):
         spawn(fail_rank, (f"file://{tmp_path}/init", how), deadline_s=90)
     assert time.monotonic() - start < 90
+
+
+def main_fails(rank, init, folder):
+    """Rank 0 raises an InputError inside main_first, then inside an on_main writer; each rank records
+    what it raised and how long it took."""
+    from bcllm import dist
+    from bcllm.errors import InputError
+
+    dist.init(init, rank_id=rank, world_size=WORLD, timeout=120)
+
+    @dist.on_main
+    def write():
+        raise InputError("rank 0 could not write", "out")
+
+    def in_main_first():
+        with dist.main_first():
+            if dist.is_main():
+                raise InputError("rank 0 could not make the cache", "cache")
+
+    seen = []
+    for block in (in_main_first, write):
+        start = time.monotonic()
+        try:
+            block()
+            seen.append(None)
+        except Exception as e:
+            seen.append((type(e).__name__, str(e), getattr(e, "param", None), time.monotonic() - start))
+    torch.save(seen, f"{folder}/rank{rank}.pt")
+
+
+def test_an_error_on_rank_0_is_raised_on_every_rank_at_once(tmp_path):
+    spawn(main_fails, (f"file://{tmp_path}/init", str(tmp_path)), deadline_s=90)
+    for rank in range(WORLD):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert [s[:3] for s in seen] == [("InputError", "rank 0 could not make the cache", "cache"),
+                                        ("InputError", "rank 0 could not write", "out")]
+        assert all(s[3] < 20 for s in seen)  # at once, not after the 120 s timeout

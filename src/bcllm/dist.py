@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import functools
 import os
+import pickle
 
 import torch
 import torch.distributed as td
@@ -40,7 +41,10 @@ def _active() -> bool:
 
 
 def rank() -> int:
-    return td.get_rank() if _active() else int(os.environ.get("RANK", 0))
+    """This process's rank; 0 alone (a launcher's RANK without WORLD_SIZE above 1 is no group)."""
+    if _active():
+        return td.get_rank()
+    return int(os.environ.get("RANK", 0)) if world() > 1 else 0
 
 
 def world() -> int:
@@ -48,7 +52,7 @@ def world() -> int:
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", rank()))
+    return int(os.environ.get("LOCAL_RANK", rank())) if world() > 1 else 0
 
 
 def is_main() -> bool:
@@ -158,21 +162,56 @@ def barrier() -> None:
         _collective("waiting for the other ranks", lambda: td.all_reduce(torch.zeros(1), op=td.ReduceOp.SUM))
 
 
+def _portable(error: Exception) -> Exception:
+    """`error` as the other ranks can receive it: a copy where it pickles (an InputError stays one),
+    else a DistributedError with its type and message."""
+    try:
+        return pickle.loads(pickle.dumps(error))
+    except Exception:
+        return DistributedError(f"bcllm rank 0 failed: {type(error).__name__}: {error}")
+
+
+def _main_outcome(error: Exception | None = None, value=None):
+    """Rank 0's outcome of a block on every rank: its value, or (on the other ranks) its error raised
+    at once, so that no rank waits for a rank 0 that has failed."""
+    ok, got = broadcast_object(((error is None), value if error is None else _portable(error)) if is_main() else None)
+    if not ok and not is_main():
+        raise got
+    return got
+
+
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first (it makes a cache), the others after it (they read that cache)."""
-    if world() > 1 and not is_main():
-        barrier()
-    yield
-    if world() > 1 and is_main():
-        barrier()
+    """Rank 0 runs the block first (it makes a cache), the others after it (they read that cache).
+    When the block raises on rank 0, every rank raises its error."""
+    if world() == 1:
+        yield
+        return
+    if not is_main():
+        _main_outcome()
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        _main_outcome(e)
+        raise
+    _main_outcome()
 
 
 def on_main(fn):
-    """`fn` (a writer) runs on rank 0 only; the other ranks wait for it and get its return value."""
+    """`fn` (a writer) runs on rank 0 only; the other ranks wait for it and get its return value,
+    or raise its error."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         if world() == 1:
             return fn(*args, **kwargs)
-        return broadcast_object(fn(*args, **kwargs) if is_main() else None)
+        if not is_main():
+            return _main_outcome()
+        try:
+            value = fn(*args, **kwargs)
+        except Exception as e:
+            _main_outcome(e)
+            raise
+        return _main_outcome(value=value)
     return run

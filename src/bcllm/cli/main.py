@@ -71,8 +71,8 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="quant: the min..max grid with a float zero point (llama.cpp Q4_1, torchao) or GPTQ's "
                         "grid that holds 0 exactly (integer zero point)")
     p.add_argument("--quant-damp", type=float, default=D.quant_damp,
-                   help="quant --fit sequential (GPTQ): damping relative to the mean Gram diagonal, the larger "
-                        "of it and --ridge (GPTQ's own default: 0.01)")
+                   help="quant with --fit aware or sequential (GPTQ): damping relative to the mean Gram diagonal, "
+                        "the larger of it and --ridge (GPTQ's own default: 0.01)")
     p.add_argument("--layers", default=D.layers, help="decoder layers: all, 10-19, 0,3,5")
     p.add_argument("--targets", default=D.targets,
                    help="comma-separated module suffixes, globs, or shorthands mlp / attn")
@@ -661,6 +661,10 @@ def one_voice(args) -> None:
     if dist.world() > 1:
         if getattr(args, "device", None):
             args.device = dist.device_for(args.device)
+            import torch
+
+            if args.device.startswith("cuda") and torch.cuda.is_available():  # the current device too: this rank's GPU
+                torch.cuda.set_device(torch.device(args.device))  # (device_for: LOCAL_RANK % the GPUs)
         if not dist.is_main():
             sys.stdout = open(os.devnull, "w")
 

@@ -206,6 +206,7 @@ def run_points(points: list[dict], measure, results_path, defaults: dict = KEY_D
         record = measure(by_key[key])
         record = {"key": key, "point": by_key[key], **record, "time_s": round(time.perf_counter() - start, 2),
                   "command": command_line()}
+        record = dist.broadcast_object(record)  # torchrun: rank 0's on every rank (branches on its metrics agree)
         append_jsonl(results_path, record)
         done[key] = record
     return [done[k] for k in keys]
@@ -532,6 +533,12 @@ def _summary(record: dict) -> dict:
             "key": record["key"]}
 
 
+def in_time(deadline: float) -> bool:
+    """Whether time.perf_counter() is still before `deadline`; under torchrun rank 0's clock decides
+    for every rank (each rank's own could differ, and the ranks would measure different points)."""
+    return dist.broadcast_object(time.perf_counter() < deadline)
+
+
 def longest_prefix(path: list, measure, floor: float, deadline: float) -> int:
     """Index+1 of the longest prefix of `path` whose measured token agreement is >= floor; 0 if
     none. Galloping (prefixes 1, 2, 4, ... until one fails), then bisection, agreement taken to
@@ -539,13 +546,13 @@ def longest_prefix(path: list, measure, floor: float, deadline: float) -> int:
     `deadline` with the longest prefix known to hold."""
     lo, hi = 0, len(path)  # prefix lo is known to hold (0: dense); hi is the largest still possible
     step = 1
-    while lo < hi and time.perf_counter() < deadline:  # gallop
+    while lo < hi and in_time(deadline):  # gallop
         k = min(lo + step, hi)
         if measure(path[k - 1])["token_agreement"] < floor:
             hi = k - 1
             break
         lo, step = k, 2 * step
-    while lo < hi and time.perf_counter() < deadline:  # bisect
+    while lo < hi and in_time(deadline):  # bisect
         mid = (lo + hi + 1) // 2
         if measure(path[mid - 1])["token_agreement"] >= floor:
             lo = mid
@@ -630,7 +637,7 @@ def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float]
     if compare:  # the comparison at every circulant point measured: one curve each
         for r in sorted((r for r in measured.values() if r["structure"] == "circulant"),
                         key=lambda r: r["param_reduction"]):
-            if time.perf_counter() < deadline:
+            if in_time(deadline):
                 measure(r["state"], compare)
     curve = sorted(measured.values(), key=lambda r: (r["structure"], r["param_reduction"]))
     for row in chosen:
@@ -640,6 +647,6 @@ def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float]
               "scan": [{"layer": l, "block_size": b, **v} for (l, b), v in sorted(table.items())],
               "path": [sorted(s.items()) for s in path], "model_params": session.model_params,
               "prompts": settings.prompts, "command": command_line(), "versions": versions(),
-              "wall_s": session.wall_s(), "stopped_by_time_budget": time.perf_counter() >= deadline}
+              "wall_s": session.wall_s(), "stopped_by_time_budget": not in_time(deadline)}
     write_json(session.out / FRONTIER, result)
     return result

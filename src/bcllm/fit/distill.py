@@ -181,8 +181,9 @@ def restrict_targets(teacher, batches, targets: list[dict]) -> torch.Tensor:
     token ids become positions in it and their log-sum-exp the teacher's over it, so the loss is
     the exact top-k + tail KL of both distributions restricted to that vocabulary (a second pass
     of the teacher). Returns the union's token ids."""
-    ids = torch.unique(torch.cat([t["target"][1].reshape(-1) for t in targets]))
-    if dist.world() > 1:  # the union over every rank's rows
+    none = torch.empty(0, dtype=torch.long, device=teacher.get_output_embeddings().weight.device)
+    ids = torch.unique(torch.cat([none, *(t["target"][1].reshape(-1) for t in targets)]))
+    if dist.world() > 1:  # the union over every rank's rows (a rank may have none)
         present = torch.zeros(teacher.get_output_embeddings().weight.shape[0], device=ids.device)
         present[ids] = 1
         ids = dist.all_reduce_sum(present).nonzero()[:, 0]
@@ -299,12 +300,13 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
         raise InputError("onpolicy distillation needs a source of the student's own continuations", "distill_onpolicy")
     local = [dist.split_rows(b) for b in batches]  # this rank's rows of every batch (all of them alone)
     targets, vocab = _targets(teacher, local, cfg, first)
+    held_out = list(held_out)  # every rank's (the same): whether to evaluate; held: this rank's rows of it
     held = [b for b in map(dist.split_rows, held_out) if _rows(b)]
     held_lp = [torch.log_softmax(t, -1) for t in _teacher_logits(teacher, held)]
     prefix, _ = decoder_layers(teacher)
     hidden_layers = sorted({layer_index(n, prefix) for n in fitted_modules(student)} - {None})
     student.train(False)  # no dropout: the student should match the teacher's eval-mode function
-    if held and run.step == 0:  # where distillation starts from
+    if held_out and run.step == 0:  # where distillation starts from (every rank: held_out_kl sums over ranks)
         _evaluate(student, run, held, held_lp, on_eval)
     bar = tqdm(total=cfg.steps, initial=run.step, desc="distill", unit="step", disable=not progress)
     start, tokens = time.perf_counter(), 0
@@ -314,7 +316,7 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
                                  on_policy)
             tokens += n
             run.history["tokens"] = run.history.get("tokens", 0) + n
-            if held and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
+            if held_out and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
                 _evaluate(student, run, held, held_lp, on_eval)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}",
@@ -356,9 +358,10 @@ def _next_step(student, teacher, batches, local, targets, vocab, first, run, hid
     """The step run.step: on the student's own text (on-policy) or on its calibration batch, of which
     this rank trains its rows `local[i]`; returns (loss, real positions of the whole batch)."""
     if on_policy_step(run.step, run.cfg.onpolicy):  # the student's own text, the teacher scoring it now
-        batch = dist.broadcast_object(on_policy() if dist.is_main() else None)  # rank 0's, on every rank
-        device = next(student.parameters()).device  # (this rank's GPU, not rank 0's)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = on_policy() if dist.is_main() else None
+        if dist.world() > 1:  # rank 0's on every rank, sent from the CPU (CUDA tensors unpickle on cuda:0)
+            batch = dist.broadcast_object(None if batch is None else _moved(batch, "cpu"))
+        batch = _moved(batch, next(student.parameters()).device)  # (this rank's GPU, not rank 0's)
         n = int(_masked(batch).sum())
         return _step(student, teacher, dist.split_rows(batch), None, run, hidden_layers, n), n
     i = _batch_index(run.step, len(batches), run.cfg.seed)
@@ -369,6 +372,10 @@ def _next_step(student, teacher, batches, local, targets, vocab, first, run, hid
     with cached_prefix(student, first, target["tuple"]) as state, restricted_head(student, vocab):
         state["hidden"] = target["prefix"]
         return _step(student, teacher, local[i], target["target"], run, hidden_layers, n), n
+
+
+def _moved(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def on_policy_step(step: int, share: float) -> bool:
@@ -416,7 +423,7 @@ def _step(student, teacher, batch, target, run, hidden_layers, total: int) -> fl
     run.opt.zero_grad(set_to_none=True)
     with torch.enable_grad():
         loss = _share_of_loss(student, teacher, batch, target, run.cfg, hidden_layers, total)
-        if loss.requires_grad:
+        if _rows(batch):  # (a rank without rows has no graph: its gradients are zeros, _sum_gradients)
             loss.backward()
     _sum_gradients(list(run.params.values()))
     torch.nn.utils.clip_grad_norm_(list(run.params.values()), run.cfg.clip)
@@ -434,8 +441,7 @@ def _share_of_loss(student, teacher, batch, target, cfg: DistillConfig, hidden_l
     mask = _masked(batch)
     if not mask.shape[0]:  # no rows here: still takes part in the hidden-state denominators' sum
         if cfg.hidden_mse > 0:
-            dist.all_reduce_sum(torch.zeros(len(hidden_layers), dtype=next(teacher.parameters()).dtype,
-                                            device=mask.device))
+            dist.all_reduce_sum(torch.zeros(len(hidden_layers), dtype=torch.float64, device=mask.device))
         return torch.zeros((), device=mask.device)
     with torch.autocast(mask.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         out = student(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
@@ -447,7 +453,8 @@ def _share_of_loss(student, teacher, batch, target, cfg: DistillConfig, hidden_l
         rows = divergence_rows(z_t, out.logits[mask], cfg.divergence)
     else:
         rows = topk_kl_rows(out.logits[mask], target)
-    loss = rows.mean() * (rows.shape[0] / total)
+    # (alone: exactly the mean; with ranks the sum, which a share of padding alone leaves 0, not NaN)
+    loss = rows.mean() * (rows.shape[0] / total) if dist.world() == 1 else rows.sum() / total
     if cfg.hidden_mse > 0:
         loss = loss + cfg.hidden_mse * _hidden_mse(teacher, batch, mask, out.hidden_states, hidden_layers)
     return loss
@@ -553,9 +560,12 @@ def _hidden_mse(teacher, batch, mask, student_hidden, layers) -> torch.Tensor:
     with torch.no_grad():
         teacher_hidden = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                  use_cache=False, output_hidden_states=True).hidden_states
-        scale = dist.all_reduce_sum(torch.stack([(teacher_hidden[li + 1][mask] ** 2).sum() for li in layers]))
+        scale = torch.stack([(teacher_hidden[li + 1][mask] ** 2).sum() for li in layers])
+        # summed over ranks in float64 (as a rank without rows sends it; cast back exactly alone)
+        scale = dist.all_reduce_sum(scale.double()).to(scale.dtype)
     # With a cached prefix the skipped layers (_Skip) record no hidden state: the student's list is
-    # shorter by their number, its entries still in layer order after the embeddings.
+    # shorter by their number; its entry 0 is the input to the first layer that runs (the fed prefix),
+    # then each layer's output in order.
     skipped = len(teacher_hidden) - len(student_hidden)
     terms = [((student_hidden[li + 1 - skipped][mask] - teacher_hidden[li + 1][mask]) ** 2).sum()
              / scale[k].clamp_min(1e-12) for k, li in enumerate(layers)]
