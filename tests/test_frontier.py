@@ -1,6 +1,7 @@
 """bcllm frontier: greedy mixed block sizes, bisection by measurement, the comparison at equal budgets."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,7 @@ def test_frontier_cli_on_a_tiny_model(tmp_path, monkeypatch):
     # 0.1: certainly met on this model (one layer at block size 8 keeps ~0.9 of the tokens; the whole
     # path ~0.75); 0.95: above even the first step's agreement, so not met
     argv = ["frontier", "--model", str(folder), "--out", str(out), "--prompts", str(folder / "prompts.txt"),
-            "--min-agreement", "0.1", "0.95", "--sizes", "2,8", "--json", str(js)]
+            "--min-agreement", "0.1", "0.95", "--sizes", "2,8", "--json", str(js), "--decode-bench", "eager"]
     assert main(argv) == 0
     result = json.loads(js.read_text())
     assert len(result["scan"]) == 4 * 2
@@ -84,6 +85,16 @@ def test_frontier_cli_on_a_tiny_model(tmp_path, monkeypatch):
         # the comparison gets at most each circulant budget: it removes at least as much
         assert c["compare"]["structure"] == "lowrank"
         assert c["compare"]["param_reduction"] >= c["param_reduction"] - 1e-9
+        # the student kept when the path measured it (not fitted again) and timed against dense
+        assert Path(c["student"]).parent == out / "students"
+        speed = c["speed"]
+        assert c["decode_speedup"] == pytest.approx(speed["compressed_decode_tokens_per_s"]
+                                                    / speed["dense_decode_tokens_per_s"])
+        assert speed["decode_mode"] == "eager" and speed["decode_byte_ratio"] > 1
+        evaluated = tmp_path / f"eval-{c['min_agreement']:g}.json"
+        assert main(["eval", "--model", str(folder), "--load", c["student"], "--max-new-tokens", "0",
+                     "--prompts", str(folder / "prompts.txt"), "--json", str(evaluated)]) == 0
+        assert json.loads(evaluated.read_text())["metrics"]["token_agreement"] == pytest.approx(c["token_agreement"])
         meta = json.loads(open(c["student"] + "/fitted.json").read())
         assert meta["config"]["block_sizes"] == parse_block_sizes(c["config"]["block_sizes"])
         model, _ = load_model(str(folder))

@@ -419,7 +419,8 @@ def cmd_frontier(args) -> None:
     spec, io = spec_from_args(args)
     result = frontier(settings_from_args(args), args.out, spec, sorted(args.min_agreement), sizes,
                       None if args.compare == "none" else args.compare,
-                      float("inf") if args.time_budget is None else 60 * args.time_budget, io, args.scan_fit)
+                      float("inf") if args.time_budget is None else 60 * args.time_budget, io, args.scan_fit,
+                      args.decode_bench)
     for path in frontier_section(result, args.out):
         print(f"wrote {path}")
     if args.json:
@@ -606,6 +607,9 @@ def add_experiment_commands(sub) -> None:
     p.add_argument("--scan-fit", default="aware", choices=FITS,
                    help="fit of the single-layer scan that orders the search (aware: one calibration pass for "
                         "all layers); the measured configurations use --fit")
+    p.add_argument("--decode-bench", default="compiled", choices=("compiled", "eager", "none"),
+                   help="time each chosen student's greedy decode against dense with bench model's lean loop "
+                        "(compiled: through torch.compile, as bench model; eager; none)")
     p.add_argument("--json", metavar="PATH", help="also write the result (chosen configurations, curve) here")
     p.set_defaults(func=cmd_frontier, max_new_tokens=0)
 

@@ -417,15 +417,18 @@ def frontier_markdown(result: dict, image: str) -> str:
         cmp = c.get("compare", {})
         sizes = ", ".join(f"{layer}:{b}" for layer, b in sorted(c["state"].items(), key=lambda kv: int(kv[0])))
         rows.append([c["min_agreement"], f"{100 * c.get('param_reduction', 0):.2f}", c.get("token_agreement"),
-                     c.get("kl_mean"), cmp.get("token_agreement"), cmp.get("kl_mean"), sizes or "(none)",
+                     c.get("kl_mean"), cmp.get("token_agreement"), cmp.get("kl_mean"),
+                     f"{c['decode_speedup']:.2f}x" if c.get("decode_speedup") else "–", sizes or "(none)",
                      c.get("student")])
     curve = [[r["structure"], f"{100 * r['param_reduction']:.2f}", r["token_agreement"], r["kl_mean"],
               r.get("floor_token_agreement"), len(r["state"])] for r in result["curve"]]
     text = ["## Frontier", f"Prompts: `{result['prompts'] or 'bundled'}`; block sizes considered: {result['sizes']}; "
-            f"{len(result['scan'])} single-layer points scanned; {result['wall_s'] / 60:.1f} min. "
+            f"{len(result['scan'])} single-layer points scanned; path fitted with `{result.get('fit', '?')}`; "
+            f"{result['wall_s'] / 60:.1f} min. Decode speedup: the chosen student against dense, greedy decode "
+            f"in `bench model`'s lean loop ({result.get('decode_bench', 'not measured')}), same run. "
             f"Command: `{result['command']}`", "",
             md_table(["min agreement", "param. reduction %", "circulant agr.", "circulant KL", "compared agr.",
-                      "compared KL", "layer:block size", "student"], rows), "",
+                      "compared KL", "decode speedup", "layer:block size", "student"], rows), "",
             "Every configuration measured on the path (the comparison at the same per-module budgets):", "",
             md_table(["structure", "param. reduction %", "token agr.", "KL mean", "floor agr.", "layers"], curve), "",
             f"![frontier]({image})", ""]

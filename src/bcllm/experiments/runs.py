@@ -334,6 +334,7 @@ class Session:
 
         self.start = time.perf_counter()
         self.with_floor = True  # measure each point's floor (same modules removed) beside it
+        self.save_students = False  # save each measured student under out/students/<point hash>
         self.settings, self.base, self.io = settings, base, dataclasses.replace(io, save=None, load=None)
         self.prompts = load_prompts(settings.prompts)
         torch.manual_seed(settings.seed)
@@ -367,9 +368,11 @@ class Session:
         torch.manual_seed(self.settings.seed)
         spec = dataclasses.replace(self.base, **point)
         io = self.io
+        key = hashlib.sha256(point_key(point).encode()).hexdigest()[:16]
         if io.distill_dir:  # one checkpoint folder per point: a point never resumes another's run
-            key = hashlib.sha256(point_key(point).encode()).hexdigest()[:16]
             io = dataclasses.replace(io, distill_dir=str(Path(io.distill_dir) / f"point-{key}"))
+        if self.save_students:  # kept, so a chosen student need not be fitted again
+            io = dataclasses.replace(io, save=str(self.student_dir(point)))
         student, summary = build_student(self.model, self.tokenizer, spec, io, eval_prompts=self.prompts,
                                          model_id=self.settings.model, progress=False)
         result = ev.evaluate(student, self.tokenizer, self.prompts, teacher=self.teacher, progress=False)
@@ -380,6 +383,10 @@ class Session:
                 "param_reduction": (summary["model_params_before"] - summary["model_params_after"])
                 / summary["model_params_before"],
                 "num_layers": num_patched_layers(point.get("layers", "all"), self.num_layers)}
+
+    def student_dir(self, point: dict) -> Path:
+        """Where save_students keeps the student of `point` (a point as measure() receives it)."""
+        return self.out / "students" / hashlib.sha256(point_key(point).encode()).hexdigest()[:16]
 
     def floor(self, modules: list[str]) -> dict:
         """The floor (same modules removed) of a module set: measured once per results directory
@@ -577,12 +584,43 @@ def frontier_scan(session: Session, point: dict, layers: list[int], sizes: list[
 
 
 def save_chosen(session: Session, base: StudentSpec, point: dict, row: dict) -> None:
-    """Build the chosen configuration once more and save it beside the results (row gets config, student)."""
+    """The chosen configuration's student, saved (row gets config, student): the one saved when the
+    path measured it (save_students), else built once more beside the results."""
     row["config"] = state_point(point, row["state"], base.block_size, session.num_layers)
+    kept = session.student_dir(session.effective([row["config"]])[0])
+    if (kept / "fitted.json").is_file():
+        row["student"] = str(kept)
+        return
     row["student"] = str(session.out / f"student-{row['min_agreement']:g}")
     build_student(session.model, session.tokenizer, dataclasses.replace(base, **row["config"]),
                   StudentIO(save=row["student"]), eval_prompts=session.prompts, model_id=session.settings.model,
                   progress=False)
+
+
+DECODE_BENCH = ("compiled", "eager", "none")
+
+
+def chosen_decode_speed(session: Session, row: dict, mode: str, num_prompts: int = 8, new_tokens: int = 32) -> None:
+    """Greedy-decode speed of the chosen student against the dense model, measured now with `bench
+    model`'s lean loop (MLPs fused, `mode` compiled or eager, its default prompts and settings): row
+    gets decode_speedup and the bench's figures. Rank 0 measures alone (ranks sharing a machine
+    would time each other); every rank gets its figures."""
+    from ..bench.measure import bench_model
+    from ..io.prompts import load_prompts, tokenize_prompts
+    from ..structures.circulant import fuse_circulant_mlp_
+
+    @dist.on_main
+    def measure():
+        student, _ = build_student(session.model, session.tokenizer, StudentSpec(), StudentIO(load=row["student"]))
+        fuse_circulant_mlp_(student)
+        ids = tokenize_prompts(session.tokenizer, load_prompts(None)[:num_prompts])
+        r = bench_model(session.model, student, ids, new_tokens=new_tokens, compile=mode == "compiled")
+        keys = ("decode_speedup", "decode_mode", "decode_byte_ratio", "dense_decode_tokens_per_s",
+                "compressed_decode_tokens_per_s", "eager_decode_speedup", "prefill_speedup")
+        return {k: r[k] for k in keys}
+
+    row["speed"] = measure()
+    row["decode_speedup"] = row["speed"]["decode_speedup"]
 
 
 def check_frontier(base: StudentSpec, floors: list[float], compare: str | None) -> None:
@@ -604,13 +642,16 @@ def check_frontier(base: StudentSpec, floors: list[float], compare: str | None) 
 
 def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float], sizes: list[int],
              compare: str | None = "lowrank", time_budget_s: float = float("inf"), io: StudentIO = StudentIO(),
-             scan_fit: str = "aware") -> dict:
+             scan_fit: str = "aware", decode_bench: str = "compiled") -> dict:
     """The largest parameter reduction whose token agreement (on settings.prompts) stays >= each of
     `floors`: scan each layer alone at each of `sizes`, order the moves greedily (greedy_path),
     bisect the path with measurements, then measure `compare` (a budgeted structure) at the same
-    per-module budgets and save the chosen students. The scan (only an ordering) fits with
-    `scan_fit`; the path's points with base.fit. Resumable: every point is in results.jsonl."""
+    per-module budgets, save the chosen students and time their decode against dense
+    (`decode_bench`: compiled, eager or none). The scan (only an ordering) fits with `scan_fit`; the
+    path's points with base.fit, each student kept. Resumable: every point is in results.jsonl."""
     check_frontier(base, floors, compare)
+    if decode_bench not in DECODE_BENCH:
+        raise InputError(f"decode_bench must be one of {', '.join(DECODE_BENCH)}, got {decode_bench!r}", "decode_bench")
     session = Session(settings, out, base, io)
     deadline = session.start + time_budget_s
     point, n = session.base_point(), session.num_layers
@@ -620,7 +661,9 @@ def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float]
 
     def measure(state, structure="circulant"):
         p = state_point({**point, "structure": structure}, state, base.block_size, n)
+        session.save_students = structure == "circulant"
         record = session.run([p], f"frontier {structure}")[0]
+        session.save_students = False
         row = measured[json.dumps([structure, sorted(state.items())])] = {**_summary(record), "structure": structure,
                                                                           "state": state}
         return row
@@ -643,10 +686,12 @@ def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float]
     for row in chosen:
         if row["steps"]:
             save_chosen(session, base, point, row)
+            if decode_bench != "none":
+                chosen_decode_speed(session, row, decode_bench)
     result = {"floors": floors, "sizes": sizes, "scan_fit": scan_fit, "fit": base.fit, "chosen": chosen, "curve": curve,
               "scan": [{"layer": l, "block_size": b, **v} for (l, b), v in sorted(table.items())],
               "path": [sorted(s.items()) for s in path], "model_params": session.model_params,
               "prompts": settings.prompts, "command": command_line(), "versions": versions(),
-              "wall_s": session.wall_s(), "stopped_by_time_budget": not in_time(deadline)}
+              "wall_s": session.wall_s(), "stopped_by_time_budget": not in_time(deadline), "decode_bench": decode_bench}
     write_json(session.out / FRONTIER, result)
     return result
