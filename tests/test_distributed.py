@@ -71,8 +71,9 @@ def everything() -> dict:
         info = fit(student, teacher, batches, 1e-4, False)
         out[name] = {"weights": fitted_state(student), "tokens": info["tokens"]}
     student = compressed(teacher)
-    reconstruct_(student, teacher, batches, BlockConfig(epochs=1, batch_tokens=8), progress=False)
-    out["block"] = {"weights": fitted_state(student)}
+    info = reconstruct_(student, teacher, batches, BlockConfig(epochs=1, batch_tokens=8), progress=False)
+    out["block"] = {"weights": fitted_state(student), "held_after": [r["held_after"] for r in info["layers"]]}
+    out["block_rows"] = [r["train_rows"] for r in info["layers"]]  # token rows this rank trained on
     # (one case without the cached prefix: both forward paths are split over ranks; one with batches
     # and held-out text of one row: rank 0 has no rows of any, the held-out KL and vocabulary still sum)
     for name, settings in (("forward", dict(hidden_mse=0.5, onpolicy=0.3, cache_prefix=False)),
@@ -129,6 +130,13 @@ def test_two_ranks_fit_what_one_process_fits(runs, part):
     alone, ranks = runs
     for rank in ranks:
         close(alone[part], rank[part])
+
+
+def test_block_reconstruction_splits_each_chunk_over_the_ranks(runs):
+    alone, ranks = runs  # (the weights and held-out errors equal the single process's: the test above)
+    assert all(n > 0 for n in alone["block_rows"])
+    assert [a + b for a, b in zip(ranks[0]["block_rows"], ranks[1]["block_rows"])] == alone["block_rows"]
+    assert all(0 < r < a for rank in ranks for r, a in zip(rank["block_rows"], alone["block_rows"]))
 
 
 def test_the_statistics_count_every_token_once(runs):

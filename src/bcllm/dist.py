@@ -3,8 +3,9 @@
     torchrun --nproc-per-node 2 -m bcllm eval --layers 10-19 --fit sequential ...
 
 Each process (rank) runs the whole program on the whole model. The calibration statistics are
-computed on this rank's share of the batches and summed over ranks, distillation's gradients
-likewise, so every rank holds the same fitted weights; only rank 0 writes files. Without torchrun
+computed on this rank's share of the batches and summed over ranks, the gradients of block
+reconstruction and distillation likewise (each rank its share of the rows), so every rank holds
+the same fitted weights; only rank 0 writes files. Without torchrun
 (no WORLD_SIZE in the environment) every function here is a no-op for one process: the run is
 exactly the single-process run.
 
@@ -137,6 +138,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world() > 1:
         _collective("summing a tensor over ranks", lambda: td.all_reduce(tensor, op=td.ReduceOp.SUM))
     return tensor
+
+
+def sum_gradients_(params: list) -> None:
+    """Gradients summed over ranks in one message (each rank's are its share of the loss); a
+    parameter without a gradient on some rank counts zero there."""
+    if world() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = all_reduce_sum(torch.cat([p.grad.reshape(-1) for p in params]))
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
 
 
 def broadcast_(tensors) -> None:

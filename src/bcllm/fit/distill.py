@@ -423,9 +423,9 @@ def _step(student, teacher, batch, target, run, hidden_layers, total: int) -> fl
     run.opt.zero_grad(set_to_none=True)
     with torch.enable_grad():
         loss = _share_of_loss(student, teacher, batch, target, run.cfg, hidden_layers, total)
-        if _rows(batch):  # (a rank without rows has no graph: its gradients are zeros, _sum_gradients)
+        if _rows(batch):  # (a rank without rows has no graph: its gradients are zeros, dist.sum_gradients_)
             loss.backward()
-    _sum_gradients(list(run.params.values()))
+    dist.sum_gradients_(list(run.params.values()))
     torch.nn.utils.clip_grad_norm_(list(run.params.values()), run.cfg.clip)
     run.opt.step()
     run.sched.step()
@@ -458,19 +458,6 @@ def _share_of_loss(student, teacher, batch, target, cfg: DistillConfig, hidden_l
     if cfg.hidden_mse > 0:
         loss = loss + cfg.hidden_mse * _hidden_mse(teacher, batch, mask, out.hidden_states, hidden_layers)
     return loss
-
-
-def _sum_gradients(params: list) -> None:
-    """Gradients summed over ranks in one message (each rank's are its share: _share_of_loss); a
-    parameter without a gradient on some rank counts zero there."""
-    if dist.world() == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = dist.all_reduce_sum(torch.cat([p.grad.reshape(-1) for p in params]))
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
 
 
 class _LazyTargets:

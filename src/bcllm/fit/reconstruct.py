@@ -22,6 +22,10 @@ worse on held-out activations than the closed form it starts from. One unit runs
 backward at a time. MLP units are trained on shuffled token rows held in memory: inputs, targets
 and weights take (2 * hidden + 1) * 4 bytes a token (SmolLM2: 4.6 kB, 0.46 GB per 100k tokens).
 
+Data-parallel (dist.py): every rank runs the sequential pass on all batches; each training chunk's
+token rows are split over the ranks and the gradients summed (the loss's denominator is the whole
+chunk's target norm, a constant), so every rank takes the single process's step.
+
 Stage checkpoints (checkpoint_dir): each finished layer is saved (LayerCheckpoints), so a killed run
 resumes after its last finished layer with the result of an uninterrupted one.
 """
@@ -231,13 +235,32 @@ def _loss_terms(unit: nn.Module, chunk: dict) -> tuple[torch.Tensor, torch.Tenso
     return (w[..., None] * (out - chunk["y"]) ** 2).sum(), (w[..., None] * chunk["y"] ** 2).sum()
 
 
+def _split(chunks: list[dict]) -> bool:
+    """Whether the chunks' rows are split over ranks: token rows (an MLP unit) under torchrun; the
+    calibration batches of a whole-layer unit are not."""
+    return dist.world() > 1 and bool(chunks) and not isinstance(chunks[0]["x"], tuple)
+
+
+def _rank_rows(chunk: dict) -> dict:
+    """This rank's contiguous share of a chunk's token rows (possibly none)."""
+    n = chunk["w"].shape[0]
+    lo, hi = n * dist.rank() // dist.world(), n * (dist.rank() + 1) // dist.world()
+    return {k: v[lo:hi] for k, v in chunk.items()}
+
+
 @torch.no_grad()
 def relative_error(unit: nn.Module, chunks: list[dict]) -> float:
-    """sum w ||unit(x) - y||^2 / sum w ||y||^2 over chunks (1.0 = the unit removed)."""
+    """sum w ||unit(x) - y||^2 / sum w ||y||^2 over chunks (1.0 = the unit removed); token rows
+    split over ranks and the sums added (_split)."""
+    split = _split(chunks)
     err = ref = 0.0
     for chunk in chunks:
-        e, r = _loss_terms(unit, chunk)
-        err, ref = err + float(e), ref + float(r)
+        part = _rank_rows(chunk) if split else chunk
+        if part["w"].numel():
+            e, r = _loss_terms(unit, part)
+            err, ref = err + float(e), ref + float(r)
+    if split:
+        err, ref = dist.all_reduce_sum(torch.tensor([err, ref], dtype=torch.float64)).tolist()
     return err / max(ref, 1e-30)
 
 
@@ -257,12 +280,21 @@ def _train(unit: nn.Module, params: list, train: list[dict], held: list[dict], c
     total = max(1, cfg.epochs * len(train))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _schedule_factor(step, total))
     g = torch.Generator().manual_seed(cfg.seed * 7919 + index)
+    split = _split(train)  # data-parallel: each rank its share of every chunk's rows, gradients summed
+    result["train_rows"] = sum(int(_rank_rows(c)["w"].shape[0] if split else c["w"].shape[0]) for c in train)
     try:
         for epoch in range(cfg.epochs):
             for i in torch.randperm(len(train), generator=g).tolist():
-                err, ref = _loss_terms(unit, train[i])
+                chunk = train[i]
+                part = _rank_rows(chunk) if split else chunk
+                # the denominator is the whole chunk's (the targets', constant): each rank's share of
+                # the loss is its rows' error over it, and the shares' gradients add up to the whole's
+                y, w = chunk["y"], chunk["w"].to(chunk["y"].dtype)
+                ref = (w[..., None] * y ** 2).sum()
                 opt.zero_grad(set_to_none=True)
-                (err / ref.clamp_min(1e-30)).backward()
+                if part["w"].numel():
+                    (_loss_terms(unit, part)[0] / ref.clamp_min(1e-30)).backward()
+                dist.sum_gradients_(params)
                 opt.step()
                 sched.step()
             held_error = relative_error(unit, held)
