@@ -38,6 +38,22 @@ def test_longest_prefix_bisects_to_the_linear_answer(answer):
     assert max(calls) <= max(2 * answer + 1, 1)  # galloping never measures far beyond the answer
 
 
+def test_longest_prefix_past_its_deadline_still_uses_what_is_on_disk():
+    calls = []
+
+    def measure(state):
+        calls.append(state)
+        return {"token_agreement": 1.0 if state <= 7 else 0.5}
+
+    path = list(range(1, 21))
+    assert ex.longest_prefix(path, measure, 0.8, float("-inf")) == 0 and calls == []
+    # prefixes 1-5 measured by an earlier run: the gallop (1, 3, 7, ...) reads 1 and 3, stops before 7
+    assert ex.longest_prefix(path, measure, 0.8, float("-inf"), lambda state: state <= 5) == 3
+    assert calls == [1, 3]
+    calls.clear()  # all measured: the same answer as a search with time left
+    assert ex.longest_prefix(path, measure, 0.8, float("-inf"), lambda state: True) == 7
+
+
 def test_state_point_names_each_layer_and_keeps_the_default_size_plain():
     point = ex.state_point({"fit": "aware"}, {3: 4, 1: 16, 12: 8}, 16, 30)
     assert point["layers"] == "1,3,12"

@@ -546,21 +546,26 @@ def in_time(deadline: float) -> bool:
     return dist.broadcast_object(time.perf_counter() < deadline)
 
 
-def longest_prefix(path: list, measure, floor: float, deadline: float) -> int:
+def longest_prefix(path: list, measure, floor: float, deadline: float, measured=lambda state: False) -> int:
     """Index+1 of the longest prefix of `path` whose measured token agreement is >= floor; 0 if
     none. Galloping (prefixes 1, 2, 4, ... until one fails), then bisection, agreement taken to
     fall along the path: O(log k) measurements, the short prefixes (cheap to fit) first. Stops at
-    `deadline` with the longest prefix known to hold."""
+    `deadline` with the longest prefix known to hold; a state already measured (`measured`: its
+    record is on disk, so it costs nothing) is still used after the deadline."""
     lo, hi = 0, len(path)  # prefix lo is known to hold (0: dense); hi is the largest still possible
     step = 1
-    while lo < hi and in_time(deadline):  # gallop
+    while lo < hi:  # gallop
         k = min(lo + step, hi)
+        if not (measured(path[k - 1]) or in_time(deadline)):
+            return lo
         if measure(path[k - 1])["token_agreement"] < floor:
             hi = k - 1
             break
         lo, step = k, 2 * step
-    while lo < hi and in_time(deadline):  # bisect
+    while lo < hi:  # bisect
         mid = (lo + hi + 1) // 2
+        if not (measured(path[mid - 1]) or in_time(deadline)):
+            break
         if measure(path[mid - 1])["token_agreement"] >= floor:
             lo = mid
         else:
@@ -668,9 +673,13 @@ def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float]
                                                                           "state": state}
         return row
 
+    def on_disk(state) -> bool:  # measured by an earlier run of this results directory
+        p = session.effective([state_point(point, state, base.block_size, n)])[0]
+        return point_key(p) in dist.broadcast_object(finished(session.results, session.rekey))
+
     chosen = []
     for floor in floors:
-        k = longest_prefix(path, measure, floor, deadline)
+        k = longest_prefix(path, measure, floor, deadline, on_disk)
         row = {"min_agreement": floor, "steps": k, "state": path[k - 1] if k else {}}
         if k:
             row.update(measure(path[k - 1]))
