@@ -25,7 +25,7 @@ LAYERS = [
     ("io: saved students", ["io.checkpoint", "io.artifact"]),
     ("fit: build_student", ["fit.student"]),
     ("eval", ["eval.metrics", "eval.lmeval", "eval.streaming", "eval.student"]),
-    ("experiments, bench", ["experiments.runs", "experiments.report", "bench.measure", "bench.layer"]),
+    ("bench, experiments", ["bench.measure", "bench.layer", "experiments.runs", "experiments.report"]),
     ("cli", ["cli.main"]),
 ]
 ORDER = [m for _, modules in LAYERS for m in modules]
