@@ -122,12 +122,13 @@ def shard(items) -> list:
     return items[rank()::world()]
 
 
-def split_rows(batch: dict) -> dict:
-    """This rank's contiguous rows (samples) of one batch; the batch itself with one process.
-    A rank may get no rows when the batch has fewer samples than there are processes."""
+def split_rows(batch: dict, rows_of: str = "input_ids") -> dict:
+    """This rank's contiguous rows of one batch (the tensors whose first dimension is that of
+    batch[rows_of]: samples, or token rows); the batch itself with one process. A rank may get no
+    rows when the batch has fewer rows than there are processes."""
     if world() == 1:
         return batch
-    n = batch["input_ids"].shape[0]
+    n = batch[rows_of].shape[0]
     lo, hi = n * rank() // world(), n * (rank() + 1) // world()
     return {k: v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
             for k, v in batch.items()}

@@ -299,6 +299,9 @@ def alternate(runs: dict, names: list[str], prompts: list, repeats: int, progres
     return seconds
 
 
+BENCH_PROMPTS = 8  # bench model's prompts: the first this many of the file (--num-prompts)
+
+
 @torch.inference_mode()
 def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[int]], new_tokens: int = 32,
                 repeats: int = 3, compile: bool = True, progress=None) -> dict:

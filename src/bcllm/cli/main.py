@@ -607,7 +607,9 @@ def add_experiment_commands(sub) -> None:
     p.add_argument("--scan-fit", default="aware", choices=FITS,
                    help="fit of the single-layer scan that orders the search (aware: one calibration pass for "
                         "all layers); the measured configurations use --fit")
-    p.add_argument("--decode-bench", default="compiled", choices=("compiled", "eager", "none"),
+    from ..experiments.runs import DECODE_BENCH
+
+    p.add_argument("--decode-bench", default="compiled", choices=DECODE_BENCH,
                    help="time each chosen student's greedy decode against dense with bench model's lean loop "
                         "(compiled: through torch.compile, as bench model; eager; none)")
     p.add_argument("--json", metavar="PATH", help="also write the result (chosen configurations, curve) here")
@@ -622,6 +624,8 @@ def add_experiment_commands(sub) -> None:
 
 
 def add_bench_commands(sub) -> None:
+    from ..bench.measure import BENCH_PROMPTS
+
     bench = sub.add_parser("bench", help="speed against dense, measured in the same run: per layer or whole model")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     p = bench_sub.add_parser("layer", help="dense nn.Linear vs BlockCirculantLinear, hot and cold cache")
@@ -635,7 +639,7 @@ def add_bench_commands(sub) -> None:
     add_model_args(p)
     add_compress_args(p)
     p.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one a line (default: the bundled set)")
-    p.add_argument("--num-prompts", type=int, default=8, help="first N prompts of the file")
+    p.add_argument("--num-prompts", type=int, default=BENCH_PROMPTS, help="first N prompts of the file")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps per prompt")
     p.add_argument("--no-fuse", action="store_true", help="keep gate_proj and up_proj as separate products")
     p.add_argument("--no-compile", action="store_true",

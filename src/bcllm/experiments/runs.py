@@ -119,6 +119,11 @@ def point_key(point: dict, defaults: dict = KEY_DEFAULTS) -> str:
 LEGACY_IDENTITY = {"seed": 0, "device": "cpu"}
 
 
+def point_hash(point: dict) -> str:
+    """A short name for a point's files (checkpoint folder, kept student): its key's sha256."""
+    return hashlib.sha256(point_key(point).encode()).hexdigest()[:16]
+
+
 def open_results_dir(out, identity: dict) -> Path:
     """Create `out` with a manifest, or check that the manifest there describes the same run.
 
@@ -368,9 +373,8 @@ class Session:
         torch.manual_seed(self.settings.seed)
         spec = dataclasses.replace(self.base, **point)
         io = self.io
-        key = hashlib.sha256(point_key(point).encode()).hexdigest()[:16]
         if io.distill_dir:  # one checkpoint folder per point: a point never resumes another's run
-            io = dataclasses.replace(io, distill_dir=str(Path(io.distill_dir) / f"point-{key}"))
+            io = dataclasses.replace(io, distill_dir=str(Path(io.distill_dir) / f"point-{point_hash(point)}"))
         if self.save_students:  # kept, so a chosen student need not be fitted again
             io = dataclasses.replace(io, save=str(self.student_dir(point)))
         student, summary = build_student(self.model, self.tokenizer, spec, io, eval_prompts=self.prompts,
@@ -386,7 +390,7 @@ class Session:
 
     def student_dir(self, point: dict) -> Path:
         """Where save_students keeps the student of `point` (a point as measure() receives it)."""
-        return self.out / "students" / hashlib.sha256(point_key(point).encode()).hexdigest()[:16]
+        return self.out / "students" / point_hash(point)
 
     def floor(self, modules: list[str]) -> dict:
         """The floor (same modules removed) of a module set: measured once per results directory
@@ -605,12 +609,12 @@ def save_chosen(session: Session, base: StudentSpec, point: dict, row: dict) -> 
 DECODE_BENCH = ("compiled", "eager", "none")
 
 
-def chosen_decode_speed(session: Session, row: dict, mode: str, num_prompts: int = 8, new_tokens: int = 32) -> None:
+def chosen_decode_speed(session: Session, row: dict, mode: str) -> None:
     """Greedy-decode speed of the chosen student against the dense model, measured now with `bench
     model`'s lean loop (MLPs fused, `mode` compiled or eager, its default prompts and settings): row
     gets decode_speedup and the bench's figures. Rank 0 measures alone (ranks sharing a machine
     would time each other); every rank gets its figures."""
-    from ..bench.measure import bench_model
+    from ..bench.measure import BENCH_PROMPTS, bench_model
     from ..io.prompts import load_prompts, tokenize_prompts
     from ..structures.circulant import fuse_circulant_mlp_
 
@@ -618,8 +622,8 @@ def chosen_decode_speed(session: Session, row: dict, mode: str, num_prompts: int
     def measure():
         student, _ = build_student(session.model, session.tokenizer, StudentSpec(), StudentIO(load=row["student"]))
         fuse_circulant_mlp_(student)
-        ids = tokenize_prompts(session.tokenizer, load_prompts(None)[:num_prompts])
-        r = bench_model(session.model, student, ids, new_tokens=new_tokens, compile=mode == "compiled")
+        ids = tokenize_prompts(session.tokenizer, load_prompts(None)[:BENCH_PROMPTS])
+        r = bench_model(session.model, student, ids, compile=mode == "compiled")
         keys = ("decode_speedup", "decode_mode", "decode_byte_ratio", "dense_decode_tokens_per_s",
                 "compressed_decode_tokens_per_s", "eager_decode_speedup", "prefill_speedup")
         return {k: r[k] for k in keys}

@@ -232,7 +232,12 @@ def _loss_terms(unit: nn.Module, chunk: dict) -> tuple[torch.Tensor, torch.Tenso
     else:
         out = unit(chunk["x"])
     w = chunk["w"].to(out.dtype)
-    return (w[..., None] * (out - chunk["y"]) ** 2).sum(), (w[..., None] * chunk["y"] ** 2).sum()
+    return (w[..., None] * (out - chunk["y"]) ** 2).sum(), _target_norm(chunk)
+
+
+def _target_norm(chunk: dict) -> torch.Tensor:
+    """sum w ||y||^2 of one chunk: the loss's denominator (the targets', so no forward is needed)."""
+    return (chunk["w"].to(chunk["y"].dtype)[..., None] * chunk["y"] ** 2).sum()
 
 
 def _split(chunks: list[dict]) -> bool:
@@ -241,11 +246,9 @@ def _split(chunks: list[dict]) -> bool:
     return dist.world() > 1 and bool(chunks) and not isinstance(chunks[0]["x"], tuple)
 
 
-def _rank_rows(chunk: dict) -> dict:
-    """This rank's contiguous share of a chunk's token rows (possibly none)."""
-    n = chunk["w"].shape[0]
-    lo, hi = n * dist.rank() // dist.world(), n * (dist.rank() + 1) // dist.world()
-    return {k: v[lo:hi] for k, v in chunk.items()}
+def _share(chunk: dict, split: bool) -> dict:
+    """This rank's token rows of a chunk (possibly none) where split, else the whole chunk."""
+    return dist.split_rows(chunk, rows_of="w") if split else chunk
 
 
 @torch.no_grad()
@@ -255,7 +258,7 @@ def relative_error(unit: nn.Module, chunks: list[dict]) -> float:
     split = _split(chunks)
     err = ref = 0.0
     for chunk in chunks:
-        part = _rank_rows(chunk) if split else chunk
+        part = _share(chunk, split)
         if part["w"].numel():
             e, r = _loss_terms(unit, part)
             err, ref = err + float(e), ref + float(r)
@@ -281,16 +284,14 @@ def _train(unit: nn.Module, params: list, train: list[dict], held: list[dict], c
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _schedule_factor(step, total))
     g = torch.Generator().manual_seed(cfg.seed * 7919 + index)
     split = _split(train)  # data-parallel: each rank its share of every chunk's rows, gradients summed
-    result["train_rows"] = sum(int(_rank_rows(c)["w"].shape[0] if split else c["w"].shape[0]) for c in train)
+    result["train_rows"] = sum(_share(c, split)["w"].shape[0] for c in train)
     try:
         for epoch in range(cfg.epochs):
             for i in torch.randperm(len(train), generator=g).tolist():
-                chunk = train[i]
-                part = _rank_rows(chunk) if split else chunk
+                part = _share(train[i], split)
                 # the denominator is the whole chunk's (the targets', constant): each rank's share of
                 # the loss is its rows' error over it, and the shares' gradients add up to the whole's
-                y, w = chunk["y"], chunk["w"].to(chunk["y"].dtype)
-                ref = (w[..., None] * y ** 2).sum()
+                ref = _target_norm(train[i])
                 opt.zero_grad(set_to_none=True)
                 if part["w"].numel():
                     (_loss_terms(unit, part)[0] / ref.clamp_min(1e-30)).backward()
