@@ -1,6 +1,7 @@
 #!/bin/bash
 # Wall time of the block recipe (30 distillation steps, layers 10-19) with 1 process of 2 threads
 # against 2 torchrun ranks of 1 thread each; logs and JSONs in runs/dist/. About 30 min on 2 cores.
+# Measured (README "Data-parallel calibration"): 857 s in one process, 783 s on 2 ranks, same figures.
 set -e
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1

@@ -29,6 +29,7 @@ RUNS = {  # name: (calibration source, divergence, on-policy share)
     "teacher-onpolicy": ("teacher", "forward", 0.25),
     "teacher-jsd": ("teacher", "jsd", 0.0),
     "teacher-reverse": ("teacher", "reverse", 0.0),
+    "teacher-skew": ("teacher", "skew", 0.0),
     "teacher-onpolicy-jsd": ("teacher", "jsd", 0.25),
 }
 

@@ -344,7 +344,7 @@ def test_distillation_resume_gives_same_state(tmp_path):
     from bcllm.fit.distill import DistillConfig, distill_
 
     cfg = DistillConfig(steps=6, lr=3e-3, topk=16, checkpoint_every=2, eval_every=3, hidden_mse=0.5,
-                        train_norms=True)
+                        train_norms=True, adapter_rank=2)  # (the adapters' factors resume too)
     student, teacher, train, held = _distill_setup()
     straight = distill_(copy.deepcopy(student), teacher, train, held, cfg, progress=False)
 
@@ -399,3 +399,70 @@ def test_smollm2_aware_fit_beats_frobenius_on_held_out_text(smollm2):
         return (err / ref) ** 0.5
 
     assert layer_error(aware) < layer_error(frob)
+
+
+def test_adapter_forward_and_merge_match_the_explicit_corrected_weight():
+    from bcllm.fit.distill import Adapter, merge_factors_
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(12, 7)
+    adapter = Adapter(copy.deepcopy(base), 3, g)
+    assert torch.equal(adapter.lora_b, torch.zeros(7, 3))  # starts as the base linear
+    with torch.no_grad():
+        adapter.lora_b.copy_(torch.randn(7, 3, generator=g))
+    x = torch.randn(5, 12, generator=g)
+    w = base.weight.detach() + adapter.lora_b.detach() @ adapter.lora_a.detach()  # (out, in) by hand
+    expected = x @ w.T + base.bias.detach()
+    assert torch.allclose(adapter(x), expected, atol=1e-6)
+    merge_factors_(base, adapter.lora_a, adapter.lora_b)
+    assert torch.allclose(base(x), expected, atol=1e-6)
+
+
+def test_distillation_adapters_train_dense_linears_from_the_first_structured_layer_and_merge():
+    from bcllm.fit.distill import Adapter, DistillConfig, distill_
+    from bcllm.surgery import num_params
+
+    teacher = tiny_model("llama", layers=3)
+    student = copy.deepcopy(teacher)
+    compress_(student, CirculantConfig(block_size=8, targets="mlp", layers="1-2"))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    count = num_params(student)
+    result = distill_(student, teacher, tiny_batches(seed=3, n=4), (),
+                      DistillConfig(steps=4, lr=1e-2, topk=16, adapter_rank=2), progress=False)
+    assert not any(isinstance(m, Adapter) for m in student.modules()) and num_params(student) == count
+    changed = sorted(n for n, p in student.named_parameters() if not torch.equal(p, before[n]))
+    dense = sorted(n for n in changed if "circ" not in n and ".mlp." not in n)
+    # attention of layers 1 and 2 (the compressed MLPs' layers): q, k, v, o; layer 0, norms, embeddings untouched
+    assert dense == sorted(result["adapted"]) == sorted(f"model.layers.{i}.self_attn.{p}_proj.weight"
+                                                         for i in (1, 2) for p in "qkvo")
+    assert all(".mlp." in n for n in set(changed) - set(dense))  # and the structured weights
+    structured = sum(p.numel() for n, p in before.items() if ".mlp." in n and ".layers.0." not in n)
+    assert result["trainable_params"] == structured + \
+        sum(2 * (w.shape[0] + w.shape[1]) for n, w in before.items() if n in dense)
+
+
+def test_student_with_adapters_saves_and_loads_the_changed_dense_weights(tmp_path):
+    from bcllm.io.checkpoint import load_fitted
+    from bcllm.fit.student import StudentIO, StudentSpec, build_student
+    from test_export import tiny_tokenizer
+    from test_transforms import calib_file
+
+    teacher = tiny_model("llama", layers=2)
+    tok = tiny_tokenizer()
+    tok.pad_token = "<unk>"
+    spec = StudentSpec(block_size=8, layers="1", fit="sequential", distill_steps=3, adapter_rank=2,
+                       calib=calib_file(tmp_path / "c.txt"), calib_samples=24)
+    student, summary = build_student(teacher, tok, spec, StudentIO(save=str(tmp_path / "s")), eval_prompts=["zzz"])
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "s" / "fitted.safetensors"))
+    # the factors of layer 1's q, k, v, o (rank 2), not their whole weights
+    assert sorted(k for k in saved if "self_attn" in k) == sorted(
+        f"adapter.model.layers.1.self_attn.{p}_proj.lora_{f}" for p in "qkvo" for f in "ab")
+    assert saved["adapter.model.layers.1.self_attn.q_proj.lora_a"].shape == (2, 64)
+    fresh = copy.deepcopy(teacher)
+    load_fitted(fresh, tmp_path / "s")
+    ids = torch.randint(0, 128, (2, 9))
+    assert torch.equal(fresh(ids).logits, student(ids).logits)
+    assert not torch.equal(fresh.model.layers[1].self_attn.q_proj.weight, teacher.model.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(fresh.model.layers[0].self_attn.q_proj.weight, teacher.model.layers[0].self_attn.q_proj.weight)

@@ -135,6 +135,17 @@ def test_export_loads_without_bcllm_with_same_logits(exported, name):
     assert set(config["bcllm_modules"]) == set(fitted_modules(students[name]))
 
 
+def test_an_exported_folder_as_the_model_to_compress_is_refused_with_directions(exported, capsys):
+    from bcllm.cli import main
+
+    _, dirs, _ = exported
+    base = json.loads((Path(dirs["llama-circulant"]) / "config.json").read_text())["bcllm_base"]["spec"]
+    assert main(["eval", "--model", dirs["llama-circulant"], "--max-new-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "compressed student exported by bcllm" in err and f"--model {base} --load" in err
+    assert "Traceback" not in err and "model.safetensors" not in err
+
+
 def test_export_generates_resaves_and_refuses_without_remote_code(exported):
     students, _, results = exported
     student, ids = students["llama-circulant"], INPUTS["decode"]

@@ -159,3 +159,24 @@ def test_compressed_tiny_llama_same_logits_on_cuda_as_on_cpu():
     for cpu, gpu in zip(cpu_logits, gpu_logits):
         assert gpu.device.type == "cuda"
         assert rel_err(gpu.cpu(), cpu) < 1e-4
+
+
+def test_cuda_graph_decode_gives_the_eager_tokens():
+    """The lean loop with every decode step replayed as a CUDA graph (bench model --cuda-graphs)
+    decodes the same greedy tokens as the eager loop, for the dense model and a fused student."""
+    from bcllm.bench.measure import compile_steps, lean_decode
+    from bcllm.io.models import static_cache
+
+    model = tiny_model("llama", layers=2).to(CUDA)
+    student = copy.deepcopy(model)
+    compress_(student, CirculantConfig(block_size=16, targets="mlp"))
+    fuse_circulant_mlp_(student)
+    ids = torch.tensor([[5, 9, 2, 7, 1]], device=CUDA)
+    models = {"dense": model, "compressed": student}
+    with torch.inference_mode():
+        caches = {n: static_cache(m, 16) for n, m in models.items()}
+        eager = {n: lean_decode(m, ids, 8, caches[n])[1] for n, m in models.items()}
+        steps, _, error = compile_steps(models, ids, caches, cuda_graphs=True)
+        assert error is None
+        for n, m in models.items():
+            assert torch.equal(lean_decode(m, ids, 8, caches[n], steps[n])[1], eager[n]), n

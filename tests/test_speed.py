@@ -14,6 +14,7 @@ from bcllm import CirculantConfig, compress_
 from bcllm.ops import circulant, circulant_math
 from bcllm.ops import costs
 from bcllm.bench.measure import llc_bytes, parse_ints, parse_shape
+from bcllm.errors import InputError
 from bcllm.cli import main
 from bcllm.structures import BlockCirculantLinear, FusedCirculantMLP, fuse_circulant_mlp_, model_costs
 
@@ -221,6 +222,15 @@ def test_bench_model_on_tiny_model(tmp_path):
     assert r["prefill_speedup"] == pytest.approx(r["compressed_prefill_tokens_per_s"] / r["dense_prefill_tokens_per_s"])
     assert r["compressed_param_bytes"] < r["dense_param_bytes"]
     assert math.isfinite(r["decode_speedup"]) and r["decode_byte_ratio"] > 1
+
+
+def test_cuda_graphs_are_refused_off_the_gpu():
+    from bcllm.bench.measure import bench_model
+
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(InputError, match="--device cuda") as e:
+        bench_model(model, copy.deepcopy(model), [[1, 2]], new_tokens=2, repeats=1, cuda_graphs=True)
+    assert e.value.param == "cuda_graphs"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

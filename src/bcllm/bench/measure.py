@@ -263,15 +263,19 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compile_steps(models: dict, prompt: torch.Tensor, caches: dict) -> tuple[dict, dict, str | None]:
+def compile_steps(models: dict, prompt: torch.Tensor, caches: dict, cuda_graphs: bool = False
+                  ) -> tuple[dict, dict, str | None]:
     """({name: torch.compile(model)}, {name: compile seconds}, None), or (the models, {}, why) where
-    torch.compile fails here (no compiler, an unsupported op): the lean loop then runs eager."""
+    torch.compile fails here (no compiler, an unsupported op): the lean loop then runs eager.
+    cuda_graphs: compile with mode="reduce-overhead", which replays each decode step as one CUDA
+    graph (no per-kernel launch cost; the static cache's tensors keep their addresses, as graphs need)."""
     steps, seconds = {}, {}
     for name, m in models.items():
         t = time.perf_counter()
         try:
-            steps[name] = torch.compile(m, dynamic=False)
-            lean_decode(m, prompt, 2, caches[name], steps[name])  # traces and compiles the decode step
+            steps[name] = torch.compile(m, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+            # traces and compiles the decode step (with graphs: warm-up, record, then a replay)
+            lean_decode(m, prompt, 4 if cuda_graphs else 2, caches[name], steps[name])
         except Exception as e:  # noqa: BLE001 - any compile failure leaves the eager figures standing
             why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
             warnings.warn(f"bcllm: torch.compile failed ({why}); the lean loop runs eager", RuntimeWarning)
@@ -304,7 +308,7 @@ BENCH_PROMPTS = 8  # bench model's prompts: the first this many of the file (--n
 
 @torch.inference_mode()
 def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[int]], new_tokens: int = 32,
-                repeats: int = 3, compile: bool = True, progress=None) -> dict:
+                repeats: int = 3, compile: bool = True, progress=None, cuda_graphs: bool = False) -> dict:
     """Prefill and decode throughput of both models, alternating prompt by prompt.
 
     Decode runs three ways: the lean loop with each step through torch.compile (`decode_*`; eager
@@ -312,8 +316,13 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
     generate (`generate_decode_*`). One static cache per model serves every prompt, so the
     compiled step has one shape. Each prompt runs on the dense model and right after on the
     compressed one (a shared machine's speed drifts over seconds; the pair sees the same), and
-    each kind's per-repeat totals give medians over the repeats."""
+    each kind's per-repeat totals give medians over the repeats. cuda_graphs (a GPU, compile on):
+    each compiled decode step is replayed as one CUDA graph (compile_steps)."""
     device = next(model.parameters()).device
+    if cuda_graphs and (device.type != "cuda" or not compile):
+        raise InputError(f"CUDA graphs replay compiled decode steps on a GPU: use them with --device cuda and "
+                         f"without --no-compile (the model is on {device.type}"
+                         f"{', compile is off' if not compile else ''})", "cuda_graphs")
     prompts = [torch.tensor([ids], device=device) for ids in prompt_ids]
     models = {"dense": model, "compressed": compressed}
     max_len = max(len(ids) for ids in prompt_ids) + new_tokens
@@ -321,7 +330,8 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
     for name, m in models.items():  # warm-up: caches, allocator, spectra (built before any graph captures them)
         m(prompts[0])
         lean_decode(m, prompts[0], 2, caches[name])
-    steps, compile_s, compile_error = compile_steps(models, prompts[0], caches) if compile else (dict(models), {}, None)
+    steps, compile_s, compile_error = compile_steps(models, prompts[0], caches, cuda_graphs) if compile else \
+        (dict(models), {}, None)
     compiled = compile and compile_error is None
 
     def prefill_seconds(name, ids):
@@ -343,7 +353,8 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
     n_decode = new_tokens * len(prompts)
     # the headline decode figure says how it was made: compiled, or eager because compile failed
     result = {"compiled": compiled, "compile_seconds": compile_s, "compile_error": compile_error,
-              "decode_mode": "compiled" if compiled else "eager (torch.compile failed)" if compile_error else "eager",
+              "decode_mode": ("compiled, CUDA graphs" if cuda_graphs else "compiled") if compiled else
+              "eager (torch.compile failed)" if compile_error else "eager",
               "decode_kernel": kernel.usage()}
     for name in models:
         result[f"{name}_prefill_tokens_per_s"] = n_prefill / statistics.median(prefill[name])

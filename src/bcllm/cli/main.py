@@ -87,24 +87,10 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     add_calib_args(p)
 
 
-def add_calib_args(p: argparse.ArgumentParser) -> None:
+def add_distill_args(g) -> None:
+    """The distillation options, into the calibration group `g`."""
     from ..fit.student import StudentSpec as D
 
-    g = p.add_argument_group("calibration (--fit aware/sequential/block, --distill-steps) and fitted students")
-    g.add_argument("--calib", default=D.calib, metavar="SOURCE",
-                   help="calibration text: teacher (the model's replies to about 2,000 bundled seed "
-                        "instructions, questions, code and story openings; written once, cached), mix (96 samples the model writes itself plus all of Python's offline "
-                        "reference text, prose and code; works on any model), a file (one sample a line), "
-                        "self-chat (the model writes instructions and answers them; cached), self-seed (the "
-                        "model continues short seeds), pydoc (the reference prose paragraphs) or pydoc-all "
-                        "(all of it, code included)")
-    g.add_argument("--calib-samples", type=int, default=D.calib_samples, metavar="N",
-                   help="number of calibration samples (default: all of teacher, 500 of the others)")
-    g.add_argument("--calib-tokens", type=int, default=D.calib_tokens, metavar="T",
-                   help="new tokens per self-generated sample; every sample is cut to T + 64 tokens")
-    g.add_argument("--ridge", type=float, default=D.ridge, help="ridge of the least-squares fits, relative to the Gram diagonal")
-    g.add_argument("--force-overlap", action="store_true",
-                   help="calibrate even when the calibration text overlaps the evaluation prompts")
     g.add_argument("--distill-steps", type=int, default=None, metavar="N",
                    help="logit distillation steps after the fit (default: 100 with --fit block, else 0)")
     g.add_argument("--recipe", choices=["long"], default=None,
@@ -125,9 +111,34 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distill-onpolicy", type=float, default=D.distill_onpolicy, metavar="SHARE",
                    help="share of distillation steps on the student's own continuations of seed prompts, scored "
                         "by the teacher (on-policy, GKD)")
+    g.add_argument("--adapter-rank", type=int, default=D.adapter_rank, metavar="R",
+                   help="distillation also trains a rank-R correction of every dense linear from the first "
+                        "compressed layer on (recovery LoRA), merged into its weight afterwards: no parameters "
+                        "or time added to the student (default 0: off)")
     g.add_argument("--curve", action="store_true",
                    help="record token agreement and KL on the evaluation prompts at every held-out evaluation of "
                         "distillation (the JSON's curve; monitoring only)")
+
+
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    from ..fit.student import StudentSpec as D
+
+    g = p.add_argument_group("calibration (--fit aware/sequential/block, --distill-steps) and fitted students")
+    g.add_argument("--calib", default=D.calib, metavar="SOURCE",
+                   help="calibration text: teacher (the model's replies to about 2,000 bundled seed "
+                        "instructions, questions, code and story openings; written once, cached), mix (96 samples the model writes itself plus all of Python's offline "
+                        "reference text, prose and code; works on any model), a file (one sample a line), "
+                        "self-chat (the model writes instructions and answers them; cached), self-seed (the "
+                        "model continues short seeds), pydoc (the reference prose paragraphs) or pydoc-all "
+                        "(all of it, code included)")
+    g.add_argument("--calib-samples", type=int, default=D.calib_samples, metavar="N",
+                   help="number of calibration samples (default: all of teacher, 500 of the others)")
+    g.add_argument("--calib-tokens", type=int, default=D.calib_tokens, metavar="T",
+                   help="new tokens per self-generated sample; every sample is cut to T + 64 tokens")
+    g.add_argument("--ridge", type=float, default=D.ridge, help="ridge of the least-squares fits, relative to the Gram diagonal")
+    g.add_argument("--force-overlap", action="store_true",
+                   help="calibrate even when the calibration text overlaps the evaluation prompts")
+    add_distill_args(g)
     g.add_argument("--fit-samples", type=int, default=D.fit_samples, metavar="N",
                    help="the fit (aware, sequential, block) on the first N calibration samples; distillation "
                         "uses them all (default %(default)s)")
@@ -507,7 +518,7 @@ def cmd_bench_model(args) -> None:
     ids = tokenize_prompts(tokenizer, prompts)
     with tqdm(desc="bench model", unit="pass") as bar:  # (bench_model sets the total: repeats x kinds)
         results.update(bench_model(model, student, ids, new_tokens=args.new_tokens, repeats=args.repeats,
-                                   compile=not args.no_compile, progress=bar))
+                                   compile=not args.no_compile, progress=bar, cuda_graphs=args.cuda_graphs))
     results["compression"] = summary
     write_bench(args, results, model_table(results))
 
@@ -645,6 +656,9 @@ def add_bench_commands(sub) -> None:
     p.add_argument("--no-compile", action="store_true",
                    help="run the lean decode loop eager only (default: also through torch.compile, about a "
                         "minute per model on 2 cores)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="on a GPU: replay each compiled decode step as one CUDA graph (torch.compile "
+                        "mode reduce-overhead), which removes the per-kernel launch cost")
     add_bench_args(p)
     p.set_defaults(func=cmd_bench_model, repeats=3)
     p = sub.add_parser("kernel", help="build the fused CPU decode kernel now (make setup does, else the first decode "

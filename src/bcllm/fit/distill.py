@@ -3,7 +3,10 @@
 Minimise KL(teacher || student) over every real position of the calibration batches, plus an
 optional hidden-state MSE at the output of each decoder layer that holds a structured module.
 Only the structured modules' weights train (with train_norms: also their biases and every norm
-weight). AdamW, linear warm-up then cosine decay, gradient clipping.
+weight; with adapter_rank r: also a rank-r correction B A of every dense linear in the decoder
+layers from the first structured one on, merged into its weight when distillation ends, so the
+student keeps its parameter count and speed: the recovery LoRA of SliceGPT and LLM-Pruner).
+AdamW, linear warm-up then cosine decay, gradient clipping.
 
 The teacher's logits are cached once per run as top-k values + log-sum-exp: the KL is taken over
 the teacher's top-k tokens plus one "rest of the vocabulary" bucket, which is exact up to how the
@@ -39,7 +42,7 @@ from ..errors import InputError, InputFileError
 from ..io.models import tensors_fingerprint
 from ..io.results import atomic_write
 from .closed_form import batches_digest, fitted_modules
-from ..surgery import decoder_layers, layer_index
+from ..surgery import decoder_layers, layer_index, set_module
 
 
 @dataclass
@@ -60,11 +63,73 @@ class DistillConfig:
     vocab: str = "full"           # full | teacher: the loss over the tokens in the teacher's top-k anywhere
     divergence: str = "forward"   # forward (top-k + tail, cached) | reverse | jsd | skew: full-vocabulary, teacher per step
     onpolicy: float = 0.0         # share of steps on the student's own continuations (on_policy batches), teacher-scored
+    adapter_rank: int = 0         # rank of the merged corrections of the dense linears after the first structured layer
+
+
+ADAPTERS = "bcllm_adapters"  # a student's attribute: {linear name: (A, B)} merged into its weights (saved)
+
+
+class Adapter(nn.Module):
+    """A frozen dense linear plus a trained low-rank correction: y = base(x) + x A^T B^T. B starts
+    at zero (the student starts unchanged); A is seeded, scaled so x A^T keeps x's size."""
+
+    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
+        super().__init__()
+        w = base.weight
+        self.base = base
+        a = torch.randn(rank, w.shape[1], generator=generator, dtype=torch.float32) / math.sqrt(w.shape[1])
+        self.lora_a = nn.Parameter(a.to(device=w.device, dtype=w.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b)
+
+
+@torch.no_grad()
+def merge_factors_(linear: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
+    """weight += B A: an adapter folded into its linear (after distillation, and when a saved student
+    is loaded: the same operation, so the loaded weights are the trained ones)."""
+    linear.weight += (b @ a).to(linear.weight.dtype)
+
+
+def add_adapters_(student, rank: int, seed: int = 0) -> list[str]:
+    """Wrap every dense nn.Linear of the decoder layers from the first one holding a structured module
+    on (not inside a structured module) in an Adapter of `rank`; returns the wrapped modules' names."""
+    prefix, _ = decoder_layers(student)
+    structured = tuple(f"{n}." for n in fitted_modules(student))
+    indices = [layer_index(n, prefix) for n in fitted_modules(student)]
+    first = min((i for i in indices if i is not None), default=0)
+    generator = torch.Generator().manual_seed(seed)
+    names = [n for n, m in student.named_modules() if type(m) is nn.Linear and not f"{n}.".startswith(structured)
+             and layer_index(n, prefix) is not None and layer_index(n, prefix) >= first]
+    for name in names:
+        set_module(student, name, Adapter(student.get_submodule(name), rank, generator))
+    return names
+
+
+def merge_adapters_(student) -> list[str]:
+    """Fold every Adapter back into its linear and record its factors in the student's ADAPTERS
+    (a second distillation's factors are stacked on the first's: B1 A1 + B2 A2 = [B1 B2] [A1; A2]),
+    which save_fitted writes instead of the whole changed weights; returns the changed weights' names."""
+    names = [n for n, m in student.named_modules() if isinstance(m, Adapter)]
+    record = getattr(student, ADAPTERS, {})
+    for name in names:
+        adapter = student.get_submodule(name)
+        a, b = adapter.lora_a.detach().clone(), adapter.lora_b.detach().clone()
+        merge_factors_(adapter.base, a, b)
+        set_module(student, name, adapter.base)
+        if name in record:
+            a, b = torch.cat([record[name][0], a]), torch.cat([record[name][1], b], dim=1)
+        record[name] = (a, b)
+    if names:
+        setattr(student, ADAPTERS, record)
+    return [f"{n}.weight" for n in names]
 
 
 def trainable_parameters(student, train_norms: bool = False) -> dict[str, torch.nn.Parameter]:
     """{name: parameter} that distillation trains: the structured modules' weights (not biases),
-    plus with train_norms their biases and the weights of every normalisation layer."""
+    plus with train_norms their biases and the weights of every normalisation layer, plus the
+    factors of any Adapter (add_adapters_)."""
     names = {}
     for mname, module in fitted_modules(student).items():
         for pname, p in module.named_parameters():
@@ -74,6 +139,9 @@ def trainable_parameters(student, train_norms: bool = False) -> dict[str, torch.
         for mname, module in student.named_modules():
             if "norm" in type(module).__name__.lower():
                 names.update({f"{mname}.{pname}": p for pname, p in module.named_parameters()})
+    for mname, module in student.named_modules():
+        if isinstance(module, Adapter):
+            names.update({f"{mname}.lora_a": module.lora_a, f"{mname}.lora_b": module.lora_b})
     return names
 
 
@@ -291,6 +359,19 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     continuations, used for cfg.onpolicy of the steps. on_eval(step) -> dict: extra figures
     recorded at every held-out evaluation (e.g. agreement on held-out prompts: the curve)."""
     cfg = cfg or DistillConfig()
+    if cfg.adapter_rank < 0:
+        raise InputError(f"adapter_rank must be >= 0, got {cfg.adapter_rank}", "adapter_rank")
+    if cfg.adapter_rank and fitted_modules(student):
+        add_adapters_(student, cfg.adapter_rank, cfg.seed)
+    try:
+        return _distill(student, teacher, batches, held_out, cfg, checkpoint_dir, resume, progress, on_step,
+                        on_policy, on_eval)
+    finally:  # the student leaves as plain linears again (also when stopped: a resumed run re-adds them)
+        merge_adapters_(student)
+
+
+def _distill(student, teacher, batches, held_out, cfg, checkpoint_dir, resume, progress, on_step, on_policy,
+             on_eval) -> dict:
     params = _start(student, batches, cfg)
     run = _Run(cfg, params, checkpoint_dir, start_identity(params, batches))
     if resume:
@@ -333,6 +414,7 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     elapsed = time.perf_counter() - start
     return {"steps": run.step, "trainable_params": sum(p.numel() for p in params.values()),
             "trainable": list(params), "final_loss": run.history["loss"][-1] if run.history["loss"] else None,
+            "adapted": [n.removesuffix(".lora_a") + ".weight" for n in params if n.endswith(".lora_a")],
             "held_out_kl": run.history["held_out_kl"], "loss": run.history["loss"], "config": asdict(cfg),
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "prefix_layers_cached": first,
             "vocab_size": None if vocab is None else int(vocab.numel()), "curve": run.history.get("curve", []),

@@ -71,6 +71,8 @@ class StudentSpec:
     distill_vocab: str = "full"         # full | teacher: the loss over the tokens in the teacher's top-k anywhere
     distill_divergence: str = "forward" # forward | reverse | jsd | skew (distill.DIVERGENCES)
     distill_onpolicy: float = 0.0       # share of distillation steps on the student's own continuations
+    adapter_rank: int = 0               # distillation also trains a rank-r correction of every dense linear from
+                                        # the first compressed layer on, merged into it (no parameters added)
     block_epochs: int = 4               # block reconstruction (fit="block"): epochs over the cached activations
     block_lr: float = 1e-3
     block_target: str = "mlp"           # mlp: the dense MLP on the student's inputs; layer: the teacher's layer output
@@ -89,7 +91,7 @@ class StudentSpec:
             raise InputError(f"unknown fit {self.fit!r}; allowed: {', '.join(FITS)}", "fit")
         for name, low in (("block_size", 1), ("calib_samples", 1), ("calib_tokens", 2), ("distill_steps", 0),
                           ("distill_batch", 1), ("block_epochs", 0), ("block_batch_tokens", 1),
-                          ("fit_samples", 1)):
+                          ("fit_samples", 1), ("adapter_rank", 0)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise InputError(f"{name} must be >= {low}, got {getattr(self, name)}", name)
         if self.distill_vocab not in ("full", "teacher"):
@@ -136,7 +138,7 @@ class StudentSpec:
             unused += ["calib", "calib_samples", "calib_tokens", "ridge", "distill_batch", "quant_damp"]
         if not self.steps:
             unused += ["distill_lr", "hidden_mse", "train_norms", "distill_bf16", "distill_vocab", "distill_divergence",
-                       "distill_onpolicy"]
+                       "distill_onpolicy", "adapter_rank"]
         if self.fit != "block":
             unused += ["block_epochs", "block_lr", "block_target", "block_batch_tokens"]
         if self.fit == "frobenius" and self.transform == "none":
@@ -168,7 +170,7 @@ KEY_DEFAULTS = {"structure": "circulant", "block_size": 16, "rank": None, "param
                 "train_norms": False, "distill_bf16": False, "distill_vocab": "full", "block_epochs": 4, "block_lr": 1e-3,
                 "block_target": "mlp", "block_batch_tokens": 1024, "block_sizes": "", "transform": "none",
                 "distill_divergence": "forward", "distill_onpolicy": 0.0, "fit_samples": None, "quant_grid": "float",
-                "quant_damp": 0.0}
+                "quant_damp": 0.0, "adapter_rank": 0}
 
 
 def parse_block_sizes(text: str) -> dict[str, int]:
@@ -315,7 +317,8 @@ def fit_and_distill_(student, teacher, tokenizer, spec: StudentSpec, io: Student
         distill = DistillConfig(steps=spec.steps, lr=spec.distill_lr, hidden_mse=spec.hidden_mse,
                                 train_norms=spec.train_norms, seed=spec.seed, bf16=spec.distill_bf16,
                                 vocab=spec.distill_vocab, divergence=spec.distill_divergence,
-                                onpolicy=spec.distill_onpolicy, eval_every=eval_cadence(spec.steps))
+                                onpolicy=spec.distill_onpolicy, eval_every=eval_cadence(spec.steps),
+                                adapter_rank=spec.adapter_rank)
         if spec.distill_onpolicy:
             on_policy = student_continuations(student, tokenizer, [s.split(TURN)[0] for s in load_seeds()],
                                               spec.distill_batch, spec.calib_tokens + 64, seed=spec.seed)

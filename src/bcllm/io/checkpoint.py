@@ -2,7 +2,8 @@
 
 A folder holds
   fitted.safetensors  the state of every structured module (and any other trained parameter,
-                      e.g. norms after distillation), under their full names;
+                      e.g. norms after distillation), under their full names; the factors of the
+                      adapters merged into dense linears ("adapter.<linear>.lora_a/b", distill.ADAPTERS);
   fitted.json         the config (its class name and fields), the module names and types, the
                       fingerprint of the original weights, and how the fit was made.
 Loading rebuilds the modules on a fresh original model with `compress_(model, config)` (any
@@ -21,6 +22,7 @@ from .. import dist
 from ..errors import InputError, InputFileError
 from ..structures.base import config_class, fitted_modules
 from ..surgery import compress_
+from ..fit.distill import ADAPTERS, merge_factors_
 from ..fit.transforms import Transform, apply_transform_
 from .results import atomic_write, command_line, file_sha256, read_json, versions, write_json
 
@@ -51,6 +53,8 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
     for name in extra_params:
         tensors[name] = params[name].detach().contiguous().cpu()
     tensors.update(transform.tensors() if transform is not None else {})
+    for name, (a, b) in getattr(student, ADAPTERS, {}).items():
+        tensors[f"adapter.{name}.lora_a"], tensors[f"adapter.{name}.lora_b"] = a.contiguous().cpu(), b.contiguous().cpu()
     # fitted.json goes last and names the tensors file's size and hash: a folder whose save was
     # killed has no fitted.json (an earlier one is removed first) or a mismatch, never a wrong student
     (folder / "fitted.json").unlink(missing_ok=True)
@@ -96,6 +100,27 @@ def _read_tensors(path: Path, expected: dict | None, fix: str, device: str) -> d
                              "load") from None
 
 
+def _merge_adapters(model, adapters: dict, folder) -> None:
+    """Fold the saved adapter factors {"<linear>.lora_a" / ".lora_b": tensor} into the model's dense
+    linears (weight += B A, as distillation merged them) and record them in its ADAPTERS."""
+    record = {}
+    for key in sorted(k for k in adapters if k.endswith(".lora_a")):
+        name = key[:-len(".lora_a")]
+        a, b = adapters[key], adapters.get(f"{name}.lora_b")
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, torch.nn.Linear) or b is None or b.shape != (linear.out_features, a.shape[0]) \
+                or a.shape[1] != linear.in_features:
+            raise InputError(f"saved adapter {name!r} in {str(folder)!r} does not fit this model (no such dense "
+                             f"linear, or other shapes): load it on the model it was made from")
+        merge_factors_(linear, a, b)
+        record[name] = (a, b)
+    if record:
+        setattr(model, ADAPTERS, record)
+
+
 def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
     """Turn a fresh original `model` into the saved student, in place; returns compress_'s summary
     plus the saved "info". Refuses a folder saved from other original weights."""
@@ -118,7 +143,8 @@ def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
                             str(next(model.parameters()).device))
     transform = Transform.from_tensors(tensors)  # the reordering the student was fitted on comes first
     apply_transform_(model, transform)
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("transform.")}
+    adapters = {k[len("adapter."):]: v for k, v in tensors.items() if k.startswith("adapter.")}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(("transform.", "adapter."))}
     summary = compress_(model, config)
     built = {name: type(m).__name__ for name, m in fitted_modules(model).items()}
     if built != meta["modules"]:
@@ -133,6 +159,7 @@ def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
     with torch.no_grad():  # in place, so version counters move and cached spectra are rebuilt
         for name, tensor in tensors.items():
             state[name].copy_(tensor)
+    _merge_adapters(model, adapters, folder)
     summary["fit"] = meta.get("info", {}).get("fit", "loaded")
     summary["loaded_from"] = str(folder)
     summary["info"] = meta.get("info", {})

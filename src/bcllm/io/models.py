@@ -183,6 +183,22 @@ def load_tokenizer(source: str, **kw):
     return tokenizer
 
 
+def _refuse_export(source: str) -> None:
+    """A folder written by `bcllm export` is a compressed student, not a base model: say how to measure
+    it (its base with --load) instead of failing on its weights' file name deep inside transformers."""
+    config = Path(source) / "config.json"
+    try:
+        meta = json.loads(config.read_text()) if config.is_file() else {}
+    except (OSError, ValueError):
+        return  # a damaged folder: load_model's own checks name it
+    if isinstance(meta, dict) and "bcllm_modules" in meta:
+        base = (meta.get("bcllm_base") or {}).get("spec") or "its base model"
+        raise InputError(f"{source!r} is a compressed student exported by bcllm, not a base model: measure it "
+                         f"against its base with --model {base} --load <the student folder it was exported "
+                         f"from>, or load it in Python with AutoModelForCausalLM.from_pretrained(folder, "
+                         f"trust_remote_code=True)", "model")
+
+
 def load_model(model_id: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
     """(model, tokenizer) in eval mode for a model id (see the module docstring); never downloads."""
     from transformers import AutoModelForCausalLM
@@ -191,6 +207,7 @@ def load_model(model_id: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
     hf_logging.set_verbosity_error()
     dtype = resolve_dtype(dtype)
     source, kw = model_source(model_id)
+    _refuse_export(source)
     try:
         tokenizer = load_tokenizer(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
