@@ -2,6 +2,7 @@
 calibration data, checkpoints and distillation on tiny random models."""
 
 import copy
+import json
 import itertools
 
 import pytest
@@ -460,6 +461,8 @@ def test_student_with_adapters_saves_and_loads_the_changed_dense_weights(tmp_pat
     assert sorted(k for k in saved if "self_attn" in k) == sorted(
         f"adapter.model.layers.1.self_attn.{p}_proj.lora_{f}" for p in "qkvo" for f in "ab")
     assert saved["adapter.model.layers.1.self_attn.q_proj.lora_a"].shape == (2, 64)
+    # a bcllm that cannot merge adapters refuses the folder by its format, not by a tensor name
+    assert json.loads((tmp_path / "s" / "fitted.json").read_text())["format"] == 2
     fresh = copy.deepcopy(teacher)
     load_fitted(fresh, tmp_path / "s")
     ids = torch.randint(0, 128, (2, 9))

@@ -303,6 +303,14 @@ def alternate(runs: dict, names: list[str], prompts: list, repeats: int, progres
     return seconds
 
 
+def check_cuda_graphs(cuda_graphs: bool, device, compile: bool) -> None:
+    """CUDA graphs replay compiled steps on a GPU: refuse them anywhere else (before a model loads)."""
+    if cuda_graphs and (torch.device(device).type != "cuda" or not compile):
+        raise InputError(f"CUDA graphs replay compiled decode steps on a GPU: use them with --device cuda and "
+                         f"without --no-compile (the model is on {torch.device(device).type}"
+                         f"{', compile is off' if not compile else ''})", "cuda_graphs")
+
+
 BENCH_PROMPTS = 8  # bench model's prompts: the first this many of the file (--num-prompts)
 
 
@@ -319,10 +327,7 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
     each kind's per-repeat totals give medians over the repeats. cuda_graphs (a GPU, compile on):
     each compiled decode step is replayed as one CUDA graph (compile_steps)."""
     device = next(model.parameters()).device
-    if cuda_graphs and (device.type != "cuda" or not compile):
-        raise InputError(f"CUDA graphs replay compiled decode steps on a GPU: use them with --device cuda and "
-                         f"without --no-compile (the model is on {device.type}"
-                         f"{', compile is off' if not compile else ''})", "cuda_graphs")
+    check_cuda_graphs(cuda_graphs, device, compile)
     prompts = [torch.tensor([ids], device=device) for ids in prompt_ids]
     models = {"dense": model, "compressed": compressed}
     max_len = max(len(ids) for ids in prompt_ids) + new_tokens
@@ -333,6 +338,8 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
     steps, compile_s, compile_error = compile_steps(models, prompts[0], caches, cuda_graphs) if compile else \
         (dict(models), {}, None)
     compiled = compile and compile_error is None
+    # inductor falls back to plain launches where a step cannot be a graph, and only logs it
+    graph_skips = int(torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]) if cuda_graphs else None
 
     def prefill_seconds(name, ids):
         t = time.perf_counter()
@@ -355,7 +362,7 @@ def bench_model(model: nn.Module, compressed: nn.Module, prompt_ids: list[list[i
     result = {"compiled": compiled, "compile_seconds": compile_s, "compile_error": compile_error,
               "decode_mode": ("compiled, CUDA graphs" if cuda_graphs else "compiled") if compiled else
               "eager (torch.compile failed)" if compile_error else "eager",
-              "decode_kernel": kernel.usage()}
+              "decode_kernel": kernel.usage(), "cuda_graph_skips": graph_skips}
     for name in models:
         result[f"{name}_prefill_tokens_per_s"] = n_prefill / statistics.median(prefill[name])
         result[f"{name}_decode_tokens_per_s"] = n_decode / statistics.median(decode[name])
@@ -395,6 +402,8 @@ def model_table(r: dict) -> str:
     for label, kind, limit in rows:
         text += (f"| {label} | {r[f'dense_{kind}_tokens_per_s']:.1f} | {r[f'compressed_{kind}_tokens_per_s']:.1f} | "
                  f"{r[f'{kind}_speedup']:.2f}x | {limit} |\n")
+    if r.get("cuda_graph_skips"):
+        text += f"| CUDA graphs skipped {r['cuda_graph_skips']} time(s) (inductor ran those steps without one) | | | | |\n"
     if r.get("compile_error"):
         text += f"| torch.compile failed ({r['compile_error'][:120]}): every decode figure is eager | | | | |\n"
     return text + (f"| dense decode limit (memory {r['memory_bytes_per_s'] / 1e9:.1f} GB/s over the weights) | "

@@ -502,7 +502,7 @@ def cmd_bench_layer(args) -> None:
 def cmd_bench_model(args) -> None:
     from tqdm import tqdm
 
-    from ..bench.measure import bench_model, model_table
+    from ..bench.measure import bench_model, check_cuda_graphs, model_table
     from ..structures.circulant import fuse_circulant_mlp_
     from ..io.models import load_model
     from ..io.prompts import load_prompts, tokenize_prompts
@@ -510,6 +510,7 @@ def cmd_bench_model(args) -> None:
     results = start_bench(args)
     if args.num_prompts < 1 or args.new_tokens < 1:
         raise InputError(f"--num-prompts and --new-tokens must be >= 1, got {args.num_prompts} and {args.new_tokens}")
+    check_cuda_graphs(args.cuda_graphs, args.device, not args.no_compile)
     prompts = load_prompts(args.prompts)[:args.num_prompts]
     spec_io = spec_from_args(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -38,7 +38,7 @@ from ..fit.closed_form import _model_inputs, _run_layer, _Stop, aware_layer_, se
 from ..io.checkpoint import save_fitted
 from ..errors import InputError
 from .metrics import ZeroLinear, length_batches, length_groups, prompt_stats, summarize, with_floor
-from ..io.models import load_tokenizer, model_source, not_in_cache, resolve_dtype, tensors_fingerprint
+from ..io.models import load_tokenizer, model_source, not_in_cache, refuse_export, resolve_dtype, tensors_fingerprint
 from ..fit.student import StudentIO, StudentSpec, block_config, calibration_text, config_for
 from ..io.prompts import context_length, tokenize_prompts
 from ..io.results import structured_params
@@ -59,6 +59,7 @@ def model_folder(model_id: str) -> Path:
             source = snapshot_download(model_id, local_files_only=True)
         except OSError:  # LocalEntryNotFoundError (an OSError, as load_model's): not cached here
             raise not_in_cache(model_id) from None
+    refuse_export(source)
     path = Path(source)
     if not list(path.glob("*.safetensors")):
         raise InputError(f"{str(path)!r} holds no .safetensors file: streaming reads safetensors only", "model")

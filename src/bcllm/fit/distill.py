@@ -119,7 +119,7 @@ def merge_adapters_(student) -> list[str]:
         merge_factors_(adapter.base, a, b)
         set_module(student, name, adapter.base)
         if name in record:
-            a, b = torch.cat([record[name][0], a]), torch.cat([record[name][1], b], dim=1)
+            a, b = torch.cat([record[name][0].to(a), a]), torch.cat([record[name][1].to(b), b], dim=1)
         record[name] = (a, b)
     if names:
         setattr(student, ADAPTERS, record)
@@ -359,8 +359,7 @@ def distill_(student, teacher, batches, held_out=(), cfg: DistillConfig | None =
     continuations, used for cfg.onpolicy of the steps. on_eval(step) -> dict: extra figures
     recorded at every held-out evaluation (e.g. agreement on held-out prompts: the curve)."""
     cfg = cfg or DistillConfig()
-    if cfg.adapter_rank < 0:
-        raise InputError(f"adapter_rank must be >= 0, got {cfg.adapter_rank}", "adapter_rank")
+    _check(cfg, batches)
     if cfg.adapter_rank and fitted_modules(student):
         add_adapters_(student, cfg.adapter_rank, cfg.seed)
     try:
@@ -473,8 +472,10 @@ def _evaluate(student, run, held, held_lp, on_eval) -> None:
                                                     **on_eval(run.step)})
 
 
-def _start(student, batches, cfg: DistillConfig) -> dict:
-    """Check the settings; leave only the trained parameters requiring gradients; return them."""
+def _check(cfg: DistillConfig, batches) -> None:
+    """Refuse settings distillation cannot run with, before anything is changed."""
+    if cfg.adapter_rank < 0:
+        raise InputError(f"adapter_rank must be >= 0, got {cfg.adapter_rank}", "adapter_rank")
     if cfg.steps < 1:
         raise InputError(f"distillation steps must be >= 1, got {cfg.steps}", "distill_steps")
     if cfg.divergence not in DIVERGENCES:
@@ -489,6 +490,10 @@ def _start(student, batches, cfg: DistillConfig) -> dict:
         raise InputError(f"unknown distillation vocab {cfg.vocab!r}; allowed: full, teacher", "distill_vocab")
     if not batches:
         raise InputError("distillation needs calibration batches")
+
+
+def _start(student, batches, cfg: DistillConfig) -> dict:
+    """Leave only the trained parameters requiring gradients; return them."""
     params = trainable_parameters(student, cfg.train_norms)
     if not params:
         raise InputError("the student has no structured module to distil: compress it first")

@@ -27,6 +27,7 @@ from ..fit.transforms import Transform, apply_transform_
 from .results import atomic_write, command_line, file_sha256, read_json, versions, write_json
 
 FORMAT = 1
+FORMAT_ADAPTERS = 2  # folders with adapter factors: a bcllm that cannot merge them refuses by format
 
 
 @dist.on_main  # under torchrun rank 0 writes; the other ranks wait for it
@@ -60,7 +61,7 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
     (folder / "fitted.json").unlink(missing_ok=True)
     atomic_write(folder / "fitted.safetensors", lambda tmp: save_file(tensors, tmp))
     write_json(folder / "fitted.json", {
-        "format": FORMAT, "config_type": type(config).__name__, "config": dataclasses.asdict(config),
+        "format": FORMAT_ADAPTERS if getattr(student, ADAPTERS, {}) else FORMAT, "config_type": type(config).__name__, "config": dataclasses.asdict(config),
         "modules": {name: type(m).__name__ for name, m in modules.items()}, "extra_params": list(extra_params),
         "original_fingerprint": original_fingerprint, "info": info or {}, "base": base, "versions": versions(),
         "command": command_line(), "tensors_file": file_digest(folder / "fitted.safetensors")})
@@ -129,8 +130,9 @@ def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
     folder = Path(folder)
     meta_path = folder / "fitted.json"
     meta, fix = read_meta(folder, "load"), DAMAGED
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{str(meta_path)!r} has format {meta.get('format')}, this bcllm reads {FORMAT}")
+    if meta.get("format") not in (FORMAT, FORMAT_ADAPTERS):
+        raise InputError(f"{str(meta_path)!r} has format {meta.get('format')}, this bcllm reads {FORMAT} and "
+                         f"{FORMAT_ADAPTERS} (with adapters)")
     if check_fingerprint and meta.get("original_fingerprint"):
         if model_fingerprint(model) != meta["original_fingerprint"]:
             raise InputError(f"{str(folder)!r} was fitted on other original weights than this model's; "

@@ -183,7 +183,7 @@ def load_tokenizer(source: str, **kw):
     return tokenizer
 
 
-def _refuse_export(source: str) -> None:
+def refuse_export(source: str) -> None:
     """A folder written by `bcllm export` is a compressed student, not a base model: say how to measure
     it (its base with --load) instead of failing on its weights' file name deep inside transformers."""
     config = Path(source) / "config.json"
@@ -207,7 +207,7 @@ def load_model(model_id: str = DEFAULT_MODEL, dtype="float32", device="cpu"):
     hf_logging.set_verbosity_error()
     dtype = resolve_dtype(dtype)
     source, kw = model_source(model_id)
-    _refuse_export(source)
+    refuse_export(source)
     try:
         tokenizer = load_tokenizer(source, **kw)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
