@@ -501,7 +501,7 @@ def test_a_failed_compile_is_said_in_the_figure_not_hidden(monkeypatch):
     student = copy.deepcopy(model)
     compress_(student, CirculantConfig(block_size=16, targets="mlp"))
     fuse_circulant_mlp_(student)
-    monkeypatch.setattr(bm, "compile_steps", lambda models, prompt, caches: (dict(models), {}, "no compiler (injected)"))
+    monkeypatch.setattr(bm, "compile_steps", lambda models, prompt, caches, cuda_graphs=False: (dict(models), {}, "no compiler (injected)"))
     r = bm.bench_model(model, student, [[1, 2, 3]], new_tokens=2, repeats=1, compile=True)
     assert not r["compiled"] and r["decode_mode"] == "eager (torch.compile failed)"
     assert "torch.compile failed (no compiler (injected))" in bm.model_table(r)
