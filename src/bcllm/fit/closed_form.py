@@ -317,7 +317,7 @@ def sequential_layer_(index: int, layer_s: nn.Module, layer_t: nn.Module, names:
     teacher. fit_sequential_ calls it for each layer; streaming.py calls it on one loaded layer at a time.
     loaded: (tokens, refine's dict) of a layer whose modules a stage checkpoint restored: only run.
     sharded: the hidden states are this rank's share of the batches (statistics summed over ranks)."""
-    unit, x_s, tokens, result = unit_name(names), None, 0, None
+    unit, x_s, tokens, result = standalone_unit(layer_s, unit_name(names), h_s, extra), None, 0, None
     if loaded is not None:
         tokens, result = loaded
     elif names:
@@ -363,6 +363,27 @@ def unit_name(names: list[str]) -> str:
             break
         common.append(level[0])
     return ".".join(common)
+
+
+def standalone_unit(layer: nn.Module, unit: str, hidden: list, extra: list) -> str:
+    """`unit` if the layer calls it with its input alone (an MLP), else "" (the whole layer): a unit
+    that also takes the mask or the rotary embeddings (attention) cannot run on a captured input."""
+    if not unit or not hidden:
+        return unit
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["alone"] = len(args) + sum(v is not None for v in kwargs.values()) == 1
+        raise _Stop
+
+    handle = layer.get_submodule(unit).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        _run_layer(layer, hidden[0], extra[0])
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return unit if seen.get("alone") else ""
 
 
 def unit_inputs(layer: nn.Module, unit: str, hidden: list, extra: list) -> list:
