@@ -97,20 +97,19 @@ def add_adapters_(student, rank: int, seed: int = 0) -> list[str]:
     on (not inside a structured module) in an Adapter of `rank`; returns the wrapped modules' names."""
     prefix, _ = decoder_layers(student)
     structured = tuple(f"{n}." for n in fitted_modules(student))
-    indices = [layer_index(n, prefix) for n in fitted_modules(student)]
-    first = min((i for i in indices if i is not None), default=0)
+    first = min((i for n in structured if (i := layer_index(n, prefix)) is not None), default=0)
     generator = torch.Generator().manual_seed(seed)
     names = [n for n, m in student.named_modules() if type(m) is nn.Linear and not f"{n}.".startswith(structured)
-             and layer_index(n, prefix) is not None and layer_index(n, prefix) >= first]
+             and (layer_index(n, prefix) if layer_index(n, prefix) is not None else -1) >= first]
     for name in names:
         set_module(student, name, Adapter(student.get_submodule(name), rank, generator))
     return names
 
 
-def merge_adapters_(student) -> list[str]:
+def merge_adapters_(student) -> None:
     """Fold every Adapter back into its linear and record its factors in the student's ADAPTERS
     (a second distillation's factors are stacked on the first's: B1 A1 + B2 A2 = [B1 B2] [A1; A2]),
-    which save_fitted writes instead of the whole changed weights; returns the changed weights' names."""
+    which save_fitted writes instead of the whole changed weights."""
     names = [n for n, m in student.named_modules() if isinstance(m, Adapter)]
     record = getattr(student, ADAPTERS, {})
     for name in names:
@@ -123,7 +122,6 @@ def merge_adapters_(student) -> list[str]:
         record[name] = (a, b)
     if names:
         setattr(student, ADAPTERS, record)
-    return [f"{n}.weight" for n in names]
 
 
 def trainable_parameters(student, train_norms: bool = False) -> dict[str, torch.nn.Parameter]:
