@@ -193,6 +193,35 @@ def test_distillation_over_the_teachers_vocabulary():
     assert small["held_out_kl"][-1][1] < small["held_out_kl"][0][1]
 
 
+def test_batch_vocabulary_targets_against_a_hand_computation():
+    """vocab="teacher": each batch's vocabulary is the union of its own positions' top-k tokens, and
+    the target's log-sum-exp is the teacher's over that vocabulary alone."""
+    from bcllm.fit.distill import _masked, teacher_targets, topk_kl_rows
+
+    teacher = sharp_teacher(layers=2)
+    data = batches(n=2)
+    for batch, t in zip(data, teacher_targets(teacher, data, 4, restrict=True)):
+        with torch.no_grad():
+            z = teacher(**batch).logits[_masked(batch)].double()
+        top = z.topk(4, dim=-1).indices
+        vocab = sorted({int(i) for i in top.reshape(-1)})
+        assert t["vocab"].tolist() == vocab and len(vocab) < z.shape[-1]
+        values, ids, lse = t["target"]
+        assert [[vocab[k] for k in row] for row in ids.tolist()] == top.tolist()
+        assert torch.allclose(lse.double(), torch.logsumexp(z[:, vocab], -1), atol=1e-5)
+        # the loss on the batch's vocabulary: KL of the teacher's and student's distributions restricted to
+        # it, top-k plus one tail bucket, computed here from the softmax over the vocabulary alone
+        z_s = torch.randn(z.shape[0], len(vocab), dtype=torch.float64)
+        p_t = torch.softmax(z[:, vocab], -1)
+        q_s = torch.softmax(z_s, -1)
+        hand = []
+        for r in range(z.shape[0]):
+            kept = [vocab.index(int(i)) for i in top[r]]
+            tail_p, tail_q = 1 - p_t[r, kept].sum(), 1 - q_s[r, kept].sum()
+            hand.append((p_t[r, kept] * (p_t[r, kept] / q_s[r, kept]).log()).sum() + tail_p * (tail_p / tail_q).log())
+        assert torch.allclose(topk_kl_rows(z_s, t["target"]).double(), torch.stack(hand), atol=1e-4)
+
+
 def test_block_settings_are_checked_where_they_are_made():
     """BlockConfig checks itself, so every path that builds one (pipeline, streaming) refuses bad settings."""
     from bcllm.errors import InputError

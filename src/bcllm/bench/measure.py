@@ -125,24 +125,24 @@ def median_time(calls: list, repeats: int, warmup: int, budget_s: float, done=la
 
 def bench_layer(out_features: int, in_features: int, block_size: int, tokens: int, dtype=torch.float32,
                 device="cpu", repeats: int = 30, warmup: int = 2, budget_s: float = 3.0, seed: int = 0,
-                llc: int | None = None) -> dict:
-    """One point: dense nn.Linear vs BlockCirculantLinear (spectra cached), hot and cold."""
+                llc: int | None = None, spectra_bits: int = 32) -> dict:
+    """One point: dense nn.Linear vs BlockCirculantLinear (spectra cached; spectra_bits 8: int8), hot and cold."""
     torch.manual_seed(seed)
     cuda = torch.device(device).type == "cuda"
     llc = llc or (gpu_l2_bytes(device) if cuda else llc_bytes())
     dense_cost = costs.dense_costs(out_features, in_features, bytes_per_param=torch.tensor([], dtype=dtype).element_size())
-    circ_cost = costs.circulant_costs(out_features, in_features, block_size)
+    circ_cost = costs.circulant_costs(out_features, in_features, block_size, spectra_bits=spectra_bits)
     # Enough distinct weights that one pass reads over twice the last-level cache (capped for
     # tiny layers; `cold_bytes` in the result says how much one pass really read).
     n_dense = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / dense_cost["bytes"])))
     n_circ = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / circ_cost["bytes"])))
     dense = [nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype) for _ in range(n_dense)]
-    circ = [BlockCirculantLinear(in_features, out_features, block_size, bias=False, device=device, dtype=dtype)
-            for _ in range(n_circ)]
+    circ = [BlockCirculantLinear(in_features, out_features, block_size, bias=False, device=device, dtype=dtype,
+                                 spectra_bits=spectra_bits) for _ in range(n_circ)]
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
     with torch.no_grad():
         for layer in circ:
-            layer.spectra()  # built once, as at model load
-    x = torch.randn(tokens, in_features, device=device, dtype=dtype)
+            layer(x)  # spectra (and their int8 codes) built once, as at model load
     def calls(layers, n):
         return [functools.partial(layers[i % len(layers)], x) for i in range(n)]
 
@@ -157,6 +157,7 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
     return {
         "shape": f"{out_features}x{in_features}", "out_features": out_features, "in_features": in_features,
         "block_size": block_size, "tokens": tokens, "dtype": str(dtype).replace("torch.", ""),
+        "spectra_bits": spectra_bits,
         "dense_us": t_dense * 1e6, "circulant_us": t_circ * 1e6, "speedup": t_dense / t_circ,
         "dense_hot_us": t_dense_hot * 1e6, "circulant_hot_us": t_circ_hot * 1e6,
         "speedup_hot": t_dense_hot / t_circ_hot,

@@ -63,6 +63,10 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-sizes", default=D.block_sizes, metavar="GLOB=B,...",
                    help="per-module block sizes (circulant) or budget block sizes (lowrank), first match wins, "
                         "e.g. '*.layers.3.mlp.*=4,down_proj=32'; the rest get --block-size")
+    p.add_argument("--spectra-bits", type=int, default=D.spectra_bits, choices=[32, 8],
+                   help="circulant: store the spectra as float32 (32) or int8 codes with a float32 scale per "
+                        "frequency and output block (8: a quarter of the bytes; the fits and distillation see the "
+                        "rounded spectra; with --load, a saved student's spectra rounded after the fact)")
     p.add_argument("--transform", default=D.transform, choices=["none", "hidden", "residual", "both"],
                    help="circulant MLPs: first reorder (and rescale) channels without changing the dense "
                         "model's function, searched to bring the weights closer to block-circulant: hidden = "
@@ -104,7 +108,7 @@ def add_distill_args(g) -> None:
                    help="distil with the student's forward under bfloat16 autocast (faster on CPUs with AMX)")
     g.add_argument("--distill-vocab", default=D.distill_vocab, choices=["full", "teacher"],
                    help="distil over the full vocabulary, or over the tokens in the teacher's top-k anywhere in "
-                        "the calibration text (fewer output logits a step)")
+                        "the batch (fewer output logits a step; forward KL without on-policy steps)")
     g.add_argument("--distill-divergence", default=D.distill_divergence, choices=["forward", "reverse", "jsd", "skew"],
                    help="forward KL(teacher||student) on the teacher's top-k (cached), or a full-vocabulary reverse "
                         "KL, generalised JSD (beta 0.5) or skew KL (0.1), the teacher run each step")
@@ -492,7 +496,8 @@ def cmd_bench_layer(args) -> None:
     rows = bench_layers([parse_shape(s) for s in args.shape.split(",")] if args.shape else None,
                         parse_ints(args.block_size, "--block-size"),
                         parse_ints(args.tokens, "--tokens") if args.tokens else None, model_id=args.model,
-                        dtype=args.dtype, device=args.device, repeats=args.repeats, seed=args.seed)
+                        dtype=args.dtype, device=args.device, repeats=args.repeats, seed=args.seed,
+                        spectra_bits=args.spectra_bits)
     results["results"] = rows
     if len(rows) == 1:
         results.update(rows[0])  # a single point: its figures at the top level (`speedup` = cold)
@@ -645,6 +650,8 @@ def add_bench_commands(sub) -> None:
     p.add_argument("--shape", help="OUTxIN[,OUTxIN...] (default: the model's projection shapes, 4096x4096, 11008x4096)")
     p.add_argument("--block-size", default="16", help="one or more block sizes, comma-separated")
     p.add_argument("--tokens", help="rows per call, comma-separated (default: 1,16,128,512)")
+    p.add_argument("--spectra-bits", type=int, default=32, choices=[32, 8],
+                   help="the circulant layer's spectra in float32 or int8 (codes and a scale per output block)")
     add_bench_args(p)
     p.set_defaults(func=cmd_bench_layer, repeats=30)
     p = bench_sub.add_parser("model", help="prefill and greedy-decode tokens/s of dense and compressed model")

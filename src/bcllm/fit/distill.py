@@ -60,7 +60,7 @@ class DistillConfig:
     seed: int = 0
     cache_prefix: bool = True     # run the frozen layers before the first trained one once, not every step
     bf16: bool = False            # student forward under bfloat16 autocast (CPUs with AMX: ~3x faster matmuls)
-    vocab: str = "full"           # full | teacher: the loss over the tokens in the teacher's top-k anywhere
+    vocab: str = "full"           # full | teacher: the loss over the tokens in the teacher's top-k anywhere in the batch
     divergence: str = "forward"   # forward (top-k + tail, cached) | reverse | jsd | skew: full-vocabulary, teacher per step
     onpolicy: float = 0.0         # share of steps on the student's own continuations (on_policy batches), teacher-scored
     adapter_rank: int = 0         # rank of the merged corrections of the dense linears after the first structured layer
@@ -149,10 +149,15 @@ def _masked(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_targets(teacher, batches, topk: int, first: int = 0) -> list[dict]:
+def teacher_targets(teacher, batches, topk: int, first: int = 0, restrict: bool = False) -> list[dict]:
     """Per batch, computed once: the teacher's top-k logits, their token ids and the log-sum-exp at
     the real positions ("target"), and with first > 0 the hidden state entering decoder layer
-    `first` ("prefix"; the student equals the teacher before it, so it need not run there)."""
+    `first` ("prefix"; the student equals the teacher before it, so it need not run there).
+
+    restrict (vocab="teacher"): the batch's vocabulary is the union of the teacher's top-k tokens
+    over its positions (over every rank's rows: a rank without rows only joins the union), "vocab"
+    its token ids; the target's ids are positions in it and its log-sum-exp is over it, so the loss
+    is the exact top-k + tail KL of both distributions restricted to that vocabulary."""
     layer = decoder_layers(teacher)[1][first]
     seen = {}
 
@@ -166,10 +171,19 @@ def teacher_targets(teacher, batches, topk: int, first: int = 0) -> list[dict]:
     out = []
     try:
         for batch in batches:
+            if not _rows(batch):  # (a rank without rows of a short batch)
+                out.append({"target": None, "vocab": batch_vocabulary(teacher, None) if restrict else None})
+                continue
             z = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
             z = z[_masked(batch)].float()
             values, ids = z.topk(topk, dim=-1)
-            out.append({"target": (values, ids, z.logsumexp(-1)), "prefix": seen["hidden"] if first else None,
+            target, vocab = (values, ids, z.logsumexp(-1)), None
+            if restrict:
+                vocab = batch_vocabulary(teacher, ids)
+                position = torch.full((z.shape[-1],), -1, dtype=torch.long, device=ids.device)
+                position[vocab] = torch.arange(vocab.numel(), device=ids.device)
+                target = (values, position[ids], z[:, vocab].logsumexp(-1))
+            out.append({"target": target, "vocab": vocab, "prefix": seen["hidden"] if first else None,
                         "tuple": seen["tuple"]})
     finally:
         for h in handles:
@@ -241,25 +255,17 @@ def restricted_head(student, ids):
         student.set_output_embeddings(head)
 
 
-@torch.no_grad()
-def restrict_targets(teacher, batches, targets: list[dict]) -> torch.Tensor:
-    """vocab="teacher": the union of the teacher's top-k tokens over all positions; the targets'
-    token ids become positions in it and their log-sum-exp the teacher's over it, so the loss is
-    the exact top-k + tail KL of both distributions restricted to that vocabulary (a second pass
-    of the teacher). Returns the union's token ids."""
-    none = torch.empty(0, dtype=torch.long, device=teacher.get_output_embeddings().weight.device)
-    ids = torch.unique(torch.cat([none, *(t["target"][1].reshape(-1) for t in targets)]))
-    if dist.world() > 1:  # the union over every rank's rows (a rank may have none)
-        present = torch.zeros(teacher.get_output_embeddings().weight.shape[0], device=ids.device)
-        present[ids] = 1
-        ids = dist.all_reduce_sum(present).nonzero()[:, 0]
-    position = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=ids.device)
-    position[ids] = torch.arange(ids.numel(), device=ids.device)
-    for batch, t in zip(batches, targets):
-        z = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
-        values, top, _ = t["target"]
-        t["target"] = (values, position[top], z[_masked(batch)][:, ids].float().logsumexp(-1))
-    return ids
+def batch_vocabulary(teacher, ids: torch.Tensor | None) -> torch.Tensor:
+    """The sorted token ids in `ids` (this rank's top-k ids of a batch; None: no rows here), united
+    over every rank's (all ranks call it for the same batch at the same step)."""
+    size = teacher.get_output_embeddings().weight.shape[0]
+    device = teacher.get_output_embeddings().weight.device
+    if dist.world() == 1:
+        return torch.unique(ids)
+    present = torch.zeros(size, device=device)
+    if ids is not None:
+        present[ids.reshape(-1)] = 1
+    return dist.all_reduce_sum(present).nonzero()[:, 0]
 
 
 def first_trained_layer(student, params: dict, enabled: bool = True) -> int:
@@ -377,7 +383,7 @@ def _distill(student, teacher, batches, held_out, cfg, checkpoint_dir, resume, p
     if cfg.onpolicy and on_policy is None:
         raise InputError("onpolicy distillation needs a source of the student's own continuations", "distill_onpolicy")
     local = [dist.split_rows(b) for b in batches]  # this rank's rows of every batch (all of them alone)
-    targets, vocab = _targets(teacher, local, cfg, first)
+    targets = _LazyTargets(teacher, local, cfg.topk, first, cfg.vocab == "teacher")
     held_out = list(held_out)  # every rank's (the same): whether to evaluate; held: this rank's rows of it
     held = [b for b in map(dist.split_rows, held_out) if _rows(b)]
     held_lp = [torch.log_softmax(t, -1) for t in _teacher_logits(teacher, held)]
@@ -390,8 +396,7 @@ def _distill(student, teacher, batches, held_out, cfg, checkpoint_dir, resume, p
     start, tokens = time.perf_counter(), 0
     try:
         while run.step < cfg.steps:
-            loss, n = _next_step(student, teacher, batches, local, targets, vocab, first, run, hidden_layers,
-                                 on_policy)
+            loss, n = _next_step(student, teacher, batches, local, targets, first, run, hidden_layers, on_policy)
             tokens += n
             run.history["tokens"] = run.history.get("tokens", 0) + n
             if held_out and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
@@ -414,26 +419,15 @@ def _distill(student, teacher, batches, held_out, cfg, checkpoint_dir, resume, p
             "adapted": [n.removesuffix(".lora_a") + ".weight" for n in params if n.endswith(".lora_a")],
             "held_out_kl": run.history["held_out_kl"], "loss": run.history["loss"], "config": asdict(cfg),
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None, "prefix_layers_cached": first,
-            "vocab_size": None if vocab is None else int(vocab.numel()), "curve": run.history.get("curve", []),
+            "vocab_size": targets.mean_vocabulary(), "curve": run.history.get("curve", []),
             "distill_tokens": run.history.get("tokens", 0), "teacher_batches": len(targets.done)}
-
-
-def _targets(teacher, batches, cfg: DistillConfig, first: int):
-    """(targets, vocab): the teacher's targets, computed when a batch is first drawn (a long run over
-    fresh data pays the teacher once per batch it uses, never for batches it does not reach); with
-    vocab="teacher" all of them at once and the union of their top-k tokens."""
-    targets = _LazyTargets(teacher, batches, cfg.topk, first)
-    if cfg.vocab != "teacher":
-        return targets, None
-    kept = [i for i in range(len(batches)) if _rows(batches[i])]  # (a rank may have no rows of a short batch)
-    return targets, restrict_targets(teacher, [batches[i] for i in kept], [targets[i] for i in kept])
 
 
 def _rows(batch: dict) -> int:
     return batch["input_ids"].shape[0]
 
 
-def _next_step(student, teacher, batches, local, targets, vocab, first, run, hidden_layers, on_policy):
+def _next_step(student, teacher, batches, local, targets, first, run, hidden_layers, on_policy):
     """The step run.step: on the student's own text (on-policy) or on its calibration batch, of which
     this rank trains its rows `local[i]`; returns (loss, real positions of the whole batch)."""
     if on_policy_step(run.step, run.cfg.onpolicy):  # the student's own text, the teacher scoring it now
@@ -445,10 +439,10 @@ def _next_step(student, teacher, batches, local, targets, vocab, first, run, hid
         return _step(student, teacher, dist.split_rows(batch), None, run, hidden_layers, n), n
     i = _batch_index(run.step, len(batches), run.cfg.seed)
     n = int(_masked(batches[i]).sum())
+    target = targets[i]  # (computed at the batch's first draw, on every rank: the vocabulary's union is collective)
     if not _rows(local[i]):  # no rows here (a short batch): this rank only adds its zero gradients
         return _step(student, teacher, local[i], None, run, hidden_layers, n), n
-    target = targets[i]
-    with cached_prefix(student, first, target["tuple"]) as state, restricted_head(student, vocab):
+    with cached_prefix(student, first, target["tuple"]) as state, restricted_head(student, target["vocab"]):
         state["hidden"] = target["prefix"]
         return _step(student, teacher, local[i], target["target"], run, hidden_layers, n), n
 
@@ -546,16 +540,22 @@ def _share_of_loss(student, teacher, batch, target, cfg: DistillConfig, hidden_l
 
 
 class _LazyTargets:
-    """teacher_targets of batch i, computed on first use and kept (top-k: about 0.8 kB a token)."""
+    """teacher_targets of batch i, computed on first use and kept (top-k: about 0.8 kB a token): a long
+    run over fresh data pays the teacher once per batch it uses, never for batches it does not reach."""
 
-    def __init__(self, teacher, batches, topk: int, first: int):
-        self.teacher, self.batches, self.topk, self.first = teacher, batches, topk, first
+    def __init__(self, teacher, batches, topk: int, first: int, restrict: bool = False):
+        self.teacher, self.batches, self.topk, self.first, self.restrict = teacher, batches, topk, first, restrict
         self.done: dict[int, dict] = {}
 
     def __getitem__(self, i: int) -> dict:
         if i not in self.done:
-            self.done[i] = teacher_targets(self.teacher, [self.batches[i]], self.topk, self.first)[0]
+            self.done[i] = teacher_targets(self.teacher, [self.batches[i]], self.topk, self.first, self.restrict)[0]
         return self.done[i]
+
+    def mean_vocabulary(self) -> float | None:
+        """vocab="teacher": the mean size of the batches' vocabularies so far (None: the full vocabulary)."""
+        sizes = [t["vocab"].numel() for t in self.done.values() if t.get("vocab") is not None]
+        return sum(sizes) / len(sizes) if sizes else None
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from ..io.models import model_fingerprint
 from ..io.prompts import load_prompts
 from .reconstruct import TARGETS, BlockConfig, reconstruct_
 from ..structures.base import STRUCTURES, structure_config
+from ..structures.circulant import check_spectra_bits, set_spectra_bits_
 from .transforms import KINDS, Transform, apply_transform_, find_transform
 from ..surgery import compress_, decoder_layers, layer_index, select_modules
 
@@ -68,7 +69,7 @@ class StudentSpec:
     hidden_mse: float = 0.0
     train_norms: bool = False
     distill_bf16: bool = False          # student forward under bfloat16 autocast while distilling
-    distill_vocab: str = "full"         # full | teacher: the loss over the tokens in the teacher's top-k anywhere
+    distill_vocab: str = "full"         # full | teacher: the loss over the tokens in the teacher's top-k anywhere in the batch
     distill_divergence: str = "forward" # forward | reverse | jsd | skew (distill.DIVERGENCES)
     distill_onpolicy: float = 0.0       # share of distillation steps on the student's own continuations
     adapter_rank: int = 0               # distillation also trains a rank-r correction of every dense linear from
@@ -83,6 +84,8 @@ class StudentSpec:
     transform: str = "none"             # circulant: none | hidden | residual | both (transforms.py), found first
     quant_grid: str = "float"           # quant: float (min..max, Q4_1's) | int (GPTQ's, zero exactly on the grid)
     quant_damp: float = 0.0             # quant with fit sequential (GPTQ): damping, the larger of it and ridge
+    spectra_bits: int = 32              # circulant: 32 (float32 spectra) | 8 (int8 codes, a scale per frequency
+                                        # and output block; the fits and distillation see the rounded spectra)
     seed: int = field(default=0, metadata={"point": False})  # the run's seed: not a sweep setting
 
     def __post_init__(self):
@@ -94,6 +97,7 @@ class StudentSpec:
                           ("fit_samples", 1), ("adapter_rank", 0)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise InputError(f"{name} must be >= {low}, got {getattr(self, name)}", name)
+        check_spectra_bits(self.spectra_bits)
         if self.distill_vocab not in ("full", "teacher"):
             raise InputError(f"unknown distill_vocab {self.distill_vocab!r}; allowed: full, teacher", "distill_vocab")
         if self.transform not in KINDS:
@@ -170,7 +174,7 @@ KEY_DEFAULTS = {"structure": "circulant", "block_size": 16, "rank": None, "param
                 "train_norms": False, "distill_bf16": False, "distill_vocab": "full", "block_epochs": 4, "block_lr": 1e-3,
                 "block_target": "mlp", "block_batch_tokens": 1024, "block_sizes": "", "transform": "none",
                 "distill_divergence": "forward", "distill_onpolicy": 0.0, "fit_samples": None, "quant_grid": "float",
-                "quant_damp": 0.0, "adapter_rank": 0}
+                "quant_damp": 0.0, "adapter_rank": 0, "spectra_bits": 32}
 
 
 def parse_block_sizes(text: str) -> dict[str, int]:
@@ -227,6 +231,10 @@ def config_for(spec: StudentSpec):
     config = cls.from_options(size, spec.rank, targets=spec.targets, layers=spec.layers)
     if spec.structure == "quant":
         config = dataclasses.replace(config, zero_point=spec.quant_grid, damp=spec.quant_damp)
+    if spec.spectra_bits != 32:
+        if spec.structure != "circulant":
+            raise InputError(f"spectra_bits applies to structure circulant, not {spec.structure}", "spectra_bits")
+        config = dataclasses.replace(config, spectra_bits=check_spectra_bits(spec.spectra_bits))
     if spec.block_sizes:
         if spec.rank is not None:
             raise InputError("block_sizes sets per-module budgets; give it without rank", "block_sizes")
@@ -240,8 +248,12 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
     unchanged. eval_prompts: the prompts it will be measured on (calibration text overlapping them
     is refused; None: the bundled prompts); model_id: the model's spec (calibration cache key)."""
     student = copy.deepcopy(model)
-    if io.load:  # a saved student: its own config, no fitting
-        return student, load_fitted(student, io.load)
+    if io.load:  # a saved student: its own config, no fitting (spectra_bits 8: its spectra rounded now)
+        summary = load_fitted(student, io.load)
+        if spec.spectra_bits != 32:
+            set_spectra_bits_(student, check_spectra_bits(spec.spectra_bits))
+            summary["config"]["spectra_bits"] = spec.spectra_bits
+        return student, summary
     config = config_for(spec)
     if io.resume and not io.distill_dir:
         raise InputError("resume needs distill_dir (where the interrupted run left its checkpoint)", "resume")

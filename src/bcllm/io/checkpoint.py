@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from .. import dist
 from ..errors import InputError, InputFileError
 from ..structures.base import config_class, fitted_modules
+from ..structures.circulant import bake_spectra_
 from ..surgery import compress_
 from ..fit.distill import ADAPTERS, merge_factors_
 from ..fit.transforms import Transform, apply_transform_
@@ -28,6 +29,8 @@ from .results import atomic_write, command_line, file_sha256, read_json, version
 
 FORMAT = 1
 FORMAT_ADAPTERS = 2  # folders with adapter factors: a bcllm that cannot merge them refuses by format
+FORMAT_INT8_SPECTRA = 3  # circulant modules with int8 spectra (config spectra_bits 8): refused by format before
+FORMATS = (FORMAT, FORMAT_ADAPTERS, FORMAT_INT8_SPECTRA)
 
 
 @dist.on_main  # under torchrun rank 0 writes; the other ranks wait for it
@@ -48,6 +51,7 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
     modules = fitted_modules(student)
     if not modules:
         raise InputError("the student has no structured module to save: compress it first")
+    int8_spectra = bake_spectra_(student)  # c on its int8 grid: the folder holds the function the student computes
     tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in modules.items()
                for k, v in m.state_dict().items()}
     params = dict(student.named_parameters())
@@ -61,7 +65,8 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
     (folder / "fitted.json").unlink(missing_ok=True)
     atomic_write(folder / "fitted.safetensors", lambda tmp: save_file(tensors, tmp))
     write_json(folder / "fitted.json", {
-        "format": FORMAT_ADAPTERS if getattr(student, ADAPTERS, {}) else FORMAT, "config_type": type(config).__name__, "config": dataclasses.asdict(config),
+        "format": FORMAT_INT8_SPECTRA if int8_spectra else FORMAT_ADAPTERS if getattr(student, ADAPTERS, {}) else FORMAT,
+        "config_type": type(config).__name__, "config": dataclasses.asdict(config),
         "modules": {name: type(m).__name__ for name, m in modules.items()}, "extra_params": list(extra_params),
         "original_fingerprint": original_fingerprint, "info": info or {}, "base": base, "versions": versions(),
         "command": command_line(), "tensors_file": file_digest(folder / "fitted.safetensors")})
@@ -130,9 +135,9 @@ def load_fitted(model, folder, check_fingerprint: bool = True) -> dict:
     folder = Path(folder)
     meta_path = folder / "fitted.json"
     meta, fix = read_meta(folder, "load"), DAMAGED
-    if meta.get("format") not in (FORMAT, FORMAT_ADAPTERS):
-        raise InputError(f"{str(meta_path)!r} has format {meta.get('format')}, this bcllm reads {FORMAT} and "
-                         f"{FORMAT_ADAPTERS} (with adapters)")
+    if meta.get("format") not in FORMATS:
+        raise InputError(f"{str(meta_path)!r} has format {meta.get('format')}, this bcllm reads {FORMAT}, "
+                         f"{FORMAT_ADAPTERS} (with adapters) and {FORMAT_INT8_SPECTRA} (int8 spectra)")
     if check_fingerprint and meta.get("original_fingerprint"):
         if model_fingerprint(model) != meta["original_fingerprint"]:
             raise InputError(f"{str(folder)!r} was fitted on other original weights than this model's; "

@@ -25,7 +25,8 @@ from ..errors import InputError
 
 __all__ = ["DFT_MATMUL_MAX_BLOCK", "cached_spectra", "circulant_matmul_planar", "dft_tables", "fold_nyquist",
            "grid_shape", "spectra", "spectra_to_c", "stored_frequencies", "unfold_nyquist", "project_frobenius",
-           "to_dense", "block_spectra", "circulant_matmul", "uses_kernel", "kernel_threads", "single_thread",
+           "to_dense", "block_spectra", "circulant_matmul", "uses_kernel", "SPECTRA_BITS", "quantize_spectra",
+           "dequantize_spectra", "quantized_spectra", "circulant_matmul_int8", "kernel_threads", "single_thread",
            "fit_aware", "KERNEL_MAX_ROWS", "SINGLE_THREAD_MAX_BYTES", "KERNEL_SINGLE_THREAD_MAX_BYTES"]
 
 
@@ -105,9 +106,10 @@ def single_thread():
 
 
 def kernel_threads(spectra: torch.Tensor) -> int:
-    """The fused kernel's `threads` for these spectra: 1 up to KERNEL_SINGLE_THREAD_MAX_BYTES, else
-    0 (all of torch's threads, counted by the kernel: a compiled graph cannot ask torch)."""
-    return 1 if spectra.numel() * 4 <= KERNEL_SINGLE_THREAD_MAX_BYTES else 0
+    """The fused kernel's `threads` for these spectra (float32, or int8 codes): 1 up to
+    KERNEL_SINGLE_THREAD_MAX_BYTES, else 0 (all of torch's threads, counted by the kernel: a
+    compiled graph cannot ask torch)."""
+    return 1 if spectra.numel() * spectra.element_size() <= KERNEL_SINGLE_THREAD_MAX_BYTES else 0
 
 
 def uses_kernel(x: torch.Tensor, spectra: torch.Tensor) -> bool:
@@ -139,6 +141,60 @@ def circulant_matmul(x: torch.Tensor, spectra: torch.Tensor, out_features: int, 
         with single_thread():
             return circulant_matmul_planar(x, spectra, out_features, in_features, block_size)
     return circulant_matmul_planar(x, spectra, out_features, in_features, block_size)
+
+
+# Bits a spectrum value is stored in: 32 (float32) or 8 (int8 codes, a float32 scale per frequency
+# and output block).
+SPECTRA_BITS = (32, 8)
+
+
+def quantize_spectra(planar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Planar spectra (2, F, q, p) -> (codes (2, F, q, p) int8, scales (F, p) float32): symmetric
+    round to nearest with one scale per frequency and output block, shared by the real and the
+    imaginary part and by all q input blocks (max |value| / 127). A scale per output block, not per
+    input block, factors out of the product's sum over input blocks: the kernel applies it once
+    per output sum (and the scales of gate and up side by side are the fused MLP's)."""
+    scales = planar.detach().abs().amax(dim=(0, 2)).float() / 127
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(planar.detach().float() / scales[None, :, None, :]).clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def dequantize_spectra(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 planar spectra int8 `codes` and `scales` stand for: codes * scale."""
+    return codes.float() * scales[None, :, None, :]
+
+
+def quantized_spectra(owner, c: torch.Tensor, *more: torch.Tensor) -> tuple:
+    """(planar, codes, scales): the spectra of c (as cached_spectra, with `more`) rounded to int8
+    (quantize_spectra), planar the dequantised values: cached on owner._quantized beside the float
+    spectra they come from. Under autograd (spectra computed afresh) planar is the straight-through
+    estimate: the rounded values forward, the float spectra's gradient backward."""
+    if torch.compiler.is_compiling() and owner._quantized is not None:
+        return owner._quantized[1:]
+    s = cached_spectra(owner, c, *more)
+    if s.requires_grad:
+        codes, scales = quantize_spectra(s)
+        return s + (dequantize_spectra(codes, scales) - s).detach(), codes, scales
+    if owner._quantized is None or owner._quantized[0] is not s:
+        codes, scales = quantize_spectra(s)
+        owner._quantized = (s, dequantize_spectra(codes, scales), codes, scales)
+    return owner._quantized[1:]
+
+
+def circulant_matmul_int8(x: torch.Tensor, planar: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                          out_features: int, in_features: int, block_size: int) -> torch.Tensor:
+    """circulant_matmul of int8 spectra (quantized_spectra's planar, codes, scales: one function):
+    rows the fused kernel takes are multiplied from the codes (a quarter of the bytes), the others
+    through the dequantised `planar` on the torch path."""
+    if x.dtype != torch.float32:
+        x = x.float()
+    if x.shape[0] <= KERNEL_MAX_ROWS and kernel.applies(x, planar):
+        threads = kernel_threads(codes)
+        if torch.compiler.is_compiling():
+            return kernel.circulant_decode_int8_op(x, codes, scales, out_features, in_features, block_size, threads)
+        return kernel.circulant_decode_int8(x, codes, scales, out_features, in_features, block_size, threads)
+    return circulant_matmul(x, planar, out_features, in_features, block_size)
 
 
 def _block_dft(m: torch.Tensor, rows: int, cols: int, block_size: int) -> torch.Tensor:

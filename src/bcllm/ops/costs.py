@@ -26,13 +26,15 @@ def dense_costs(out_features: int, in_features: int, bias: bool = False, bytes_p
 
 
 def circulant_costs(out_features: int, in_features: int, block_size: int, bias: bool = False,
-                    bytes_per_param: int = 4, outputs: int = 1) -> dict:
-    """`outputs` > 1: that many layers of this shape sharing one input transform (fused gate/up)."""
+                    bytes_per_param: int = 4, outputs: int = 1, spectra_bits: int = 32) -> dict:
+    """`outputs` > 1: that many layers of this shape sharing one input transform (fused gate/up).
+    spectra_bits 8: int8 spectra plus a float32 scale per frequency and output block."""
     b = block_size
     p, q = math.ceil(out_features / b), math.ceil(in_features / b)
     F = stored_frequencies(b)
     fft = 2.5 * b * math.log2(b) if b > 1 else 0.0
     bias_n = out_features * outputs if bias else 0
     flops = 8 * F * q * p * outputs + fft * (q + p * outputs) + bias_n
-    return {"flops": flops, "bytes": 8 * F * q * p * outputs + bias_n * bytes_per_param,
+    spectra = 2 * F * q * p * outputs * spectra_bits // 8 + (4 * F * p * outputs if spectra_bits != 32 else 0)
+    return {"flops": flops, "bytes": spectra + bias_n * bytes_per_param,
             "params": (p * q * b + (out_features if bias else 0)) * outputs}

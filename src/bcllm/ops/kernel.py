@@ -2,7 +2,8 @@
 
 For a few float32 rows on the CPU, `circulant.circulant_matmul` hands the whole product (block
 DFT of the input, per-frequency complex multiply-accumulate over the cached spectra, inverse DFT)
-to one C++ function that streams the spectra once. It is compiled through torch's extension
+to one C++ function that streams the spectra once (float32 spectra, or int8 codes with a scale per
+frequency and output block: circulant_decode_int8). It is compiled through torch's extension
 mechanism (a C++ compiler and ninja; `-O3 -march=native -fopenmp`) into torch's extension directory
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), under a name that hashes the source,
 the flags, the CPU, torch and Python, so that a later process only imports it (`make setup`
@@ -168,12 +169,24 @@ def circulant_decode(x: torch.Tensor, spectra: torch.Tensor, out_features: int, 
     """(n, out) float32 = x @ W.T for the block-circulant W with planar `spectra` (2, F, q, p);
     `threads` > 1 splits the frequencies over that many of torch's threads, 0 over all of them.
     Call only where `applies`."""
+    return _call("circulant_decode", x, spectra, out_features, in_features, block_size, threads)
+
+
+def circulant_decode_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_features: int,
+                          in_features: int, block_size: int, threads: int = 1) -> torch.Tensor:
+    """circulant_decode with int8 spectra: planar `codes` (2, F, q, p) int8 and `scales` (F, p)
+    float32, spectra = codes * scales[None, :, None, :] (ops.circulant.quantize_spectra). Call only
+    where `applies`."""
+    return _call("circulant_decode_int8", x, codes, scales, out_features, in_features, block_size, threads)
+
+
+def _call(name: str, *args) -> torch.Tensor:
     module = load()
     if module is None:
         raise RuntimeError("bcllm: the circulant decode kernel is not built (check kernel.applies first)")
     CALLS[0] += 1
     try:
-        return module.circulant_decode(x, spectra, out_features, in_features, block_size, threads)
+        return getattr(module, name)(*args)
     except RuntimeError as e:  # the kernel's own checks of shapes and types: bad input, not a bug
         if "circulant_decode:" not in str(e):
             raise
@@ -189,12 +202,22 @@ def circulant_decode_op(x: torch.Tensor, spectra: torch.Tensor, out_features: in
     return torch.ops.bcllm.circulant_decode.default(x, spectra, out_features, in_features, block_size, threads)
 
 
+def circulant_decode_int8_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_features: int,
+                             in_features: int, block_size: int, threads: int) -> torch.Tensor:
+    """circulant_decode_int8 as the operator bcllm::circulant_decode_int8 (as circulant_decode_op)."""
+    return torch.ops.bcllm.circulant_decode_int8.default(x, codes, scales, out_features, in_features, block_size,
+                                                         threads)
+
+
 def _register_fake() -> None:
-    """The operator's output shape for tracing, once per process (the library may load again)."""
-    if torch._C._dispatch_has_kernel_for_dispatch_key("bcllm::circulant_decode", "Meta"):
-        return
-    torch.library.register_fake("bcllm::circulant_decode")(
-        lambda x, spec, out_features, in_features, block_size, threads: x.new_empty(x.shape[0], out_features))
+    """The operators' output shapes for tracing, once per process (the library may load again)."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("bcllm::circulant_decode", "Meta"):
+        torch.library.register_fake("bcllm::circulant_decode")(
+            lambda x, spec, out_features, in_features, block_size, threads: x.new_empty(x.shape[0], out_features))
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("bcllm::circulant_decode_int8", "Meta"):
+        torch.library.register_fake("bcllm::circulant_decode_int8")(
+            lambda x, codes, scales, out_features, in_features, block_size, threads:
+            x.new_empty(x.shape[0], out_features))
 
 
 def main() -> None:

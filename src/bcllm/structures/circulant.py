@@ -14,6 +14,13 @@ rfft, one batched matmul over the concatenated spectra and one inverse transform
 
 The fused module works under autograd as well as in eval: the state dict keeps the unfused names
 (mlp.gate_proj.c, ...), so checkpoints load either way.
+
+spectra_bits=8 stores the spectra as int8 codes with a float32 scale per frequency and output
+block (ops.circulant.quantize_spectra): the module computes with the rounded spectra on every path
+(the fused decode kernel reads the codes, a quarter of the bytes; the torch path their dequantised
+values; under autograd the straight-through estimate), and `bake_spectra_` puts c on that grid
+(c = inverse of the rounded spectra, which round to the same codes) before a student is saved, so a
+folder or an export computes the same function from c alone.
 """
 
 from __future__ import annotations
@@ -33,19 +40,20 @@ from .base import StructureConfig, StructuredLinear, check_block_size, factory, 
 
 class BlockCirculantLinear(StructuredLinear):
     def __init__(self, in_features: int, out_features: int, block_size: int, bias: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, spectra_bits: int = 32):
         super().__init__(in_features, out_features, bias, device, dtype)
         check_block_size(block_size, out_features, in_features)
-        self.block_size = block_size
+        self.block_size, self.spectra_bits = block_size, check_spectra_bits(spectra_bits)
         p, q = circulant.grid_shape(out_features, in_features, block_size)
         # Initialised like nn.Linear: each output sums in_features products.
         self.c = nn.Parameter(torch.empty(p, q, block_size, **factory(device, dtype)).uniform_(-1, 1) / in_features ** 0.5)
         self._spectra = self._spectra_key = None  # the spectra cache (circulant.cached_spectra)
+        self._quantized = None  # spectra_bits 8: the rounded spectra's cache (circulant.quantized_spectra)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, block_size: int) -> "BlockCirculantLinear":
+    def from_linear(cls, linear: nn.Module, block_size: int, spectra_bits: int = 32) -> "BlockCirculantLinear":
         """Frobenius projection of a dense layer (nn.Linear or Conv1D)."""
-        layer = cls(block_size=block_size, **cls.dense_args(linear))
+        layer = cls(block_size=block_size, spectra_bits=spectra_bits, **cls.dense_args(linear))
         with torch.no_grad():
             layer.c.copy_(circulant.project_frobenius(linear_weight(linear), block_size))
         layer.copy_bias_(linear)
@@ -59,7 +67,9 @@ class BlockCirculantLinear(StructuredLinear):
         return self
 
     def to_dense(self) -> torch.Tensor:
-        return circulant.to_dense(self.c, self.out_features, self.in_features)
+        """The (out, in) matrix the module multiplies by (with spectra_bits 8: of the rounded spectra)."""
+        c = self.c if self.spectra_bits == 32 else rounded_c(self.c)
+        return circulant.to_dense(c, self.out_features, self.in_features)
 
     def spectra(self) -> torch.Tensor:
         """Planar frequency-major (2, F, q, p) spectra; cached unless gradients must flow to c
@@ -71,8 +81,12 @@ class BlockCirculantLinear(StructuredLinear):
         if x.shape[-1] != self.in_features:
             raise InputError(f"expected input with last dimension {self.in_features}, got {tuple(x.shape)}")
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (no-op views cost microseconds at decode)
-        y = self.add_bias(circulant.circulant_matmul(rows, self.spectra(), self.out_features, self.in_features,
-                                                     self.block_size))
+        if self.spectra_bits == 32:
+            y = circulant.circulant_matmul(rows, self.spectra(), self.out_features, self.in_features, self.block_size)
+        else:
+            y = circulant.circulant_matmul_int8(rows, *circulant.quantized_spectra(self, self._parameters["c"]),
+                                                self.out_features, self.in_features, self.block_size)
+        y = self.add_bias(y)
         if x.dim() != 2:
             y = y.reshape(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -80,11 +94,50 @@ class BlockCirculantLinear(StructuredLinear):
     def costs(self) -> dict:
         """Per token, as ops.costs.circulant_costs counts them (the cached spectra are what is read)."""
         return circulant_costs(self.out_features, self.in_features, self.block_size, self.bias is not None,
-                               self.c.element_size())
+                               self.c.element_size(), spectra_bits=self.spectra_bits)
 
     def sizes(self) -> dict:
         return {"block_size": self.block_size}
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", spectra_bits={self.spectra_bits}" if self.spectra_bits != 32 else "")
+
+
+def check_spectra_bits(bits) -> int:
+    if bits not in circulant.SPECTRA_BITS:
+        raise InputError(f"spectra_bits must be one of {', '.join(map(str, circulant.SPECTRA_BITS))} (float32 or "
+                         f"int8 spectra), got {bits!r}", "spectra_bits")
+    return bits
+
+
+def rounded_c(c: torch.Tensor) -> torch.Tensor:
+    """The c whose spectra are those of `c` rounded to int8 (quantize_spectra): it rounds to the same codes."""
+    codes, scales = circulant.quantize_spectra(circulant.spectra(c))
+    return circulant.spectra_to_c(circulant.dequantize_spectra(codes, scales), c.shape[-1]).to(c.dtype)
+
+
+def set_spectra_bits_(model: nn.Module, bits: int) -> list[str]:
+    """Store the spectra of every BlockCirculantLinear of `model` in `bits` (SPECTRA_BITS) from now on
+    (8: round a fitted student's spectra to int8 after the fact); returns the modules' names."""
+    check_spectra_bits(bits)
+    names = [n for n, m in model.named_modules() if isinstance(m, BlockCirculantLinear)]
+    if not names:
+        raise InputError("spectra_bits applies to block-circulant modules; this model has none", "spectra_bits")
+    for name in names:
+        model.get_submodule(name).spectra_bits = bits
+    return names
+
+
+@torch.no_grad()
+def bake_spectra_(model: nn.Module) -> list[str]:
+    """Put c of every BlockCirculantLinear with int8 spectra on its grid (c = rounded_c(c)): the same
+    function, now also computed by code that knows only c (a saved folder, an export). Returns the
+    changed modules' names."""
+    names = [n for n, m in model.named_modules() if isinstance(m, BlockCirculantLinear) and m.spectra_bits != 32]
+    for name in names:
+        module = model.get_submodule(name)
+        module.c.copy_(rounded_c(module.c))
+    return names
 
 @register("circulant")
 @dataclass
@@ -101,6 +154,7 @@ class CirculantConfig(StructureConfig):
     targets: Sequence[str] | str = ("mlp",)
     layers: Iterable[int] | str | None = None
     block_sizes: dict[str, int] = field(default_factory=dict)
+    spectra_bits: int = 32  # 32: float32 spectra; 8: int8 codes with a scale per frequency and output block
     module = BlockCirculantLinear
 
     @classmethod
@@ -111,7 +165,8 @@ class CirculantConfig(StructureConfig):
         return self.size_override(name) or self.block_size
 
     def size_for(self, name, out_features, in_features):
-        return {"block_size": check_block_size(self.block_size_for(name), out_features, in_features)}
+        return {"block_size": check_block_size(self.block_size_for(name), out_features, in_features),
+                "spectra_bits": check_spectra_bits(self.spectra_bits)}
 
 
 
@@ -122,6 +177,7 @@ class FusedCirculantMLP(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
         self._spectra = self._spectra_key = None  # the spectra cache (circulant.cached_spectra)
+        self._quantized = None  # int8 spectra: their cache (circulant.quantized_spectra)
 
     def spectra(self) -> torch.Tensor:
         """(2, F, q, p_gate + p_up) spectra of gate and up side by side; cached as in BlockCirculantLinear."""
@@ -133,8 +189,12 @@ class FusedCirculantMLP(nn.Module):
             raise InputError(f"expected input with last dimension {gate.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         up_start = gate.c.shape[0] * gate.block_size  # gate's padded rows come first
-        y = circulant.circulant_matmul(x.reshape(-1, gate.in_features).float(), self.spectra(),
-                                       up_start + up.out_features, gate.in_features, gate.block_size)
+        rows, out_features = x.reshape(-1, gate.in_features).float(), up_start + up.out_features
+        if gate.spectra_bits == 32:
+            y = circulant.circulant_matmul(rows, self.spectra(), out_features, gate.in_features, gate.block_size)
+        else:  # per output block scales: gate's and up's side by side are those of the concatenation
+            y = circulant.circulant_matmul_int8(rows, *circulant.quantized_spectra(self, gate.c, up.c), out_features,
+                                                gate.in_features, gate.block_size)
         g, u = y[:, :gate.out_features], y[:, up_start:]
         if gate.bias is not None:
             g = g + gate.bias.float()
@@ -149,6 +209,7 @@ def fusable(mlp: nn.Module) -> bool:
     gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
     return (isinstance(gate, BlockCirculantLinear) and isinstance(up, BlockCirculantLinear)
             and gate.block_size == up.block_size and gate.in_features == up.in_features
+            and gate.spectra_bits == up.spectra_bits
             and gate.out_features == up.out_features
             and hasattr(mlp, "down_proj") and hasattr(mlp, "act_fn"))
 

@@ -34,7 +34,8 @@ def model_costs(model: nn.Module) -> dict:
         if isinstance(module, FusedCirculantMLP):
             gate = module.gate_proj
             add(circulant_costs(gate.out_features, gate.in_features, gate.block_size, gate.bias is not None,
-                                gate.c.element_size(), outputs=2), "circulant_layers", 2)
+                                gate.c.element_size(), outputs=2, spectra_bits=gate.spectra_bits),
+                "circulant_layers", 2)
             walk(module.down_proj)
         elif isinstance(module, BlockCirculantLinear):
             add(layer_costs(module), "circulant_layers")

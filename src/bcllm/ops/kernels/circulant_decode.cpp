@@ -13,7 +13,10 @@
 // products are real multiply-adds on the planar parts, Re += xr Sr - xi Si and Im += xr Si + xi Sr,
 // for a tile of output blocks at a time whose sums stay in registers over all input blocks: no
 // shuffles, no partial sums through memory (at the folded frequency 0 the two real parts multiply
-// separately: Re += xr Sr, Im += xi Si). With
+// separately: Re += xr Sr, Im += xi Si). The spectra may also be int8 codes with one float32 scale
+// per frequency and output block, (F, p) (bcllm.ops.circulant.quantize_spectra): the codes are
+// widened to float in registers and the scale multiplies each output sum once, after the input
+// blocks (it does not depend on the input block), so a quarter of the bytes is read. With
 // several threads each takes a contiguous range of frequencies and adds its frequencies' share of
 // the inverse DFT into its own output, summed at the end: the inverse DFT is linear in y_hat.
 #include <torch/extension.h>
@@ -24,6 +27,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -73,8 +77,10 @@ const Tables& tables(int64_t b) {
 }
 
 struct Problem {
-  const float* x;     // (n, in)
-  const float* spec;  // (2, F, q, p): real parts, then imaginary parts
+  const float* x;       // (n, in)
+  const float* spec;    // (2, F, q, p): real parts, then imaginary parts (float32 spectra), or null
+  const int8_t* codes;  // the same layout as int8 codes (int8 spectra), or null
+  const float* scales;  // (F, p): the codes' scale per frequency and output block
   int64_t n, in, out, b, F, q, p;
 };
 
@@ -83,6 +89,18 @@ typedef float vec __attribute__((vector_size(64), aligned(4)));
 constexpr int64_t V = 16;
 inline __attribute__((always_inline)) vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
 inline __attribute__((always_inline)) void store(float* p, const vec& v) { std::memcpy(p, &v, sizeof v); }
+// 16 int8 codes widened to one vec of floats.
+typedef int8_t codes16 __attribute__((vector_size(16), aligned(1)));
+inline __attribute__((always_inline)) vec load(const int8_t* p) {
+  codes16 v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, vec);
+}
+
+// The spectra of the problem as S (float: the float32 spectra; int8_t: the codes).
+template <typename S> inline const S* planes(const Problem& P);
+template <> inline const float* planes<float>(const Problem& P) { return P.spec; }
+template <> inline const int8_t* planes<int8_t>(const Problem& P) { return P.codes; }
 
 // x_hat, frequency-major per row: xr[(r * F + f) * q + i] (and xi); the last block is zero-padded.
 // Vectorised over input blocks: the row is first transposed to xt[t][i] (b x q, q rounded up).
@@ -138,12 +156,12 @@ constexpr int64_t PREFETCH_ROWS = 8;
 // the accumulators stay in registers over all q input blocks, so each spectrum value is loaded
 // once and no partial sum goes through memory. Two accumulators per part break the chain of
 // dependent multiply-adds (their latency, not memory, would set the pace). Folded: frequency 0
-// of even b, two real products (Re x Sr, Im x Si).
-template <int T, bool Folded>
+// of even b, two real products (Re x Sr, Im x Si). S = int8_t: codes, scaled per output block at the end.
+template <int T, bool Folded, typename S>
 void multiply_tile(const Problem& P, const float* xr, const float* xi, int64_t f, int64_t j0, float* yr, float* yi) {
   const int64_t p = P.p, q = P.q;
-  const float* __restrict__ sr = P.spec + f * q * p + j0;
-  const float* __restrict__ si = P.spec + (P.F + f) * q * p + j0;
+  const S* __restrict__ sr = planes<S>(P) + f * q * p + j0;
+  const S* __restrict__ si = planes<S>(P) + (P.F + f) * q * p + j0;
   for (int64_t r = 0; r < P.n; ++r) {
     const float* ar = xr + (r * P.F + f) * q;
     const float* ai = xi + (r * P.F + f) * q;
@@ -168,8 +186,14 @@ void multiply_tile(const Problem& P, const float* xr, const float* xi, int64_t f
       }
     }
     for (int k = 0; k < T; ++k) {
-      store(yr + r * p + j0 + k * V, re0[k] + re1[k]);
-      store(yi + r * p + j0 + k * V, im0[k] + im1[k]);
+      if constexpr (std::is_same_v<S, int8_t>) {
+        const vec scale = load(P.scales + f * p + j0 + k * V);
+        store(yr + r * p + j0 + k * V, (re0[k] + re1[k]) * scale);
+        store(yi + r * p + j0 + k * V, (im0[k] + im1[k]) * scale);
+      } else {
+        store(yr + r * p + j0 + k * V, re0[k] + re1[k]);
+        store(yi + r * p + j0 + k * V, im0[k] + im1[k]);
+      }
     }
   }
 }
@@ -182,42 +206,45 @@ constexpr int TILE = 2;
 #endif
 
 // One tile of `vectors` (1..T) vectors at column j0: the template instance of that width.
-template <int T>
+template <int T, typename S>
 void multiply_tile_at(const Problem& P, const float* xr, const float* xi, int64_t f, int64_t j0, float* yr, float* yi,
                       int64_t vectors = T) {
   if constexpr (T > 1) {
-    if (vectors < T) return multiply_tile_at<T - 1>(P, xr, xi, f, j0, yr, yi, vectors);
+    if (vectors < T) return multiply_tile_at<T - 1, S>(P, xr, xi, f, j0, yr, yi, vectors);
   }
-  if (folded(f, P.b)) multiply_tile<T, true>(P, xr, xi, f, j0, yr, yi);
-  else multiply_tile<T, false>(P, xr, xi, f, j0, yr, yi);
+  if (folded(f, P.b)) multiply_tile<T, true, S>(P, xr, xi, f, j0, yr, yi);
+  else multiply_tile<T, false, S>(P, xr, xi, f, j0, yr, yi);
 }
 
 // y_hat[r, :, f] into yr/yi (n, p): full tiles, then one of the vectors left, then (p not a
 // multiple of V) one vector ending at column p, which recomputes a few columns to the same values.
+template <typename S>
 void multiply_accumulate(const Problem& P, const float* xr, const float* xi, int64_t f, float* yr, float* yi) {
   const int64_t p = P.p;
   if (p < V) {  // too narrow for one vector (tiny layers): plain loops
+    const S* spec = planes<S>(P);
     for (int64_t r = 0; r < P.n; ++r) {
       for (int64_t j = 0; j < p; ++j) {
         float re = 0.f, im = 0.f;
         for (int64_t i = 0; i < P.q; ++i) {
           const float a = xr[(r * P.F + f) * P.q + i], c = xi[(r * P.F + f) * P.q + i];
-          const float vr = P.spec[(f * P.q + i) * p + j], vi = P.spec[((P.F + f) * P.q + i) * p + j];
+          const float vr = spec[(f * P.q + i) * p + j], vi = spec[((P.F + f) * P.q + i) * p + j];
           if (folded(f, P.b)) { re += a * vr; im += c * vi; }
           else { re += a * vr - c * vi; im += a * vi + c * vr; }
         }
-        yr[r * p + j] = re;
-        yi[r * p + j] = im;
+        const float scale = std::is_same_v<S, int8_t> ? P.scales[f * p + j] : 1.f;
+        yr[r * p + j] = re * scale;
+        yi[r * p + j] = im * scale;
       }
     }
     return;
   }
   int64_t j = 0;
-  for (; j + TILE * V <= p; j += TILE * V) multiply_tile_at<TILE>(P, xr, xi, f, j, yr, yi);
+  for (; j + TILE * V <= p; j += TILE * V) multiply_tile_at<TILE, S>(P, xr, xi, f, j, yr, yi);
   const int64_t left = (p - j) / V;  // whole vectors left, fewer than TILE
-  if (left > 0) multiply_tile_at<TILE>(P, xr, xi, f, j, yr, yi, left);
+  if (left > 0) multiply_tile_at<TILE, S>(P, xr, xi, f, j, yr, yi, left);
   j += left * V;
-  if (j < p) multiply_tile_at<1>(P, xr, xi, f, p - V, yr, yi);
+  if (j < p) multiply_tile_at<1, S>(P, xr, xi, f, p - V, yr, yi);
 }
 
 // y[r, j*b + t] = sum over f in [f0, f1) of the inverse DFT terms of y_hat[r, j, f], cropped to
@@ -257,12 +284,13 @@ void inverse_dft(const Problem& P, const Tables& t, const float* yr, const float
 
 // Frequencies [f0, f1): their multiply-accumulate over all blocks, then their share of the
 // inverse DFT, written (not added) into y (n, out).
+template <typename S>
 void frequency_range(const Problem& P, const Tables& t, const float* xr, const float* xi, int64_t f0, int64_t f1,
                      float* y) {
   const int64_t size = P.n * P.p;
   float* yr = scratch(6, size * (f1 - f0));
   float* yi = scratch(7, size * (f1 - f0));
-  for (int64_t f = f0; f < f1; ++f) multiply_accumulate(P, xr, xi, f, yr + (f - f0) * size, yi + (f - f0) * size);
+  for (int64_t f = f0; f < f1; ++f) multiply_accumulate<S>(P, xr, xi, f, yr + (f - f0) * size, yi + (f - f0) * size);
   switch (P.b) {
     case 16: inverse_dft<16>(P, t, yr, yi, f0, f1, y); break;
     case 32: inverse_dft<32>(P, t, yr, yi, f0, f1, y); break;
@@ -272,17 +300,43 @@ void frequency_range(const Problem& P, const Tables& t, const float* xr, const f
   }
 }
 
-}  // namespace
 
-// y = x @ W.T for the block-circulant W whose spectra are `spec`; `threads` > 1 splits the
-// frequencies over that many tasks on torch's intra-op thread pool, 0 over all of its threads
-// (read here: a compiled graph cannot ask torch for the count).
-torch::Tensor circulant_decode(const torch::Tensor& x, const torch::Tensor& spec, int64_t out_features,
-                               int64_t in_features, int64_t block_size, int64_t threads) {
+// The whole product for P (its spectra as S), into y: the forward DFT, then the frequencies split
+// over `threads` tasks on torch's intra-op thread pool (0: all of its threads, read here: a compiled
+// graph cannot ask torch for the count), each writing its share of the inverse DFT, summed at the end.
+template <typename S>
+void product(Problem P, torch::Tensor& y, int64_t threads) {
+  const int64_t n = P.n, F = P.F;
+  const Tables& t = tables(P.b);
+  float* xr = scratch(8, n * F * P.q);
+  float* xi = scratch(9, n * F * P.q);
+  forward_dft(P, t, xr, xi);
+  if (threads <= 0) threads = at::get_num_threads();
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, F)), size = n * P.out;
+  float* __restrict__ dst = y.data_ptr<float>();
+  if (parts == 1) {
+    frequency_range<S>(P, t, xr, xi, 0, F, dst);
+    return;
+  }
+  float* partial = scratch(10, (parts - 1) * size);  // part k > 0 writes partial + (k - 1) * size
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      frequency_range<S>(P, t, xr, xi, k * F / parts, (k + 1) * F / parts, k ? partial + (k - 1) * size : dst);
+    }
+  });
+  for (int64_t k = 1; k < parts; ++k) {
+    const float* __restrict__ src = partial + (k - 1) * size;
+    for (int64_t e = 0; e < size; ++e) dst[e] += src[e];
+  }
+}
+
+// The checks both entry points share: x, the spectra's shape (2, F, q, p) against the sizes.
+void check_shapes(const torch::Tensor& x, const torch::Tensor& spec, int64_t out_features, int64_t in_features,
+                  int64_t block_size) {
   TORCH_CHECK(x.device().is_cpu() && spec.device().is_cpu(), "circulant_decode: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "circulant_decode: x must be (n, in) float32");
-  TORCH_CHECK(spec.dim() == 4 && spec.size(0) == 2 && spec.scalar_type() == torch::kFloat32 && spec.is_contiguous(),
-              "circulant_decode: spectra must be contiguous planar (2, F, q, p) float32");
+  TORCH_CHECK(spec.dim() == 4 && spec.size(0) == 2 && spec.is_contiguous(),
+              "circulant_decode: spectra must be contiguous planar (2, F, q, p)");
   const int64_t b = block_size, F = spec.size(1), q = spec.size(2), p = spec.size(3);
   TORCH_CHECK(b >= 1 && F == stored_frequencies(b), "circulant_decode: spectra have ", F,
               " frequencies, block size ", b, " needs ", stored_frequencies(b));
@@ -290,33 +344,37 @@ torch::Tensor circulant_decode(const torch::Tensor& x, const torch::Tensor& spec
               "circulant_decode: x has ", x.size(1), " columns, in_features ", in_features, ", ", q, " input blocks");
   TORCH_CHECK(out_features >= 1 && out_features <= p * b, "circulant_decode: out_features ", out_features,
               " does not fit ", p, " output blocks of ", b);
+}
+
+}  // namespace
+
+// y = x @ W.T for the block-circulant W whose spectra are `spec` (float32); `threads` > 1 splits the
+// frequencies over that many tasks on torch's intra-op thread pool, 0 over all of its threads.
+torch::Tensor circulant_decode(const torch::Tensor& x, const torch::Tensor& spec, int64_t out_features,
+                               int64_t in_features, int64_t block_size, int64_t threads) {
+  check_shapes(x, spec, out_features, in_features, block_size);
+  TORCH_CHECK(spec.scalar_type() == torch::kFloat32, "circulant_decode: spectra must be float32");
   const torch::Tensor xc = x.contiguous();
-  const int64_t n = xc.size(0);
-  torch::Tensor y = torch::empty({n, out_features}, xc.options());
-  if (n == 0) return y;
-  const Problem P{xc.data_ptr<float>(), spec.data_ptr<float>(),
-                  n, in_features, out_features, b, F, q, p};
-  const Tables& t = tables(b);
-  float* xr = scratch(8, n * F * q);
-  float* xi = scratch(9, n * F * q);
-  forward_dft(P, t, xr, xi);
-  if (threads <= 0) threads = at::get_num_threads();
-  const int64_t parts = std::max<int64_t>(1, std::min(threads, F)), size = n * out_features;
-  float* __restrict__ dst = y.data_ptr<float>();
-  if (parts == 1) {
-    frequency_range(P, t, xr, xi, 0, F, dst);
-    return y;
-  }
-  float* partial = scratch(10, (parts - 1) * size);  // part k > 0 writes partial + (k - 1) * size
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      frequency_range(P, t, xr, xi, k * F / parts, (k + 1) * F / parts, k ? partial + (k - 1) * size : dst);
-    }
-  });
-  for (int64_t k = 1; k < parts; ++k) {
-    const float* __restrict__ src = partial + (k - 1) * size;
-    for (int64_t e = 0; e < size; ++e) dst[e] += src[e];
-  }
+  torch::Tensor y = torch::empty({xc.size(0), out_features}, xc.options());
+  if (xc.size(0) == 0) return y;
+  product<float>({xc.data_ptr<float>(), spec.data_ptr<float>(), nullptr, nullptr, xc.size(0), in_features,
+                  out_features, block_size, spec.size(1), spec.size(2), spec.size(3)}, y, threads);
+  return y;
+}
+
+// The same product with int8 `codes` (2, F, q, p) and float32 `scales` (F, p): spectra = codes * scales.
+torch::Tensor circulant_decode_int8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                                    int64_t out_features, int64_t in_features, int64_t block_size, int64_t threads) {
+  check_shapes(x, codes, out_features, in_features, block_size);
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8, "circulant_decode: codes must be int8");
+  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
+              scales.dim() == 2 && scales.size(0) == codes.size(1) && scales.size(1) == codes.size(3),
+              "circulant_decode: scales must be contiguous float32 (F, p) = (", codes.size(1), ", ", codes.size(3), ")");
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor y = torch::empty({xc.size(0), out_features}, xc.options());
+  if (xc.size(0) == 0) return y;
+  product<int8_t>({xc.data_ptr<float>(), nullptr, codes.data_ptr<int8_t>(), scales.data_ptr<float>(), xc.size(0),
+                   in_features, out_features, block_size, codes.size(1), codes.size(2), codes.size(3)}, y, threads);
   return y;
 }
 
@@ -326,9 +384,15 @@ torch::Tensor circulant_decode(const torch::Tensor& x, const torch::Tensor& spec
 TORCH_LIBRARY(bcllm, m) {
   m.def("circulant_decode(Tensor x, Tensor spec, int out_features, int in_features, int block_size, "
         "int threads) -> Tensor");
+  m.def("circulant_decode_int8(Tensor x, Tensor codes, Tensor scales, int out_features, int in_features, "
+        "int block_size, int threads) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(bcllm, CPU, m) { m.impl("circulant_decode", &circulant_decode); }
+TORCH_LIBRARY_IMPL(bcllm, CPU, m) {
+  m.impl("circulant_decode", &circulant_decode);
+  m.impl("circulant_decode_int8", &circulant_decode_int8);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("circulant_decode", &circulant_decode, "fused block-circulant product for few rows (CPU, float32)");
+  m.def("circulant_decode_int8", &circulant_decode_int8, "the same product with int8 spectra and float32 scales");
 }
