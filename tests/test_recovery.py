@@ -233,3 +233,27 @@ def test_block_settings_are_checked_where_they_are_made():
         BlockConfig(target="attention")
     with pytest.raises(InputError, match="lr > 0"):
         block_config(StudentSpec(fit="block", block_lr=0.0))
+
+
+def test_the_default_vocabulary_is_the_teachers_where_it_applies():
+    from bcllm.fit.student import StudentSpec
+
+    assert StudentSpec().vocab == "teacher" and StudentSpec(fit="block").point()["distill_vocab"] == "teacher"
+    assert StudentSpec().point()["distill_vocab"] == "full"  # no distillation: the setting cannot matter
+    assert StudentSpec(distill_onpolicy=0.25).vocab == "full"
+    assert StudentSpec(distill_divergence="reverse").vocab == "full"
+    assert StudentSpec(distill_vocab="full").vocab == "full"
+    with pytest.raises(Exception, match="allowed: auto, full, teacher"):
+        StudentSpec(distill_vocab="most")
+
+
+def test_bf16_without_hardware_support_warns(monkeypatch):
+    from bcllm.fit import distill
+    from bcllm.fit.distill import DistillConfig, distill_
+
+    monkeypatch.setattr(distill, "cpu_has_bf16", lambda: False)
+    teacher = sharp_teacher(layers=2)
+    student = copy.deepcopy(teacher)
+    compress_(student, CirculantConfig(block_size=8))
+    with pytest.warns(RuntimeWarning, match="without bfloat16 instructions"):
+        distill_(student, teacher, batches(n=2), (), DistillConfig(steps=1, bf16=True), progress=False)

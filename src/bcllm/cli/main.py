@@ -106,9 +106,10 @@ def add_distill_args(g) -> None:
     g.add_argument("--train-norms", action="store_true", help="distillation also trains biases and norm weights")
     g.add_argument("--distill-bf16", action="store_true",
                    help="distil with the student's forward under bfloat16 autocast (faster on CPUs with AMX)")
-    g.add_argument("--distill-vocab", default=D.distill_vocab, choices=["full", "teacher"],
+    g.add_argument("--distill-vocab", default=D.distill_vocab, choices=["auto", "full", "teacher"],
                    help="distil over the full vocabulary, or over the tokens in the teacher's top-k anywhere in "
-                        "the batch (fewer output logits a step; forward KL without on-policy steps)")
+                        "the batch (fewer output logits a step; forward KL without on-policy steps); auto: teacher "
+                        "where it applies")
     g.add_argument("--distill-divergence", default=D.distill_divergence, choices=["forward", "reverse", "jsd", "skew"],
                    help="forward KL(teacher||student) on the teacher's top-k (cached), or a full-vocabulary reverse "
                         "KL, generalised JSD (beta 0.5) or skew KL (0.1), the teacher run each step")

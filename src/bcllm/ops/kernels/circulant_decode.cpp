@@ -21,6 +21,7 @@
 // the inverse DFT into its own output, summed at the end: the inverse DFT is linear in y_hat.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -89,12 +90,26 @@ typedef float vec __attribute__((vector_size(64), aligned(4)));
 constexpr int64_t V = 16;
 inline __attribute__((always_inline)) vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
 inline __attribute__((always_inline)) void store(float* p, const vec& v) { std::memcpy(p, &v, sizeof v); }
-// 16 int8 codes widened to one vec of floats.
-typedef int8_t codes16 __attribute__((vector_size(16), aligned(1)));
+// 16 int8 codes widened to one vec of floats: sign-extend and convert in registers (the generic
+// __builtin_convertvector compiled to scalar conversions on AVX2, 2.7x slower than float spectra).
 inline __attribute__((always_inline)) vec load(const int8_t* p) {
-  codes16 v;
-  std::memcpy(&v, p, sizeof v);
-  return __builtin_convertvector(v, vec);
+  vec v;
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  std::memcpy(&v, &f, sizeof v);
+#elif defined(__AVX2__)
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+  const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+  std::memcpy(&v, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+#else
+  typedef int8_t codes16 __attribute__((vector_size(16), aligned(1)));
+  codes16 c;
+  std::memcpy(&c, p, sizeof c);
+  v = __builtin_convertvector(c, vec);
+#endif
+  return v;
 }
 
 // The spectra of the problem as S (float: the float32 spectra; int8_t: the codes).
