@@ -13,6 +13,7 @@ from bcllm.io.checkpoint import FORMAT_INT8_SPECTRA, load_fitted, save_fitted
 from bcllm.ops import circulant, kernel
 from bcllm.ops.costs import circulant_costs
 from bcllm.structures import BlockCirculantLinear, FusedCirculantMLP
+from bcllm.structures.base import fitted_modules
 from bcllm.structures.circulant import bake_spectra_, rounded_c, set_spectra_bits_
 
 
@@ -182,6 +183,8 @@ def test_rounding_a_saved_float_student_after_the_fact(tmp_path):
     save_fitted(student, tmp_path / "s", config)
     loaded, summary = build_student(model, None, StudentSpec(spectra_bits=8), StudentIO(load=str(tmp_path / "s")))
     assert summary["config"]["spectra_bits"] == 8
+    assert summary["structured_bytes"] == sum(m.costs()["bytes"] for m in fitted_modules(loaded).values())
+    assert summary["structured_bytes"] < sum(m.c.numel() for m in fitted_modules(loaded).values()) * 4 / 3
     set_spectra_bits_(student, 8)  # the same rounding on the student in memory
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():

@@ -265,6 +265,7 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
         if spec.spectra_bits != 32:
             set_spectra_bits_(student, check_spectra_bits(spec.spectra_bits))
             summary["config"]["spectra_bits"] = spec.spectra_bits
+            summary["structured_bytes"] = sum(m.costs()["bytes"] for m in fitted_modules(student).values())
         return student, summary
     config = config_for(spec)
     if io.resume and not io.distill_dir:
