@@ -35,7 +35,11 @@ def test_rounding_against_a_hand_computation():
     assert codes.abs().max() == 127
 
 
-@pytest.mark.parametrize("out_f,in_f,b", SHAPES)
+# p >= 16 output blocks: the vector tiles, a partial tile and the tail vector ending at column p
+WIDE = [(256, 48, 16), (272, 40, 16), (528, 70, 16), (100, 70, 4), (1536, 576, 16), (576, 1536, 16), (1100, 130, 64)]
+
+
+@pytest.mark.parametrize("out_f,in_f,b", SHAPES + WIDE)
 def test_int8_kernel_matches_the_dequantised_spectra(built, out_f, in_f, b):
     torch.manual_seed(out_f + in_f + b)
     p, q = circulant.grid_shape(out_f, in_f, b)
@@ -48,6 +52,9 @@ def test_int8_kernel_matches_the_dequantised_spectra(built, out_f, in_f, b):
             y = kernel.circulant_decode_int8(x, codes, scales, out_f, in_f, b, threads)
             assert y.shape == (n, out_f) and y.dtype == torch.float32
             assert row_errors(y, ref) < 1e-5, (n, threads)
+            if threads == 1:  # the float kernel on the same wide shapes (its tests' shapes have p < 16)
+                planar = circulant.dequantize_spectra(codes, scales)
+                assert row_errors(kernel.circulant_decode(x, planar, out_f, in_f, b, 1), ref) < 1e-5, n
 
 
 def test_int8_kernel_refuses_bad_scales(built):
@@ -170,6 +177,12 @@ def test_saved_int8_student_loads_the_same_function(tmp_path):
     assert fresh.model.layers[1].mlp.down_proj.spectra_bits == 8
     with torch.no_grad():
         assert torch.allclose(fresh(input_ids=ids).logits, logits, atol=1e-4)
+    set_spectra_bits_(fresh, 32)  # the saved c alone (float spectra) computes the int8 function: it was baked
+    set_spectra_bits_(student, 32)  # while the student's own c was left as it was (not on the grid)
+    with torch.no_grad():
+        baked = (fresh(input_ids=ids).logits - logits).abs().max()
+        unbaked = (student(input_ids=ids).logits - logits).abs().max()
+    assert baked < unbaked / 20, (baked, unbaked)
 
 
 def test_rounding_a_saved_float_student_after_the_fact(tmp_path):
@@ -185,7 +198,21 @@ def test_rounding_a_saved_float_student_after_the_fact(tmp_path):
     assert summary["config"]["spectra_bits"] == 8
     assert summary["structured_bytes"] == sum(m.costs()["bytes"] for m in fitted_modules(loaded).values())
     assert summary["structured_bytes"] < sum(m.c.numel() for m in fitted_modules(loaded).values()) * 4 / 3
-    set_spectra_bits_(student, 8)  # the same rounding on the student in memory
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
+        float_logits = student(input_ids=ids).logits
+    set_spectra_bits_(student, 8)  # the same rounding on the student in memory
+    with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)
+        same = (loaded(input_ids=ids).logits - student(input_ids=ids).logits).abs().max()
+        assert same < (loaded(input_ids=ids).logits - float_logits).abs().max() / 20  # the rounding happened
+
+
+def test_a_forward_under_inference_mode_leaves_no_inference_tensors():
+    layer = int8_layer()
+    layer.c.requires_grad_(False)
+    with torch.inference_mode():
+        layer(torch.randn(3, 70))
+    x = torch.randn(3, 70, requires_grad=True)
+    layer(x).sum().backward()  # the cached rounded spectra can be saved for backward
+    assert x.grad is not None

@@ -131,7 +131,10 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
     cuda = torch.device(device).type == "cuda"
     llc = llc or (gpu_l2_bytes(device) if cuda else llc_bytes())
     dense_cost = costs.dense_costs(out_features, in_features, bytes_per_param=torch.tensor([], dtype=dtype).element_size())
-    circ_cost = costs.circulant_costs(out_features, in_features, block_size, spectra_bits=spectra_bits)
+    # int8 spectra: the codes are read where the fused kernel runs (few CPU rows); otherwise their float copy
+    reads_codes = tokens <= circulant.KERNEL_MAX_ROWS and not cuda
+    circ_cost = costs.circulant_costs(out_features, in_features, block_size,
+                                      spectra_bits=spectra_bits if reads_codes else 32)
     # Enough distinct weights that one pass reads over twice the last-level cache (capped for
     # tiny layers; `cold_bytes` in the result says how much one pass really read).
     n_dense = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / dense_cost["bytes"])))
@@ -189,8 +192,11 @@ def param_bytes(model: nn.Module) -> int:
 
 
 def spectra_cache_bytes(model: nn.Module) -> int:
-    return sum(m._spectra.numel() * m._spectra.element_size() for m in model.modules()
-               if getattr(m, "_spectra", None) is not None)
+    """Bytes the spectra caches hold: float spectra, and for int8 spectra also their dequantised
+    copy, codes and scales (circulant.quantized_spectra)."""
+    tensors = [m._spectra for m in model.modules() if getattr(m, "_spectra", None) is not None]
+    tensors += [t for m in model.modules() if getattr(m, "_quantized", None) is not None for t in m._quantized[1:]]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def lean_decode(model, ids: torch.Tensor, new_tokens: int, cache=None, step=None) -> tuple[float, torch.Tensor]:

@@ -263,6 +263,9 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
     if io.load:  # a saved student: its own config, no fitting (spectra_bits 8: its spectra rounded now)
         summary = load_fitted(student, io.load)
         if spec.spectra_bits != 32:
+            if summary["config"]["structure"] != "circulant":
+                raise InputError(f"spectra_bits applies to circulant students; {io.load!r} is "
+                                 f"{summary['config']['structure']}", "spectra_bits")
             set_spectra_bits_(student, check_spectra_bits(spec.spectra_bits))
             summary["config"]["spectra_bits"] = spec.spectra_bits
             summary["structured_bytes"] = sum(m.costs()["bytes"] for m in fitted_modules(student).values())

@@ -140,7 +140,10 @@ def _write_config(out: Path, student, entries: dict, base: dict) -> None:
 def export_model(student, tokenizer, out_dir, base: dict | None = None) -> Path:
     """Write an in-memory student (a base model after compress_ / load_fitted) and its tokenizer
     as a self-contained Hugging Face folder; `base` is recorded in config.json as bcllm_base."""
+    from ..structures.circulant import bake_spectra_
+
     out = Path(out_dir)
+    bake_spectra_(student)  # int8 spectra: c on their grid (the same function), as the exported code knows only c
     entries = module_entries(student)
     student.save_pretrained(out, variant=WEIGHTS_VARIANT)
     tokenizer.save_pretrained(out)

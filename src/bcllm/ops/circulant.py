@@ -170,15 +170,16 @@ def quantized_spectra(owner, c: torch.Tensor, *more: torch.Tensor) -> tuple:
     (quantize_spectra), planar the dequantised values: cached on owner._quantized beside the float
     spectra they come from. Under autograd (spectra computed afresh) planar is the straight-through
     estimate: the rounded values forward, the float spectra's gradient backward."""
-    if torch.compiler.is_compiling() and owner._quantized is not None:
+    if torch.compiler.is_compiling() and owner._quantized is not None and owner._quantized[0] is owner._spectra:
         return owner._quantized[1:]
     s = cached_spectra(owner, c, *more)
     if s.requires_grad:
         codes, scales = quantize_spectra(s)
         return s + (dequantize_spectra(codes, scales) - s).detach(), codes, scales
     if owner._quantized is None or owner._quantized[0] is not s:
-        codes, scales = quantize_spectra(s)
-        owner._quantized = (s, dequantize_spectra(codes, scales), codes, scales)
+        with torch.inference_mode(False), torch.no_grad():  # (as cached_spectra: no inference tensors kept)
+            codes, scales = quantize_spectra(s)
+            owner._quantized = (s, dequantize_spectra(codes, scales), codes, scales)
     return owner._quantized[1:]
 
 

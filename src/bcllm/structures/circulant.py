@@ -18,9 +18,9 @@ The fused module works under autograd as well as in eval: the state dict keeps t
 spectra_bits=8 stores the spectra as int8 codes with a float32 scale per frequency and output
 block (ops.circulant.quantize_spectra): the module computes with the rounded spectra on every path
 (the fused decode kernel reads the codes, a quarter of the bytes; the torch path their dequantised
-values; under autograd the straight-through estimate), and `bake_spectra_` puts c on that grid
-(c = inverse of the rounded spectra, which round to the same codes) before a student is saved, so a
-folder or an export computes the same function from c alone.
+values; under autograd the straight-through estimate). A saved folder holds c on that grid
+(`rounded_c`: the inverse of the rounded spectra, which round to the same codes) and `export_model`
+bakes it in place (`bake_spectra_`), so a folder or an export computes the same function from c alone.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@
 // the inverse DFT into its own output, summed at the end: the inverse DFT is linear in y_hat.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -94,10 +96,10 @@ inline __attribute__((always_inline)) void store(float* p, const vec& v) { std::
 // __builtin_convertvector compiled to scalar conversions on AVX2, 2.7x slower than float spectra).
 inline __attribute__((always_inline)) vec load(const int8_t* p) {
   vec v;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && (defined(__x86_64__) || defined(__i386__))
   const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   std::memcpy(&v, &f, sizeof v);
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && (defined(__x86_64__) || defined(__i386__))
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
   const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
