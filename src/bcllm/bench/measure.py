@@ -195,7 +195,8 @@ def spectra_cache_bytes(model: nn.Module) -> int:
     """Bytes the spectra caches hold: float spectra, and for int8 spectra also their dequantised
     copy, codes and scales (circulant.quantized_spectra)."""
     tensors = [m._spectra for m in model.modules() if getattr(m, "_spectra", None) is not None]
-    tensors += [t for m in model.modules() if getattr(m, "_quantized", None) is not None for t in m._quantized[1:]]
+    tensors += [t for m in model.modules() if getattr(m, "_quantized", None) is not None
+                for t in (m._quantized[1], *m._quantized[2])]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -259,11 +259,10 @@ def restricted_head(student, ids):
 def batch_vocabulary(teacher, ids: torch.Tensor | None) -> torch.Tensor:
     """The sorted token ids in `ids` (this rank's top-k ids of a batch; None: no rows here), united
     over every rank's (all ranks call it for the same batch at the same step)."""
-    size = teacher.get_output_embeddings().weight.shape[0]
-    device = teacher.get_output_embeddings().weight.device
     if dist.world() == 1:
         return torch.unique(ids)
-    present = torch.zeros(size, device=device)
+    head = teacher.get_output_embeddings().weight
+    present = torch.zeros(head.shape[0], device=head.device)
     if ids is not None:
         present[ids.reshape(-1)] = 1
     return dist.all_reduce_sum(present).nonzero()[:, 0]

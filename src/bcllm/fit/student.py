@@ -246,7 +246,7 @@ def config_for(spec: StudentSpec):
     if spec.spectra_bits != 32:
         if spec.structure != "circulant":
             raise InputError(f"spectra_bits applies to structure circulant, not {spec.structure}", "spectra_bits")
-        config = dataclasses.replace(config, spectra_bits=check_spectra_bits(spec.spectra_bits))
+        config = dataclasses.replace(config, spectra_bits=spec.spectra_bits)  # (checked by the spec)
     if spec.block_sizes:
         if spec.rank is not None:
             raise InputError("block_sizes sets per-module budgets; give it without rank", "block_sizes")
@@ -266,7 +266,7 @@ def build_student(model: nn.Module, tokenizer, spec: StudentSpec, io: StudentIO 
             if summary["config"]["structure"] != "circulant":
                 raise InputError(f"spectra_bits applies to circulant students; {io.load!r} is "
                                  f"{summary['config']['structure']}", "spectra_bits")
-            set_spectra_bits_(student, check_spectra_bits(spec.spectra_bits))
+            set_spectra_bits_(student, spec.spectra_bits)
             summary["config"]["spectra_bits"] = spec.spectra_bits
             summary["structured_bytes"] = sum(m.costs()["bytes"] for m in fitted_modules(student).values())
         return student, summary

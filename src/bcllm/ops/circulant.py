@@ -26,7 +26,7 @@ from ..errors import InputError
 __all__ = ["DFT_MATMUL_MAX_BLOCK", "cached_spectra", "circulant_matmul_planar", "dft_tables", "fold_nyquist",
            "grid_shape", "spectra", "spectra_to_c", "stored_frequencies", "unfold_nyquist", "project_frobenius",
            "to_dense", "block_spectra", "circulant_matmul", "uses_kernel", "SPECTRA_BITS", "quantize_spectra",
-           "dequantize_spectra", "quantized_spectra", "circulant_matmul_int8", "kernel_threads", "single_thread",
+           "dequantize_spectra", "quantized_spectra", "kernel_threads", "single_thread",
            "fit_aware", "KERNEL_MAX_ROWS", "SINGLE_THREAD_MAX_BYTES", "KERNEL_SINGLE_THREAD_MAX_BYTES"]
 
 
@@ -118,8 +118,10 @@ def uses_kernel(x: torch.Tensor, spectra: torch.Tensor) -> bool:
 
 
 def circulant_matmul(x: torch.Tensor, spectra: torch.Tensor, out_features: int, in_features: int,
-                     block_size: int) -> torch.Tensor:
-    """y = x @ W.T for the block-circulant W with planar `spectra` (2, F, q, p).
+                     block_size: int, quantized: tuple | None = None) -> torch.Tensor:
+    """y = x @ W.T for the block-circulant W with planar `spectra` (2, F, q, p); `quantized`: the
+    int8 (codes, scales) whose dequantised values `spectra` are (quantized_spectra), which the fused
+    kernel reads instead (a quarter of the bytes).
 
     x: (N, in), computed in float32 whatever its dtype (no 16-bit FFT on the CPU, none for bf16
     on CUDA, fp16 there only for powers of two). Returns (N, out) float32 (a view: may be
@@ -129,13 +131,18 @@ def circulant_matmul(x: torch.Tensor, spectra: torch.Tensor, out_features: int, 
     if x.dtype != torch.float32:
         x = x.float()
     if uses_kernel(x, spectra):  # fused C++ kernel (float32 whatever autocast says)
+        if quantized is not None:
+            threads = kernel_threads(quantized[0])
+            if torch.compiler.is_compiling():
+                return kernel.circulant_decode_int8_op(x, *quantized, out_features, in_features, block_size, threads)
+            return kernel.circulant_decode_int8(x, *quantized, out_features, in_features, block_size, threads)
         threads = kernel_threads(spectra)
         if torch.compiler.is_compiling():  # an operator the graph can hold (bench.lean_decode's compile)
             return kernel.circulant_decode_op(x, spectra, out_features, in_features, block_size, threads)
         return kernel.circulant_decode(x, spectra, out_features, in_features, block_size, threads)
     if torch.is_autocast_enabled(x.device.type):  # else the matmuls drop to 16 bits
         with torch.autocast(x.device.type, enabled=False):
-            return circulant_matmul(x, spectra, out_features, in_features, block_size)
+            return circulant_matmul(x, spectra, out_features, in_features, block_size, quantized)
     if (x.shape[0] <= KERNEL_MAX_ROWS and x.device.type == "cpu" and spectra.numel() * 4 <= SINGLE_THREAD_MAX_BYTES
             and not torch.compiler.is_compiling() and torch.get_num_threads() > 1):  # (a thread count breaks a graph)
         with single_thread():
@@ -166,7 +173,7 @@ def dequantize_spectra(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
 
 
 def quantized_spectra(owner, c: torch.Tensor, *more: torch.Tensor) -> tuple:
-    """(planar, codes, scales): the spectra of c (as cached_spectra, with `more`) rounded to int8
+    """(planar, (codes, scales)), circulant_matmul's spectra and quantized: the spectra of c (as cached_spectra, with `more`) rounded to int8
     (quantize_spectra), planar the dequantised values: cached on owner._quantized beside the float
     spectra they come from. Under autograd (spectra computed afresh) planar is the straight-through
     estimate: the rounded values forward, the float spectra's gradient backward."""
@@ -175,27 +182,12 @@ def quantized_spectra(owner, c: torch.Tensor, *more: torch.Tensor) -> tuple:
     s = cached_spectra(owner, c, *more)
     if s.requires_grad:
         codes, scales = quantize_spectra(s)
-        return s + (dequantize_spectra(codes, scales) - s).detach(), codes, scales
+        return s + (dequantize_spectra(codes, scales) - s).detach(), (codes, scales)
     if owner._quantized is None or owner._quantized[0] is not s:
         with torch.inference_mode(False), torch.no_grad():  # (as cached_spectra: no inference tensors kept)
             codes, scales = quantize_spectra(s)
-            owner._quantized = (s, dequantize_spectra(codes, scales), codes, scales)
+            owner._quantized = (s, dequantize_spectra(codes, scales), (codes, scales))
     return owner._quantized[1:]
-
-
-def circulant_matmul_int8(x: torch.Tensor, planar: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                          out_features: int, in_features: int, block_size: int) -> torch.Tensor:
-    """circulant_matmul of int8 spectra (quantized_spectra's planar, codes, scales: one function):
-    rows the fused kernel takes are multiplied from the codes (a quarter of the bytes), the others
-    through the dequantised `planar` on the torch path."""
-    if x.dtype != torch.float32:
-        x = x.float()
-    if x.shape[0] <= KERNEL_MAX_ROWS and kernel.applies(x, planar):
-        threads = kernel_threads(codes)
-        if torch.compiler.is_compiling():
-            return kernel.circulant_decode_int8_op(x, codes, scales, out_features, in_features, block_size, threads)
-        return kernel.circulant_decode_int8(x, codes, scales, out_features, in_features, block_size, threads)
-    return circulant_matmul(x, planar, out_features, in_features, block_size)
 
 
 def _block_dft(m: torch.Tensor, rows: int, cols: int, block_size: int) -> torch.Tensor:

@@ -81,12 +81,10 @@ class BlockCirculantLinear(StructuredLinear):
         if x.shape[-1] != self.in_features:
             raise InputError(f"expected input with last dimension {self.in_features}, got {tuple(x.shape)}")
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (no-op views cost microseconds at decode)
-        if self.spectra_bits == 32:
-            y = circulant.circulant_matmul(rows, self.spectra(), self.out_features, self.in_features, self.block_size)
-        else:
-            y = circulant.circulant_matmul_int8(rows, *circulant.quantized_spectra(self, self._parameters["c"]),
-                                                self.out_features, self.in_features, self.block_size)
-        y = self.add_bias(y)
+        spectra, quantized = ((self.spectra(), None) if self.spectra_bits == 32
+                              else circulant.quantized_spectra(self, self._parameters["c"]))
+        y = self.add_bias(circulant.circulant_matmul(rows, spectra, self.out_features, self.in_features,
+                                                     self.block_size, quantized))
         if x.dim() != 2:
             y = y.reshape(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -190,11 +188,10 @@ class FusedCirculantMLP(nn.Module):
         lead = x.shape[:-1]
         up_start = gate.c.shape[0] * gate.block_size  # gate's padded rows come first
         rows, out_features = x.reshape(-1, gate.in_features).float(), up_start + up.out_features
-        if gate.spectra_bits == 32:
-            y = circulant.circulant_matmul(rows, self.spectra(), out_features, gate.in_features, gate.block_size)
-        else:  # per output block scales: gate's and up's side by side are those of the concatenation
-            y = circulant.circulant_matmul_int8(rows, *circulant.quantized_spectra(self, gate.c, up.c), out_features,
-                                                gate.in_features, gate.block_size)
+        # (int8: scales per output block, so gate's and up's side by side are those of the concatenation)
+        spectra, quantized = ((self.spectra(), None) if gate.spectra_bits == 32
+                              else circulant.quantized_spectra(self, gate.c, up.c))
+        y = circulant.circulant_matmul(rows, spectra, out_features, gate.in_features, gate.block_size, quantized)
         g, u = y[:, :gate.out_features], y[:, up_start:]
         if gate.bias is not None:
             g = g + gate.bias.float()
