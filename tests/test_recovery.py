@@ -257,3 +257,14 @@ def test_bf16_without_hardware_support_warns(monkeypatch):
     compress_(student, CirculantConfig(block_size=8))
     with pytest.warns(RuntimeWarning, match="without bfloat16 instructions"):
         distill_(student, teacher, batches(n=2), (), DistillConfig(steps=1, bf16=True), progress=False)
+
+
+def test_cpu_bf16_check_reads_the_hardware_flags_not_emulation():
+    """AVX-512 alone (oneDNN emulates bf16 there) is no bf16 hardware; avx512_bf16 or amx_bf16 is."""
+    from bcllm.fit.distill import cpu_has_bf16
+
+    base = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512vl\n"
+    assert not cpu_has_bf16(base)
+    assert cpu_has_bf16(base.replace("avx512vl", "avx512vl avx512_bf16"))
+    assert cpu_has_bf16(base.replace("avx512vl", "amx_tile amx_bf16"))
+    assert not cpu_has_bf16("processor\t: 0\n")  # no flags line

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import platform
 import time
 import warnings
 from contextlib import contextmanager
@@ -468,8 +469,18 @@ def _evaluate(student, run, held, held_lp, on_eval) -> None:
                                                     **on_eval(run.step)})
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (oneDNN's check: AVX512-BF16 or AMX)."""
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware: on x86 Linux the avx512_bf16 or amx_bf16
+    flag (oneDNN's own check also says yes on AVX-512 without them, where it emulates); elsewhere
+    oneDNN's check."""
+    if cpuinfo is None and platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64"):
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            pass
+    if cpuinfo is not None:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+        return "avx512_bf16" in flags or "amx_bf16" in flags
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # another torch build: assume it does, warn about nothing
@@ -611,8 +622,14 @@ class _Run:
         written since identities exist) another starting student or other calibration batches."""
         other = None
         # settings added since a checkpoint was written had their defaults' behaviour then
-        if {**asdict(DistillConfig()), **state["config"]} != asdict(self.cfg):
-            other = "other distillation settings"
+        then, now = {**asdict(DistillConfig()), **state["config"]}, asdict(self.cfg)
+        if then != now:
+            other = "other distillation settings: " + ", ".join(
+                f"{k} {then.get(k)!r} there, {now.get(k)!r} here" for k in sorted({*then, *now})
+                if then.get(k) != now.get(k))
+        elif self.cfg.vocab == "teacher" and state.get("vocab_per_batch") is None:
+            other = ("an older bcllm: its teacher vocabulary was one union over all batches, now each batch's "
+                     "own, and resuming would mix the two losses")
         elif sorted(state["params"]) != sorted(self.params) or \
                 any(v.shape != self.params[n].shape for n, v in state["params"].items()):
             other = "other modules or module sizes"
@@ -628,7 +645,8 @@ class _Run:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {"config": asdict(self.cfg), "step": self.step, "history": self.history,
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "params": {n: p.detach().clone() for n, p in self.params.items()}, "identity": self.identity}
+                 "params": {n: p.detach().clone() for n, p in self.params.items()}, "identity": self.identity,
+                 "vocab_per_batch": True}  # (vocab teacher: the union of each batch's own top-k, _check)
         atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
 
