@@ -200,6 +200,27 @@ def test_bench_layer_cli_single_point_json(tmp_path, capsys):
     assert data["byte_ratio"] == pytest.approx(2048 * 1024 * 4 / (8 * 8 * 64 * 128))  # F = 8 at b = 16
     assert {"cpu", "threads", "torch"} <= data["versions"].keys()
     assert "| 2048x1024 | 16 | 1 |" in path.with_suffix(".md").read_text()
+    # the int8 weight-only dense layer beside it (PyTorch's CPU kernel exists in the pinned torch)
+    assert data["int8_dense_us"] > 0 and data["int8_dense_speedup"] == pytest.approx(
+        data["dense_us"] / data["int8_dense_us"])
+    assert data["int8_dense_byte_ratio"] == pytest.approx(2048 * 1024 * 4 / (2048 * 1024 + 2048 * 4))
+
+
+def test_int8_weight_only_product_against_its_dequantised_weight():
+    """The int8 baseline of bench layer: codes within [-127, 127], each row's largest |w| on the
+    grid's end, and the kernel's product equal to x (codes * scales)^T computed in float64."""
+    from bcllm.bench.measure import int8_dense_product, int8_weight_only
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 80)
+    codes, scales = int8_weight_only(w)
+    assert codes.dtype == torch.int8 and codes.abs().max() == 127 and scales.shape == (48,)
+    assert torch.equal(codes.abs().amax(1), torch.full((48,), 127, dtype=torch.int8))
+    assert (codes.float() * scales[:, None] - w).abs().max() <= scales.max() / 2 + 1e-6  # round to nearest
+    x = torch.randn(3, 80)
+    y = int8_dense_product(x, codes, scales)
+    ref = x.double() @ (codes.double() * scales.double()[:, None]).T
+    assert y is not None and torch.allclose(y.double(), ref, atol=1e-4)
 
 
 def test_bench_cli_errors(tmp_path, capsys):

@@ -123,10 +123,28 @@ def median_time(calls: list, repeats: int, warmup: int, budget_s: float, done=la
     return statistics.median(times), len(times)
 
 
+def int8_weight_only(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of a dense weight in int8, symmetric, one scale per output row: the format
+    of PyTorch's own int8 weight-only kernel (torch._weight_int8pack_mm, gpt-fast's int8), which
+    computes x (codes * scales)^T."""
+    scales = (weight.abs().amax(1) / 127).clamp_min(1e-12)
+    return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales.to(weight.dtype)
+
+
+def int8_dense_product(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """x (codes * scales)^T by torch._weight_int8pack_mm; None where this build or device has no such kernel."""
+    try:
+        return torch._weight_int8pack_mm(x, codes, scales)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+
+
 def bench_layer(out_features: int, in_features: int, block_size: int, tokens: int, dtype=torch.float32,
                 device="cpu", repeats: int = 30, warmup: int = 2, budget_s: float = 3.0, seed: int = 0,
                 llc: int | None = None, spectra_bits: int = 32) -> dict:
-    """One point: dense nn.Linear vs BlockCirculantLinear (spectra cached; spectra_bits 8: int8), hot and cold."""
+    """One point: dense nn.Linear vs BlockCirculantLinear (spectra cached; spectra_bits 8: int8), hot and
+    cold; beside them, cold, the dense layer in int8 weight-only (int8_weight_only: what a user would
+    pick instead at a quarter of the bytes; None where torch has no such kernel here)."""
     torch.manual_seed(seed)
     cuda = torch.device(device).type == "cuda"
     llc = llc or (gpu_l2_bytes(device) if cuda else llc_bytes())
@@ -143,6 +161,13 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
     circ = [BlockCirculantLinear(in_features, out_features, block_size, bias=False, device=device, dtype=dtype,
                                  spectra_bits=spectra_bits) for _ in range(n_circ)]
     x = torch.randn(tokens, in_features, device=device, dtype=dtype)
+    int8_bytes = out_features * in_features + out_features * x.element_size()
+    n_int8 = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / int8_bytes)))
+    int8 = [int8_weight_only(d.weight.detach()) for d in dense[:1]]
+    if int8_dense_product(x, *int8[0]) is None:
+        int8 = []
+    else:  # (distinct weights for the cold pass: random codes, the first layer's scales)
+        int8 += [(torch.randint_like(int8[0][0], -127, 128), int8[0][1]) for _ in range(n_int8 - 1)]
     with torch.no_grad():
         for layer in circ:
             layer(x)  # spectra (and their int8 codes) built once, as at model load
@@ -156,6 +181,8 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         t_circ_hot, _ = median_time(calls(circ[:1], hot), repeats, warmup, budget_s, done)
         t_dense, r_dense = median_time(calls(dense, max(n_dense, 2)), repeats, 1, budget_s, done)
         t_circ, r_circ = median_time(calls(circ, n_circ), repeats, 1, budget_s, done)
+        t_int8 = median_time([functools.partial(torch._weight_int8pack_mm, x, *int8[i % len(int8)])
+                              for i in range(max(n_int8, 2))], repeats, 1, budget_s, done)[0] if int8 else None
         fused_kernel = circulant.uses_kernel(x.float(), circ[0].spectra())  # the product computes in float32
     return {
         "shape": f"{out_features}x{in_features}", "out_features": out_features, "in_features": in_features,
@@ -169,16 +196,24 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         "cold_bytes": {"dense": n_dense * dense_cost["bytes"], "circulant": n_circ * circ_cost["bytes"]},
         "repeats": {"dense": r_dense, "circulant": r_circ},
         "llc_bytes": llc,
+        # dense in int8 weight-only (torch._weight_int8pack_mm), cold; None: no such kernel here
+        "int8_dense_us": t_int8 * 1e6 if int8 else None, "int8_dense_speedup": t_dense / t_int8 if int8 else None,
+        "int8_dense_byte_ratio": dense_cost["bytes"] / int8_bytes,
         "decode_kernel": fused_kernel,  # whether the circulant side ran the fused CPU kernel (bcllm.kernel)
     }
 
 
 def layer_table(rows: list[dict]) -> str:
-    head = ("| shape | b | tokens | dense us | circulant us | speedup (cold) | speedup (hot) | FLOP ratio | byte ratio |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+    head = ("| shape | b | tokens | dense us | circulant us | speedup (cold) | speedup (hot) | FLOP ratio | byte ratio "
+            "| int8 dense us | int8 dense speedup (cold) |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n")
+
+    def int8(r):
+        return ("– | –" if r.get("int8_dense_us") is None else
+                f"{r['int8_dense_us']:.1f} | {r['int8_dense_speedup']:.2f}x")
     return head + "".join(
         f"| {r['shape']} | {r['block_size']} | {r['tokens']} | {r['dense_us']:.1f} | {r['circulant_us']:.1f} | "
-        f"{r['speedup']:.2f}x | {r['speedup_hot']:.2f}x | {r['flop_ratio']:.1f} | {r['byte_ratio']:.1f} |\n"
+        f"{r['speedup']:.2f}x | {r['speedup_hot']:.2f}x | {r['flop_ratio']:.1f} | {r['byte_ratio']:.1f} | {int8(r)} |\n"
         for r in rows)
 
 
