@@ -160,3 +160,44 @@ def test_quant_grid_and_damping_reach_the_modules_from_the_spec(tmp_path):
     assert all(m.zero_point == "int" for m in again.modules() if isinstance(m, QuantizedLinear))
     with pytest.raises(InputError, match="quant_grid applies to structure quant"):
         StudentSpec(structure="circulant", quant_grid="int")
+
+
+def test_int8_per_row_decode_runs_the_int8_kernel_against_the_dequantised_weight():
+    """8 bits, one grid per row, up to 4 rows without gradients: PyTorch's int8 kernel with bfloat16
+    activations (its output rounded to bfloat16: within 1% of the largest output) against x W_hat^T
+    computed in float64 from the dequantised weight; the float path beyond 4 rows, under
+    gradients, or with groups, exactly as before."""
+    from bcllm.structures import quantized
+
+    if not quantized.int8_kernel_available():
+        pytest.skip("this torch build has no int8 weight-only kernel")
+    lin = linear(out_f=40, in_f=96, seed=1)
+    q = QuantizedLinear.from_linear(lin, 8)
+    for rows in (1, 3, 4):
+        x = torch.randn(rows, 96)
+        ref = x.double() @ q.to_dense().double().T + lin.bias.double()
+        with torch.no_grad():
+            y = q(x)
+        assert y.dtype == torch.float32 and q._packed is not None
+        assert (y.double() - ref).abs().max() <= 0.01 * ref.abs().max()
+        assert not torch.allclose(y.double(), ref, atol=1e-6)  # (the kernel ran: bfloat16 rounding shows)
+    x = torch.randn(2, 1, 96)  # a decode step's (batch, 1, in) keeps its shape
+    with torch.no_grad():
+        assert q(x).shape == (2, 1, 40)
+    exact = torch.randn(5, 96)
+    with torch.no_grad():
+        assert torch.allclose(q(exact), exact @ q.to_dense().T + lin.bias, atol=1e-5)
+    one = torch.randn(1, 96)
+    y = q(one)  # gradients to the scales: the float path, which trains them
+    assert torch.allclose(y, one @ q.to_dense().T + lin.bias, atol=1e-5)
+    y.sum().backward()
+    assert q.scale.grad is not None
+    with torch.no_grad():  # the pack follows a change of the grid (its version counter)
+        before = q(one)
+        q.scale.mul_(2)
+        ref = one.double() @ q.to_dense().double().T + lin.bias.double()
+        assert (q(one).double() - ref).abs().max() <= 0.01 * ref.abs().max()
+        assert not torch.allclose(q(one), before, atol=1e-3)
+    grouped = QuantizedLinear.from_linear(lin, 8, 32)
+    with torch.no_grad():
+        assert torch.allclose(grouped(one), one @ grouped.to_dense().T + lin.bias, atol=1e-5)

@@ -203,7 +203,8 @@ def test_bench_layer_cli_single_point_json(tmp_path, capsys):
     # the int8 weight-only dense layer beside it (PyTorch's CPU kernel exists in the pinned torch)
     assert data["int8_dense_us"] > 0 and data["int8_dense_speedup"] == pytest.approx(
         data["dense_us"] / data["int8_dense_us"])
-    assert data["int8_dense_byte_ratio"] == pytest.approx(2048 * 1024 * 4 / (2048 * 1024 + 2048 * 4))
+    assert data["int8_dense_byte_ratio"] == pytest.approx(2048 * 1024 * 4 / (2048 * 1024 + 2048 * 2))
+    assert data["int8_dense_activations"] == "bfloat16"
 
 
 def test_int8_weight_only_product_against_its_dequantised_weight():
@@ -221,6 +222,8 @@ def test_int8_weight_only_product_against_its_dequantised_weight():
     y = int8_dense_product(x, codes, scales)
     ref = x.double() @ (codes.double() * scales.double()[:, None]).T
     assert y is not None and torch.allclose(y.double(), ref, atol=1e-4)
+    y16 = int8_dense_product(x.bfloat16(), codes, scales.bfloat16())  # as bench layer runs it on a float32 model
+    assert y16.dtype == torch.bfloat16 and torch.allclose(y16.double(), ref, rtol=0.02, atol=0.05)
 
 
 def test_bench_cli_errors(tmp_path, capsys):

@@ -144,7 +144,8 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
                 llc: int | None = None, spectra_bits: int = 32) -> dict:
     """One point: dense nn.Linear vs BlockCirculantLinear (spectra cached; spectra_bits 8: int8), hot and
     cold; beside them, cold, the dense layer in int8 weight-only (int8_weight_only: what a user would
-    pick instead at a quarter of the bytes; None where torch has no such kernel here)."""
+    pick instead at a quarter of the bytes, with bfloat16 activations for a float32 model; None where
+    torch has no such kernel here)."""
     torch.manual_seed(seed)
     cuda = torch.device(device).type == "cuda"
     llc = llc or (gpu_l2_bytes(device) if cuda else llc_bytes())
@@ -161,10 +162,14 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
     circ = [BlockCirculantLinear(in_features, out_features, block_size, bias=False, device=device, dtype=dtype,
                                  spectra_bits=spectra_bits) for _ in range(n_circ)]
     x = torch.randn(tokens, in_features, device=device, dtype=dtype)
-    int8_bytes = out_features * in_features + out_features * x.element_size()
+    # int8 weight-only runs bfloat16 activations where the model is float32: PyTorch's CPU kernel has
+    # a vectorised path for them only (float32 measured 9-13x slower, 1536x576) and gpt-fast's int8 is bf16
+    x8 = x.to(torch.bfloat16) if dtype == torch.float32 else x
+    int8_bytes = out_features * in_features + out_features * x8.element_size()
     n_int8 = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / int8_bytes)))
-    int8 = [int8_weight_only(d.weight.detach()) for d in dense[:1]]
-    if int8_dense_product(x, *int8[0]) is None:
+    int8 = [tuple(t.to(x8.dtype) if t.is_floating_point() else t for t in int8_weight_only(d.weight.detach()))
+            for d in dense[:1]]
+    if int8_dense_product(x8, *int8[0]) is None:
         int8 = []
     else:  # (distinct weights for the cold pass: random codes, the first layer's scales)
         int8 += [(torch.randint_like(int8[0][0], -127, 128), int8[0][1]) for _ in range(n_int8 - 1)]
@@ -181,7 +186,7 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         t_circ_hot, _ = median_time(calls(circ[:1], hot), repeats, warmup, budget_s, done)
         t_dense, r_dense = median_time(calls(dense, max(n_dense, 2)), repeats, 1, budget_s, done)
         t_circ, r_circ = median_time(calls(circ, n_circ), repeats, 1, budget_s, done)
-        t_int8 = median_time([functools.partial(torch._weight_int8pack_mm, x, *int8[i % len(int8)])
+        t_int8 = median_time([functools.partial(torch._weight_int8pack_mm, x8, *int8[i % len(int8)])
                               for i in range(max(n_int8, 2))], repeats, 1, budget_s, done)[0] if int8 else None
         fused_kernel = circulant.uses_kernel(x.float(), circ[0].spectra())  # the product computes in float32
     return {
@@ -198,7 +203,7 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         "llc_bytes": llc,
         # dense in int8 weight-only (torch._weight_int8pack_mm), cold; None: no such kernel here
         "int8_dense_us": t_int8 * 1e6 if int8 else None, "int8_dense_speedup": t_dense / t_int8 if int8 else None,
-        "int8_dense_byte_ratio": dense_cost["bytes"] / int8_bytes,
+        "int8_dense_byte_ratio": dense_cost["bytes"] / int8_bytes, "int8_dense_activations": str(x8.dtype)[6:],
         "decode_kernel": fused_kernel,  # whether the circulant side ran the fused CPU kernel (bcllm.kernel)
     }
 
