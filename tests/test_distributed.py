@@ -255,3 +255,23 @@ def test_an_error_on_rank_0_is_raised_on_every_rank_at_once(tmp_path):
         assert [s[:3] for s in seen] == [("InputError", "rank 0 could not make the cache", "cache"),
                                         ("InputError", "rank 0 could not write", "out")]
         assert all(s[3] < 20 for s in seen)  # at once, not after the 120 s timeout
+
+
+def test_ranks_other_than_0_print_no_progress_bars_but_their_errors():
+    """one_voice gives ranks > 0 a stderr without tqdm's redraws: a bar leaves nothing, an error line stays."""
+    import io
+
+    from tqdm import tqdm
+
+    from bcllm.cli.main import _WithoutBars
+
+    out = io.StringIO()
+    stream = _WithoutBars(out)
+    for _ in tqdm(range(5), file=stream, desc="distill", mininterval=0):
+        pass
+    stream.write("bcllm rank 1 of 2: summing a tensor over ranks failed\n")
+    assert out.getvalue() == "bcllm rank 1 of 2: summing a tensor over ranks failed\n"
+    bars = io.StringIO()
+    for _ in tqdm(range(5), file=bars, desc="distill", mininterval=0):
+        pass
+    assert "distill" in bars.getvalue()  # (the same bar on a plain stream: rank 0's)

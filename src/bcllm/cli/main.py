@@ -686,9 +686,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _WithoutBars:
+    """A rank's stderr without progress bars: tqdm redraws its bar with writes that start with a
+    carriage return (and ends it with a newline alone); every other write (errors, warnings) passes."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return len(text) if text.startswith("\r") or text == "\n" else self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def one_voice(args) -> None:
     """Under torchrun (bcllm.dist): `--device cuda` is each rank's own GPU, and only rank 0 prints
-    results (every rank computes them; errors still go to each rank's stderr)."""
+    results and progress bars (every rank computes them; errors still go to each rank's stderr)."""
     if dist.world() > 1:
         if getattr(args, "device", None):
             args.device = dist.device_for(args.device)
@@ -698,6 +712,7 @@ def one_voice(args) -> None:
                 torch.cuda.set_device(torch.device(args.device))  # (device_for: LOCAL_RANK % the GPUs)
         if not dist.is_main():
             sys.stdout = open(os.devnull, "w")
+            sys.stderr = _WithoutBars(sys.stderr)
 
 
 def main(argv=None) -> int:
