@@ -201,3 +201,41 @@ def test_int8_per_row_decode_runs_the_int8_kernel_against_the_dequantised_weight
     grouped = QuantizedLinear.from_linear(lin, 8, 32)
     with torch.no_grad():
         assert torch.allclose(grouped(one), one @ grouped.to_dense().T + lin.bias, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_f", [12, 100])
+def test_int8_decode_keeps_the_float_path_for_inputs_the_kernel_cannot_take(in_f):
+    """PyTorch's int8 kernel reads inputs in 8s/16s without a tail (NaN or a crash otherwise): layers
+    whose inputs do not come in 32s multiply exactly as before."""
+    lin = linear(out_f=6, in_f=in_f, seed=2)
+    q = QuantizedLinear.from_linear(lin, 8)
+    one = torch.randn(1, in_f)
+    with torch.no_grad():
+        y = q(one)
+    assert torch.isfinite(y).all() and torch.allclose(y, one @ q.to_dense().T + lin.bias, atol=1e-5)
+    assert getattr(q, "_packed", None) is None
+
+
+def test_int8_decode_leaves_gradients_to_the_input_and_zero_scales_to_the_float_rules():
+    """A frozen int8 layer inside a trained model: gradients flow to its input (the kernel has no
+    derivative, so that case takes the float path). A row whose scale is 0 gives its bias, not NaN.
+    A copy of the layer carries no pack (rebuilt on use)."""
+    from bcllm.structures import quantized
+
+    if not quantized.int8_kernel_available():
+        pytest.skip("this torch build has no int8 weight-only kernel")
+    lin = linear(out_f=8, in_f=64, seed=3)
+    with torch.no_grad():
+        lin.weight[2] = 0
+    q = QuantizedLinear.from_linear(lin, 8)
+    with torch.no_grad():
+        q.scale[2] = 0  # (as a float16 model's 1e-12 underflows)
+    q.requires_grad_(False)
+    x = torch.randn(1, 64, requires_grad=True)
+    q(x).sum().backward()
+    assert torch.allclose(x.grad, q.to_dense().sum(0)[None], atol=1e-5)
+    with torch.no_grad():
+        y = q(torch.randn(1, 64))
+    assert q._packed is not None and torch.isfinite(y).all()
+    assert y[0, 2] == pytest.approx(lin.bias[2].item(), abs=1e-6)
+    assert getattr(copy.deepcopy(q), "_packed", None) is None

@@ -369,34 +369,6 @@ def test_distillation_resume_gives_same_state(tmp_path):
                  checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
-
-def test_distillation_refuses_a_teacher_vocabulary_checkpoint_of_the_union_over_all_batches(tmp_path):
-    """Checkpoints of bcllm before the per-batch vocabulary carry no vocab_per_batch: resuming one
-    with vocab teacher would mix two losses, so it is refused; with the marker it resumes."""
-    from bcllm.fit.distill import DistillConfig, distill_
-
-    cfg = DistillConfig(steps=4, lr=3e-3, topk=16, checkpoint_every=2, vocab="teacher")
-    student, teacher, train, held = _distill_setup()
-
-    def stop(step, loss):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        distill_(copy.deepcopy(student), teacher, train, held, cfg, checkpoint_dir=tmp_path, progress=False,
-                 on_step=stop)
-    path = tmp_path / "distill_state.pt"
-    state = torch.load(path, weights_only=False)
-    assert state["vocab_per_batch"] is True
-    resumed = distill_(copy.deepcopy(student), teacher, train, held, cfg, checkpoint_dir=tmp_path, resume=True,
-                       progress=False)
-    assert resumed["steps"] == 4 and len(resumed["loss"]) == 4
-    del state["vocab_per_batch"]  # as an older bcllm wrote it
-    torch.save(state, path)
-    with pytest.raises(ValueError, match="one union over all batches"):
-        distill_(copy.deepcopy(student), teacher, train, held, cfg, checkpoint_dir=tmp_path, resume=True,
-                 progress=False)
-
 @pytest.mark.slow
 def test_smollm2_aware_fit_beats_frobenius_on_held_out_text(smollm2):
     """Layer 12 MLP at b=16: the aware fit on pydoc prose lowers the output error of the patched

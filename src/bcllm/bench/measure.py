@@ -32,6 +32,7 @@ from ..io.models import cache_kwargs, static_cache
 from ..ops import circulant, kernel
 from ..ops import costs
 from ..structures.circulant import BlockCirculantLinear
+from ..structures.quantized import int8_decode_fits
 from ..structures.costs import model_costs
 
 DEFAULT_TOKENS = (1, 16, 128, 512)
@@ -132,7 +133,8 @@ def int8_weight_only(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_dense_product(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """x (codes * scales)^T by torch._weight_int8pack_mm; None where this build or device has no such kernel."""
+    """x (codes * scales)^T by torch._weight_int8pack_mm; None where this build or device has no such
+    kernel. The caller keeps the inputs in 32s (structures.quantized.int8_decode_fits)."""
     try:
         return torch._weight_int8pack_mm(x, codes, scales)
     except (AttributeError, RuntimeError, NotImplementedError):
@@ -144,8 +146,8 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
                 llc: int | None = None, spectra_bits: int = 32) -> dict:
     """One point: dense nn.Linear vs BlockCirculantLinear (spectra cached; spectra_bits 8: int8), hot and
     cold; beside them, cold, the dense layer in int8 weight-only (int8_weight_only: what a user would
-    pick instead at a quarter of the bytes, with bfloat16 activations for a float32 model; None where
-    torch has no such kernel here)."""
+    pick instead at a quarter of the bytes, with bfloat16 activations; None where torch has no such
+    kernel here or the inputs do not come in 32s)."""
     torch.manual_seed(seed)
     cuda = torch.device(device).type == "cuda"
     llc = llc or (gpu_l2_bytes(device) if cuda else llc_bytes())
@@ -162,14 +164,14 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
     circ = [BlockCirculantLinear(in_features, out_features, block_size, bias=False, device=device, dtype=dtype,
                                  spectra_bits=spectra_bits) for _ in range(n_circ)]
     x = torch.randn(tokens, in_features, device=device, dtype=dtype)
-    # int8 weight-only runs bfloat16 activations where the model is float32: PyTorch's CPU kernel has
-    # a vectorised path for them only (float32 measured 9-13x slower, 1536x576) and gpt-fast's int8 is bf16
-    x8 = x.to(torch.bfloat16) if dtype == torch.float32 else x
+    # int8 weight-only runs bfloat16 activations: PyTorch's CPU kernel vectorises them only (float32
+    # measured 9-13x slower, 1536x576), as gpt-fast's int8 runs; its rows must come in 32s (int8_decode_fits)
+    x8 = x.to(torch.bfloat16)
     int8_bytes = out_features * in_features + out_features * x8.element_size()
     n_int8 = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / int8_bytes)))
     int8 = [tuple(t.to(x8.dtype) if t.is_floating_point() else t for t in int8_weight_only(d.weight.detach()))
-            for d in dense[:1]]
-    if int8_dense_product(x8, *int8[0]) is None:
+            for d in dense[:1]] if int8_decode_fits(in_features) else []
+    if int8 and int8_dense_product(x8, *int8[0]) is None:
         int8 = []
     else:  # (distinct weights for the cold pass: random codes, the first layer's scales)
         int8 += [(torch.randint_like(int8[0][0], -127, 128), int8[0][1]) for _ in range(n_int8 - 1)]
@@ -203,7 +205,8 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         "llc_bytes": llc,
         # dense in int8 weight-only (torch._weight_int8pack_mm), cold; None: no such kernel here
         "int8_dense_us": t_int8 * 1e6 if int8 else None, "int8_dense_speedup": t_dense / t_int8 if int8 else None,
-        "int8_dense_byte_ratio": dense_cost["bytes"] / int8_bytes, "int8_dense_activations": str(x8.dtype)[6:],
+        "int8_dense_byte_ratio": dense_cost["bytes"] / int8_bytes if int8 else None,
+        "int8_dense_activations": "bfloat16" if int8 else None,
         "decode_kernel": fused_kernel,  # whether the circulant side ran the fused CPU kernel (bcllm.kernel)
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import sys
@@ -686,18 +687,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _WithoutBars:
-    """A rank's stderr without progress bars: tqdm redraws its bar with writes that start with a
-    carriage return (and ends it with a newline alone); every other write (errors, warnings) passes."""
+def silence_progress_bars() -> None:
+    """Every tqdm bar of this process is created disabled (ranks other than 0 under torchrun: their
+    bars would interleave with rank 0's). tqdm has no switch that a call's own `disable=` does not
+    override, so its constructor is wrapped; errors and warnings still reach stderr."""
+    import tqdm.std
 
-    def __init__(self, stream):
-        self.stream = stream
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "bcllm_silenced", False):
+        return
 
-    def write(self, text: str) -> int:
-        return len(text) if text.startswith("\r") or text == "\n" else self.stream.write(text)
+    @functools.wraps(init)
+    def disabled(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
 
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
+    disabled.bcllm_silenced = True
+    tqdm.std.tqdm.__init__ = disabled
 
 
 def one_voice(args) -> None:
@@ -712,7 +718,7 @@ def one_voice(args) -> None:
                 torch.cuda.set_device(torch.device(args.device))  # (device_for: LOCAL_RANK % the GPUs)
         if not dist.is_main():
             sys.stdout = open(os.devnull, "w")
-            sys.stderr = _WithoutBars(sys.stderr)
+            silence_progress_bars()
 
 
 def main(argv=None) -> int:

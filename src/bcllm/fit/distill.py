@@ -627,9 +627,6 @@ class _Run:
             other = "other distillation settings: " + ", ".join(
                 f"{k} {then.get(k)!r} there, {now.get(k)!r} here" for k in sorted({*then, *now})
                 if then.get(k) != now.get(k))
-        elif self.cfg.vocab == "teacher" and state.get("vocab_per_batch") is None:
-            other = ("an older bcllm: its teacher vocabulary was one union over all batches, now each batch's "
-                     "own, and resuming would mix the two losses")
         elif sorted(state["params"]) != sorted(self.params) or \
                 any(v.shape != self.params[n].shape for n, v in state["params"].items()):
             other = "other modules or module sizes"
@@ -645,8 +642,7 @@ class _Run:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {"config": asdict(self.cfg), "step": self.step, "history": self.history,
                  "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "params": {n: p.detach().clone() for n, p in self.params.items()}, "identity": self.identity,
-                 "vocab_per_batch": True}  # (vocab teacher: the union of each batch's own top-k, _check)
+                 "params": {n: p.detach().clone() for n, p in self.params.items()}, "identity": self.identity}
         atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
 

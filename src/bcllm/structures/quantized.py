@@ -77,6 +77,7 @@ def int8_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> t
     where s16 is the scale rounded to bfloat16 (the kernel's) and scale / s16 undoes that rounding."""
     signed = (codes.to(torch.int16) - 128).to(torch.int8)
     s16 = scale.to(torch.bfloat16)
+    s16 = torch.where(s16 == 0, torch.ones_like(s16), s16)  # (a scale that underflows: 0 / 0 would be NaN)
     return signed, s16, (scale / s16.float()).float(), ((zero - 128) * scale).float()
 
 
@@ -85,10 +86,22 @@ def int8_rows_product(x: torch.Tensor, signed: torch.Tensor, s16: torch.Tensor, 
     """x (codes - zero)^T scale for a few rows through PyTorch's int8 weight-only kernel, with the
     activations in bfloat16: its CPU kernel vectorises that case only (float32 activations measured
     9-13x slower than a float32 dense product here, bfloat16 ones about 2x faster), as gpt-fast's
-    int8 runs. So decode computes with activations rounded to bfloat16 (relative 2^-9), unlike the
-    float path of longer inputs; the result is float32."""
-    y = torch._weight_int8pack_mm(x.to(torch.bfloat16), signed, s16).float() * correction
+    int8 runs. So decode computes with activations and the kernel's output rounded to bfloat16
+    (relative 2^-9 each), unlike the float path of longer inputs; the result is float32. The kernel
+    reads the activations with aligned vector loads and no tail loop: they are passed contiguous,
+    64-byte aligned, and in_features must be a multiple of 32 (int8_decode_fits)."""
+    a = x.to(torch.bfloat16).contiguous()
+    if a.data_ptr() % 64:
+        a = a.clone()
+    y = torch._weight_int8pack_mm(a, signed, s16).float() * correction
     return y - x.float().sum(-1, keepdim=True) * offset
+
+
+def int8_decode_fits(in_features: int) -> bool:
+    """Whether PyTorch's int8 kernel takes rows of this length: its vector loop steps over the inputs
+    in 8s (AVX2, NEON) or 16s (AVX-512) with no tail (other lengths read out of bounds: NaN or a
+    crash, measured), so a multiple of 32."""
+    return in_features % 32 == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,20 +179,21 @@ class QuantizedLinear(StructuredLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= DECODE_MAX_ROWS and self._int8_decode():
+        if rows.shape[0] <= DECODE_MAX_ROWS and self._int8_decode(x):
             return self.add_bias(int8_rows_product(rows, *self._packed).to(x.dtype)).reshape(*x.shape[:-1], -1)
         return self.add_bias(nn.functional.linear(x, self.to_dense().to(x.dtype)))
 
-    def _int8_decode(self) -> bool:
+    def _int8_decode(self, x: torch.Tensor) -> bool:
         """Whether the few-rows path runs PyTorch's int8 kernel (int8_rows_product): 8 bits, one grid per
-        output row, a CPU, no gradient to the scales; packs (int8_pack) once per change of the codes or
-        grid (version counters; the pack as it is while torch.compile captures a graph)."""
+        output row, inputs in 32s, a CPU, no gradient (the kernel has no derivative); packs (int8_pack)
+        once per change of the codes or grid (version counters; the pack as it is while torch.compile
+        captures a graph)."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad or self.zero.requires_grad):
+            return False
         if torch.compiler.is_compiling() and getattr(self, "_packed", None) is not None:
             return True
         if self.bits != 8 or self.group_size != self.in_features or self.codes.device.type != "cpu" \
-                or not int8_kernel_available():
-            return False
-        if torch.is_grad_enabled() and (self.scale.requires_grad or self.zero.requires_grad):
+                or x.device.type != "cpu" or not int8_decode_fits(self.in_features) or not int8_kernel_available():
             return False
         key = tuple((t._version, t.data_ptr()) for t in (self.codes, self.scale, self.zero))
         if getattr(self, "_packed_key", None) != key:
@@ -187,6 +201,13 @@ class QuantizedLinear(StructuredLinear):
                 self._packed = int8_pack(self.codes, self.scale[:, 0].float(), self.zero[:, 0].float())
             self._packed_key = key
         return True
+
+    def __getstate__(self):
+        """Copies (deepcopy, pickling) leave the int8 pack behind: it is rebuilt on first use."""
+        state = dict(super().__getstate__())
+        state.pop("_packed", None)
+        state.pop("_packed_key", None)
+        return state
 
     @property
     def num_params(self) -> int:
