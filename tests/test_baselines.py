@@ -239,3 +239,21 @@ def test_int8_decode_leaves_gradients_to_the_input_and_zero_scales_to_the_float_
     assert q._packed is not None and torch.isfinite(y).all()
     assert y[0, 2] == pytest.approx(lin.bias[2].item(), abs=1e-6)
     assert getattr(copy.deepcopy(q), "_packed", None) is None
+
+
+def test_int8_decode_compiles_without_a_graph_break():
+    """bench model compiles the decode step: the int8 path (packed before compiling, as the eager
+    pass does) must stay one graph, or the whole loop falls back to eager."""
+    from bcllm.structures import quantized
+
+    if not quantized.int8_kernel_available():
+        pytest.skip("this torch build has no int8 weight-only kernel")
+    lin = linear(out_f=16, in_f=64, seed=4)
+    q = QuantizedLinear.from_linear(lin, 8).requires_grad_(False)
+    one = torch.randn(1, 64)
+    with torch.no_grad():
+        eager = q(one)  # packs
+        explained = torch._dynamo.explain(q)(one)
+        compiled = torch.compile(q, backend="eager", fullgraph=True)(one)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert torch.allclose(compiled, eager)

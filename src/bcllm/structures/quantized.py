@@ -90,10 +90,10 @@ def int8_rows_product(x: torch.Tensor, signed: torch.Tensor, s16: torch.Tensor, 
     (relative 2^-9 each), unlike the float path of longer inputs; the result is float32. The kernel
     reads the activations with aligned vector loads and no tail loop: they are passed contiguous,
     64-byte aligned, and in_features must be a multiple of 32 (int8_decode_fits)."""
-    a = x.to(torch.bfloat16).contiguous()
-    if a.data_ptr() % 64:
-        a = a.clone()
-    y = torch._weight_int8pack_mm(a, signed, s16).float() * correction
+    # float32 rows: a fresh copy, which the allocator aligns; bfloat16 rows may be a misaligned view.
+    # (No data_ptr test: it would break torch.compile's graph at every layer.)
+    a = x.clone(memory_format=torch.contiguous_format) if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+    y = torch._weight_int8pack_mm(a.contiguous(), signed, s16).float() * correction
     return y - x.float().sum(-1, keepdim=True) * offset
 
 
