@@ -348,3 +348,12 @@ def test_memory_bandwidth_is_a_copy_rate():
 
     rate = memory_bandwidth(mib=8, repeats=2)
     assert 1e8 < rate < 1e13  # between 0.1 GB/s and 10 TB/s: a rate, in bytes per second
+
+
+def test_bench_layer_leaves_the_int8_column_empty_where_the_kernel_cannot_take_the_inputs():
+    """Inputs not in 32s would crash PyTorch's int8 kernel: the point is timed without it."""
+    from bcllm.bench.measure import bench_layer, layer_table
+
+    row = bench_layer(48, 40, 8, 1, repeats=2, budget_s=0.2)
+    assert row["speedup"] > 0 and row["int8_dense_us"] is None and row["int8_dense_speedup"] is None
+    assert "| – | – |" in layer_table([row])

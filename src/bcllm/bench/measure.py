@@ -141,6 +141,26 @@ def int8_dense_product(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         return None
 
 
+def int8_dense_calls(weight: torch.Tensor, x: torch.Tensor, llc: int) -> tuple[list, int]:
+    """The calls of a cold int8 weight-only pass beside a dense (out, in) layer, and the bytes one call
+    reads. Bfloat16 activations: PyTorch's CPU kernel vectorises them only (float32 measured 2.3-7.8x
+    slower than the float32 dense layer), as gpt-fast's int8 runs. No calls where torch has no such
+    kernel here or the inputs do not come in 32s (structures.quantized.int8_decode_fits)."""
+    out_f, in_f = weight.shape
+    x8 = x.to(torch.bfloat16)
+    nbytes = out_f * in_f + out_f * x8.element_size()
+    if not int8_decode_fits(in_f):
+        return [], nbytes
+    codes, scales = int8_weight_only(weight.detach())
+    scales = scales.to(torch.bfloat16)
+    if int8_dense_product(x8, codes, scales) is None:
+        return [], nbytes
+    n = min(MAX_COLD_WEIGHTS, max(2, math.ceil(2 * llc / nbytes)))
+    # distinct weights for the cold pass (over twice the last-level cache): random codes, the same scales
+    weights = [codes] + [torch.randint_like(codes, -127, 128) for _ in range(n - 1)]
+    return [functools.partial(torch._weight_int8pack_mm, x8, w, scales) for w in weights], nbytes
+
+
 def bench_layer(out_features: int, in_features: int, block_size: int, tokens: int, dtype=torch.float32,
                 device="cpu", repeats: int = 30, warmup: int = 2, budget_s: float = 3.0, seed: int = 0,
                 llc: int | None = None, spectra_bits: int = 32) -> dict:
@@ -164,17 +184,7 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
     circ = [BlockCirculantLinear(in_features, out_features, block_size, bias=False, device=device, dtype=dtype,
                                  spectra_bits=spectra_bits) for _ in range(n_circ)]
     x = torch.randn(tokens, in_features, device=device, dtype=dtype)
-    # int8 weight-only runs bfloat16 activations: PyTorch's CPU kernel vectorises them only (float32
-    # measured 9-13x slower, 1536x576), as gpt-fast's int8 runs; its rows must come in 32s (int8_decode_fits)
-    x8 = x.to(torch.bfloat16)
-    int8_bytes = out_features * in_features + out_features * x8.element_size()
-    n_int8 = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / int8_bytes)))
-    int8 = [tuple(t.to(x8.dtype) if t.is_floating_point() else t for t in int8_weight_only(d.weight.detach()))
-            for d in dense[:1]] if int8_decode_fits(in_features) else []
-    if int8 and int8_dense_product(x8, *int8[0]) is None:
-        int8 = []
-    else:  # (distinct weights for the cold pass: random codes, the first layer's scales)
-        int8 += [(torch.randint_like(int8[0][0], -127, 128), int8[0][1]) for _ in range(n_int8 - 1)]
+    int8_calls, int8_bytes = int8_dense_calls(dense[0].weight, x, llc)
     with torch.no_grad():
         for layer in circ:
             layer(x)  # spectra (and their int8 codes) built once, as at model load
@@ -188,8 +198,7 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         t_circ_hot, _ = median_time(calls(circ[:1], hot), repeats, warmup, budget_s, done)
         t_dense, r_dense = median_time(calls(dense, max(n_dense, 2)), repeats, 1, budget_s, done)
         t_circ, r_circ = median_time(calls(circ, n_circ), repeats, 1, budget_s, done)
-        t_int8 = median_time([functools.partial(torch._weight_int8pack_mm, x8, *int8[i % len(int8)])
-                              for i in range(max(n_int8, 2))], repeats, 1, budget_s, done)[0] if int8 else None
+        t_int8 = median_time(int8_calls, repeats, 1, budget_s, done)[0] if int8_calls else None
         fused_kernel = circulant.uses_kernel(x.float(), circ[0].spectra())  # the product computes in float32
     return {
         "shape": f"{out_features}x{in_features}", "out_features": out_features, "in_features": in_features,
@@ -204,9 +213,9 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
         "repeats": {"dense": r_dense, "circulant": r_circ},
         "llc_bytes": llc,
         # dense in int8 weight-only (torch._weight_int8pack_mm), cold; None: no such kernel here
-        "int8_dense_us": t_int8 * 1e6 if int8 else None, "int8_dense_speedup": t_dense / t_int8 if int8 else None,
-        "int8_dense_byte_ratio": dense_cost["bytes"] / int8_bytes if int8 else None,
-        "int8_dense_activations": "bfloat16" if int8 else None,
+        "int8_dense_us": t_int8 * 1e6 if t_int8 else None, "int8_dense_speedup": t_dense / t_int8 if t_int8 else None,
+        "int8_dense_byte_ratio": dense_cost["bytes"] / int8_bytes if t_int8 else None,
+        "int8_dense_activations": "bfloat16" if t_int8 else None,
         "decode_kernel": fused_kernel,  # whether the circulant side ran the fused CPU kernel (bcllm.kernel)
     }
 
