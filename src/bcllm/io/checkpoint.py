@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .. import dist
 from ..errors import InputError, InputFileError
 from ..structures.base import config_class, fitted_modules
-from ..structures.circulant import BlockCirculantLinear, rounded_c
+from ..structures.circulant import int8_spectra_modules, rounded_c
 from ..surgery import compress_
 from ..fit.distill import ADAPTERS, merge_factors_
 from ..fit.transforms import Transform, apply_transform_
@@ -55,8 +55,7 @@ def save_fitted(student, folder, config, original_fingerprint: str = "", extra_p
                for k, v in m.state_dict().items()}
     # int8 spectra: c on its grid (rounded_c), so the folder holds the function the student computes
     # (the student itself is left as it is: under torchrun only rank 0 saves)
-    int8_spectra = [n for n, m in student.named_modules() if isinstance(m, BlockCirculantLinear)
-                    and m.spectra_bits != 32 and f"{n}.c" in tensors]
+    int8_spectra = [n for n in int8_spectra_modules(student) if f"{n}.c" in tensors]
     for name in int8_spectra:
         tensors[f"{name}.c"] = rounded_c(student.get_submodule(name).c.detach()).contiguous().cpu()
     params = dict(student.named_parameters())

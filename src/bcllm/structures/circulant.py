@@ -126,12 +126,17 @@ def set_spectra_bits_(model: nn.Module, bits: int) -> list[str]:
     return names
 
 
+def int8_spectra_modules(model: nn.Module) -> list[str]:
+    """Names of the BlockCirculantLinear modules of `model` whose spectra are int8."""
+    return [n for n, m in model.named_modules() if isinstance(m, BlockCirculantLinear) and m.spectra_bits != 32]
+
+
 @torch.no_grad()
 def bake_spectra_(model: nn.Module) -> list[str]:
     """Put c of every BlockCirculantLinear with int8 spectra on its grid (c = rounded_c(c)): the same
     function, now also computed by code that knows only c (a saved folder, an export). Returns the
     changed modules' names."""
-    names = [n for n, m in model.named_modules() if isinstance(m, BlockCirculantLinear) and m.spectra_bits != 32]
+    names = int8_spectra_modules(model)
     for name in names:
         module = model.get_submodule(name)
         module.c.copy_(rounded_c(module.c))
