@@ -124,6 +124,12 @@ def median_time(calls: list, repeats: int, warmup: int, budget_s: float, done=la
     return statistics.median(times), len(times)
 
 
+def cold_weights(nbytes: float, llc: int) -> int:
+    """How many distinct weights of `nbytes` one cold pass rotates over: enough to read over twice the
+    last-level cache `llc` (capped for tiny layers; `cold_bytes` in a result says what one pass read)."""
+    return min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / nbytes)))
+
+
 def int8_weight_only(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scales) of a dense weight in int8, symmetric, one scale per output row: the format
     of PyTorch's own int8 weight-only kernel (torch._weight_int8pack_mm, gpt-fast's int8), which
@@ -155,9 +161,8 @@ def int8_dense_calls(weight: torch.Tensor, x: torch.Tensor, llc: int) -> tuple[l
     scales = scales.to(torch.bfloat16)
     if int8_dense_product(x8, codes, scales) is None:
         return [], nbytes
-    n = min(MAX_COLD_WEIGHTS, max(2, math.ceil(2 * llc / nbytes)))
-    # distinct weights for the cold pass (over twice the last-level cache): random codes, the same scales
-    weights = [codes] + [torch.randint_like(codes, -127, 128) for _ in range(n - 1)]
+    # distinct weights for the cold pass: random codes, the same scales
+    weights = [codes] + [torch.randint_like(codes, -127, 128) for _ in range(max(2, cold_weights(nbytes, llc)) - 1)]
     return [functools.partial(torch._weight_int8pack_mm, x8, w, scales) for w in weights], nbytes
 
 
@@ -176,10 +181,7 @@ def bench_layer(out_features: int, in_features: int, block_size: int, tokens: in
     reads_codes = tokens <= circulant.KERNEL_MAX_ROWS and not cuda
     circ_cost = costs.circulant_costs(out_features, in_features, block_size,
                                       spectra_bits=spectra_bits if reads_codes else 32)
-    # Enough distinct weights that one pass reads over twice the last-level cache (capped for
-    # tiny layers; `cold_bytes` in the result says how much one pass really read).
-    n_dense = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / dense_cost["bytes"])))
-    n_circ = min(MAX_COLD_WEIGHTS, max(1, math.ceil(2 * llc / circ_cost["bytes"])))
+    n_dense, n_circ = cold_weights(dense_cost["bytes"], llc), cold_weights(circ_cost["bytes"], llc)
     dense = [nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype) for _ in range(n_dense)]
     circ = [BlockCirculantLinear(in_features, out_features, block_size, bias=False, device=device, dtype=dtype,
                                  spectra_bits=spectra_bits) for _ in range(n_circ)]
