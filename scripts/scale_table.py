@@ -4,7 +4,8 @@ The same recipe on the middle third of each model's decoder layers (MLP projecti
 and low-rank at the same parameter budget, at block sizes 16 and 4, measured on the held-out
 prompts with the floor (the same modules removed). Every point is one `bcllm eval` run whose JSON
 lands in RUN (a rerun measures only the missing points); its peak memory is recorded beside it.
-Then the table and plot: docs/results/scale.{md,json,png}.
+Then the table and plot: docs/results/scale.{md,json,png}, keeping the rows already there that this
+run did not measure (runs/ stays on the machine that made it).
 
     python scripts/scale_table.py [--models smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b] [--run runs/scale]
         [--fit sequential] [--block-sizes 16,4] [--structures circulant,lowrank] [--report-only]
@@ -39,7 +40,8 @@ def middle_third(n_layers: int) -> str:
 def command(model: str, structure: str, block: int, fit: str, json_path: Path) -> list[str]:
     return ["bcllm", "eval", "--model", model, "--layers", middle_third(LAYERS[model]), "--structure", structure,
             "--block-size", str(block), "--fit", fit, "--calib", "pydoc-all", "--max-new-tokens", "0",
-            "--prompts", PROMPTS, "--json", str(json_path)] + (["--stream"] if model in STREAM else [])
+            "--prompts", PROMPTS, "--json", str(json_path)] + (["--stream"] if model in STREAM else []) + \
+        (["--distill-steps", "0"] if fit == "block" else [])  # distillation needs the whole model: no --stream
 
 
 def run_point(cmd: list[str], json_path: Path, log: Path) -> None:
@@ -71,23 +73,43 @@ def row(json_path: Path) -> dict:
                                    max(1e-9, 1 - m["floor_token_agreement"]),
             "params_removed": 1 - c["model_params_after"] / c["model_params_before"],
             "replaced_params": c["replaced_params"],
+            # mean relative error of the compressed MLPs' outputs on held-out calibration batches (1.0 = the
+            # MLP removed): after the sequential closed form, then after block reconstruction (--fit block)
+            "block_error_before": (sum(x["held_before"] for x in layers) / len(layers)) if layers else None,
             "block_error_after": (sum(x["held_after"] for x in layers) / len(layers)) if layers else None,
             "wall_s": side["wall_s"], "peak_rss_gib": side["peak_rss_gib"], "streamed": "--stream" in side["command"],
             "command": side["command"]}
 
 
+def key(r: dict) -> tuple:
+    return r["model"], r["structure"], r["block_size"], r["fit"], r["layers"]
+
+
+def merged(rows: list[dict]) -> list[dict]:
+    """The rows already in docs/results/scale.json, with those measured in this run replacing theirs:
+    runs/ is not kept between machines, so a run that measures two new points must not drop the rest."""
+    old = json.loads((OUT / "scale.json").read_text()) if (OUT / "scale.json").exists() else []
+    new = {key(r): r for r in rows}
+    return [new.pop(key(r), r) for r in old] + list(new.values())
+
+
 def report(rows: list[dict]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    rows = merged(rows)
     (OUT / "scale.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| model | params | layers | structure | b | agreement [95% CI] | KL | floor agr. / KL | kl_recovered "
-             "| agr. recovered | params removed | wall | peak RSS |", "|" + " --- |" * 13]
-    for r in sorted(rows, key=lambda r: (r["model_params"], r["block_size"], r["structure"])):
+    lines = ["| model | params | layers | structure | b | fit | agreement [95% CI] | KL | floor agr. / KL "
+             "| kl_recovered | agr. recovered | block error (closed form -> block) | params removed | wall | peak RSS |",
+             "|" + " --- |" * 15]
+    for r in sorted(rows, key=lambda r: (r["fit"], r["model_params"], r["block_size"], r["structure"])):
         lo, hi = r["agreement_ci"]
+        block_error = "–" if r.get("block_error_after") is None else \
+            f"{r['block_error_before']:.3f} -> {r['block_error_after']:.3f}"
         lines.append(f"| {r['model']} | {r['model_params'] / 1e6:.0f}M | {r['layers']} | {r['structure']} | "
-                     f"{r['block_size']} | {r['token_agreement']:.3f} [{lo:.3f}, {hi:.3f}] | {r['kl_mean']:.3f} | "
+                     f"{r['block_size']} | {r['fit']} | {r['token_agreement']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{r['kl_mean']:.3f} | "
                      f"{r['floor_token_agreement']:.3f} / {r['floor_kl_mean']:.2f} | {r['kl_recovered']:.3f} | "
-                     f"{r['agreement_recovered']:.3f} | "
-                     f"{r['params_removed']:.1%} | {r['wall_s'] / 60:.1f} min | {r['peak_rss_gib']:.1f} GiB"
+                     f"{r['agreement_recovered']:.3f} | {block_error} | {r['params_removed']:.1%} | "
+                     f"{r['wall_s'] / 60:.1f} min | {r['peak_rss_gib']:.1f} GiB"
                      f"{' (streamed)' if r.get('streamed') else ''} |")
     lines += ["", "Commands (each row):", ""] + [f"    {r['command']}" for r in rows]
     (OUT / "scale.md").write_text("\n".join(lines) + "\n")
@@ -98,13 +120,14 @@ def report(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (structure, b), style in zip(sorted({(r["structure"], r["block_size"]) for r in rows}), ["o-", "s-", "o--", "s--"]):
-        pts = sorted((r["model_params"], r) for r in rows if (r["structure"], r["block_size"]) == (structure, b))
-        xs = [p / 1e6 for p, _ in pts]
-        axes[0].plot(xs, [r["token_agreement"] for _, r in pts], style, label=f"{structure} b={b}")
-        axes[1].plot(xs, [r["kl_recovered"] for _, r in pts], style, label=f"{structure} b={b}: KL")
-        axes[1].plot(xs, [r["agreement_recovered"] for _, r in pts], style, alpha=0.45,
-                     label=f"{structure} b={b}: agreement")
+    series = sorted({(r["fit"], r["structure"], r["block_size"]) for r in rows}, reverse=True)
+    for (fit, structure, b), style in zip(series, ["o-", "s-", "o--", "s--", "^-", "v-", "^--", "v--"]):
+        pts = sorted((r["model_params"], i, r) for i, r in enumerate(rows)
+                     if (r["fit"], r["structure"], r["block_size"]) == (fit, structure, b))
+        xs, name = [p / 1e6 for p, _, _ in pts], f"{structure} b={b} {fit}"
+        axes[0].plot(xs, [r["token_agreement"] for _, _, r in pts], style, label=name)
+        axes[1].plot(xs, [r["kl_recovered"] for _, _, r in pts], style, label=f"{name}: KL")
+        axes[1].plot(xs, [r["agreement_recovered"] for _, _, r in pts], style, alpha=0.45, label=f"{name}: agreement")
     floor = sorted({(r["model_params"], r["floor_token_agreement"]) for r in rows})
     axes[0].plot([p / 1e6 for p, _ in floor], [f for _, f in floor], "k:", label="floor (MLPs removed)")
     axes[1].legend(fontsize=7)
@@ -115,7 +138,7 @@ def report(rows: list[dict]) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Middle third of the MLPs compressed, same recipe on every model")
+    fig.suptitle("Middle third of the MLPs compressed, each recipe the same on every model")
     fig.tight_layout()
     fig.savefig(OUT / "scale.png", dpi=120)
 

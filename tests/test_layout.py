@@ -25,7 +25,8 @@ LAYERS = [
     ("io: saved students", ["io.checkpoint", "io.artifact"]),
     ("fit: build_student", ["fit.student"]),
     ("eval", ["eval.metrics", "eval.lmeval", "eval.streaming", "eval.student"]),
-    ("bench, experiments", ["bench.measure", "bench.layer", "experiments.runs", "experiments.report"]),
+    ("bench, experiments", ["bench.measure", "bench.layer", "experiments.runs", "experiments.compare",
+                            "experiments.report"]),
     ("cli", ["cli.main"]),
 ]
 ORDER = [m for _, modules in LAYERS for m in modules]

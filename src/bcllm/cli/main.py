@@ -445,6 +445,25 @@ def cmd_frontier(args) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_compare(args) -> None:
+    from ..experiments.compare import compare, markdown, parse_methods
+    from ..fit.student import StudentSpec
+    from ..io.results import write_json
+
+    methods = parse_methods(args.methods)  # fail before loading the model
+    given = [f"--{k.replace('_', '-')}" for k in ("structure", "block_size", "rank", "param_budget", "block_sizes",
+                                                   "spectra_bits") if getattr(args, k) != getattr(StudentSpec, k)]
+    if given:
+        raise InputError(f"compare sets the structure and size of each method (--methods); drop {', '.join(given)}",
+                         "methods")
+    spec, io = spec_from_args(args)
+    result = compare(settings_from_args(args), args.out, spec, methods, args.decode_bench, io)
+    print("\n" + markdown(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+
+
 def cmd_report(args) -> None:
     from ..experiments.report import render
 
@@ -642,6 +661,25 @@ def add_experiment_commands(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def add_compare_command(sub) -> None:
+    from ..experiments.runs import DECODE_BENCH
+
+    p = sub.add_parser("compare", help="the methods a user might pick instead, on the same modules: int8..int2 "
+                       "quantization, pruning, low-rank and circulant at several sizes; fidelity against bits per "
+                       "weight (table and plot), each student's decode timed against dense")
+    add_experiment_args(p)
+    from ..experiments.compare import METHODS
+
+    p.add_argument("--methods", default="all", help=f"comma-separated, each NAME or NAME@FIT (its own fit; the others "
+                   f"take --fit): {', '.join(METHODS)}; or all (default)")
+    p.add_argument("--decode-bench", default="compiled", choices=DECODE_BENCH,
+                   help="time each student's greedy decode against dense with bench model's lean loop (compiled, "
+                        "eager, none)")
+    p.add_argument("--json", metavar="PATH", help="also write the result (rows, command, versions) here")
+    # sequential: GPTQ, Wanda and the sequential closed form, the same effort for every family
+    p.set_defaults(func=cmd_compare, max_new_tokens=0, fit="sequential")
+
+
 def add_bench_commands(sub) -> None:
     from ..bench.measure import BENCH_PROMPTS
 
@@ -683,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_student_commands(sub)
     add_experiment_commands(sub)
+    add_compare_command(sub)
     add_bench_commands(sub)
     return parser
 
