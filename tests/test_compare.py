@@ -4,6 +4,7 @@ method, resumable points and decode timings, clear errors."""
 import json
 
 import pytest
+import torch
 
 from bcllm.cli.main import main
 from bcllm.experiments import compare as cmp
@@ -55,11 +56,21 @@ def test_int8_spectra_count_codes_at_8_bits_and_scales_at_16():
 
     _, summary = build_student(tiny_model("llama"), None, StudentSpec(layers="0", **cmp.METHODS["circulant-b16-int8"]),
                                progress=False)
-    codes = summary["structured_params"]  # one int8 code per stored spectrum real
-    scales_bytes = summary["structured_bytes"] - codes
-    assert scales_bytes > 0
-    assert cmp.bits_per_weight(summary) == pytest.approx(8 * (codes + scales_bytes / 2) / summary["replaced_params"])
-    assert 0.5 < cmp.bits_per_weight(summary) < 1.0  # below the float spectra's 1 bit
+    # per module out * in / 16 codes; a scale per frequency and output block, the planar spectra having
+    # 16 / 2 = 8 frequencies (the Nyquist term's real part beside the DC term's)
+    codes = 3 * 96 * 64 // 16
+    scales = 8 * (96 // 16) * 2 + 8 * (64 // 16)
+    assert cmp.bits_per_weight(summary) == pytest.approx((8 * codes + 16 * scales) / (3 * 96 * 64))
+
+
+@pytest.mark.parametrize("name", ["int4", "prune-50", "prune-2:4", "lowrank-b16", "circulant-b16"])
+def test_bits_per_weight_do_not_depend_on_the_dtype_floats_are_stored_in(name):
+    from conftest import tiny_model
+
+    bits = [cmp.bits_per_weight(build_student(tiny_model("llama").to(dtype), None,
+                                              StudentSpec(layers="0", **cmp.METHODS[name]), progress=False)[1])
+            for dtype in (torch.float32, torch.bfloat16)]
+    assert bits[0] == pytest.approx(bits[1])
 
 
 def argv(folder, out, *more):
@@ -78,9 +89,8 @@ def test_compare_rows_equal_eval_of_each_method_and_rerun_measures_nothing(tiny_
     assert (out / "compare.png").stat().st_size > 0
     for row in result["rows"]:  # each row is what `bcllm eval` measures for that method alone
         one = tmp_path / f"eval-{row['name']}.json"
-        assert main(row["command"].split()[1:] + ["--model", str(tiny_folder), "--prompts",
-                                                   str(tiny_folder / "prompts.txt"), "--max-new-tokens", "0",
-                                                   "--json", str(one)]) == 0
+        assert row["command"].startswith("bcllm eval ")
+        assert main(row["command"].split()[1:] + ["--json", str(one)]) == 0
         alone = json.loads(one.read_text())
         assert row["token_agreement"] == pytest.approx(alone["metrics"]["token_agreement"], abs=1e-9)
         assert row["kl_mean"] == pytest.approx(alone["metrics"]["kl_mean"], rel=1e-5, abs=1e-7)
@@ -136,6 +146,7 @@ def test_decode_timings_are_measured_once_and_read_back(tiny_folder, tmp_path, c
 
 @pytest.mark.parametrize("methods,message", [("int9", "unknown method 'int9'"),
                                              ("int8@fast", "unknown fit 'fast'"),
+                                             ("int8@", "unknown fit ''"),
                                              (",", "--methods is empty")])
 def test_bad_methods_are_refused_before_the_model_loads(tmp_path, capsys, methods, message):
     assert main(argv(tmp_path / "no-model", tmp_path / "run", "--methods", methods)) == 2

@@ -456,6 +456,8 @@ def cmd_compare(args) -> None:
     if given:
         raise InputError(f"compare sets the structure and size of each method (--methods); drop {', '.join(given)}",
                          "methods")
+    if args.recipe and args.fit == "sequential":  # compare's default fit gives way to the recipe's
+        args.fit = StudentSpec.fit
     spec, io = spec_from_args(args)
     result = compare(settings_from_args(args), args.out, spec, methods, args.decode_bench, io)
     print("\n" + markdown(result))

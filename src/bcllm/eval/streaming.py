@@ -345,6 +345,7 @@ def _merge(summaries: list[dict], order: list[str], model_params: int) -> dict:
             "sizes": {n: sizes[n] for n in order if n in sizes},
             "budget_params": None if None in budgets else sum(budgets), "replaced_params": replaced,
             "structured_params": compressed, "ratio": replaced / max(compressed, 1),
+            "structured_bytes": sum(s["structured_bytes"] for s in summaries),
             "model_params_before": model_params, "model_params_after": model_params - replaced + compressed}
 
 

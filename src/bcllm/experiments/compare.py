@@ -21,8 +21,11 @@ per module set); the decode timings in speeds.jsonl, also resumable; compare.{js
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+import torch
 
 from .. import dist
 from ..errors import InputError
@@ -54,38 +57,58 @@ FIT_NAMES = {"quant": {"frobenius": "round to nearest", "sequential": "GPTQ"},
 
 def parse_methods(spec: str) -> list[tuple[str, dict]]:
     """`int8,circulant-b16@block,...` (or `all`) -> [(name, settings)], checked before any model loads."""
-    names = list(METHODS) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    names = [m for s in spec.split(",") if s.strip() for m in (METHODS if s.strip() == "all" else [s.strip()])]
     if not names:
         raise InputError("--methods is empty: give method names (or all)", "methods")
     out = {}
     for name in names:
-        base, _, fit = name.partition("@")
+        base, at, fit = name.partition("@")
         if base not in METHODS:
             raise InputError(f"unknown method {base!r}; allowed: {', '.join(METHODS)} (or all), each optionally "
                              f"@FIT with FIT one of {', '.join(FITS)}", "methods")
-        if fit and fit not in FITS:
+        if at and fit not in FITS:
             raise InputError(f"method {name!r}: unknown fit {fit!r}; allowed: {', '.join(FITS)}", "methods")
         out[name] = {**METHODS[base], **({"fit": fit} if fit else {})}
     return list(out.items())
 
 
+def method_points(base: StudentSpec, methods: list[tuple[str, dict]]) -> list[dict]:
+    """Each method's settings over `base`, with the options of one family reset for the others
+    (quant_grid and quant_damp are quantization's, transform the circulant MLPs'), every spec checked
+    (the size options must make a config) before any model loads."""
+    from ..fit.student import config_for
+
+    defaults, points = StudentSpec(), []
+    for name, settings in methods:
+        point = dict(settings)
+        if settings["structure"] != "quant":
+            point.update(quant_grid=defaults.quant_grid, quant_damp=defaults.quant_damp)
+        if settings["structure"] != "circulant":
+            point.update(transform=defaults.transform)
+        try:
+            config_for(dataclasses.replace(base, **point))
+        except InputError as e:
+            raise InputError(f"method {name!r}: {e}", e.param) from None
+        points.append(point)
+    return points
+
+
 def bits_per_weight(compression: dict) -> float:
-    """Bits per replaced weight with float data (scales, spectra, factors, kept weights) at 16 bits:
-    integer codes (and 2:4 position codes) at their own width, the rest of the stored bytes halved."""
+    """Bits per replaced weight with every float value (scales, zero points, spectra, factors, kept
+    weights) at 16 bits, whatever dtype they are stored in, and integer codes at their own width.
+    (Biases of the replaced modules, where there are any, count as weights: a few in a thousand.)"""
     n = compression["replaced_params"]
     structure = compression["config"]["structure"]
-    stored = compression.get("structured_bytes", 4 * compression["structured_params"])
+    floats = compression["structured_params"]  # every stored value, codes included
     sizes = next(iter(compression["sizes"].values()))
-    if structure == "quant":
-        int_bytes = n * sizes["bits"] / 8
-    elif structure == "prune":
-        kept = compression["structured_params"]
-        int_bytes = (2 * kept if sizes["pattern"] == "2:4" else n) / 8  # 2-bit positions, or a 1-bit mask
-    elif structure == "circulant" and compression["config"].get("spectra_bits", 32) == 8:
-        int_bytes = compression["structured_params"]  # one int8 code per spectrum real; the scales are floats
-    else:
-        int_bytes = 0
-    return 8 * (int_bytes + (stored - int_bytes) / 2) / n
+    if structure == "quant":  # a code per weight, the rest scales and zero points
+        return (sizes["bits"] * n + 16 * (floats - n)) / n
+    if structure == "prune":  # the kept weights, and a 2-bit position each (2:4) or a 1-bit mask over all
+        return (16 * floats + (2 * floats if sizes["pattern"] == "2:4" else n)) / n
+    if structure == "circulant" and compression["config"].get("spectra_bits", 32) == 8:
+        scales = (compression["structured_bytes"] - floats) / 4  # one int8 code per spectrum real; float32 scales
+        return (8 * floats + 16 * scales) / n
+    return 16 * floats / n
 
 
 def method_name(compression: dict, fit: str, steps: int) -> str:
@@ -124,19 +147,21 @@ def compare(settings: EvalSettings, out, base: StudentSpec, methods: list[tuple[
     none); writes compare.{json,md,png} in `out` and returns the result."""
     if decode_bench not in DECODE_BENCH:
         raise InputError(f"decode_bench must be one of {', '.join(DECODE_BENCH)}, got {decode_bench!r}", "decode_bench")
+    overrides = method_points(base, methods)
     session = Session(settings, out, base, io)
     session.save_students = decode_bench != "none"  # kept, so the decode timing need not fit it again
-    points = session.effective([{**session.base_point(), **settings_} for _, settings_ in methods])
-    records = session.run(points, "compare")
-    by_key = {r["key"]: r for r in records}
+    points = session.effective([{**session.base_point(), **o} for o in overrides])
+    keys = [point_key(p) for p in points]
+    # run_points returns one record per distinct key, in order (two names for one point share it)
+    by_key = dict(zip(dict.fromkeys(keys), session.run(points, "compare")))
     rows = []
-    for (name, _), point in zip(methods, points):
-        r = by_key[point_key(point)]
+    for (name, _), point, key in zip(methods, points, keys):
+        r = by_key[key]
         steps = r["compression"].get("calibration", {}).get("distill", {}).get("steps", 0)
-        row = method_row(r["compression"], r["metrics"], r["ci"], point["fit"], steps, _eval_command(point),
-                         name=name, key=r["key"], param_reduction=r["param_reduction"])
+        row = method_row(r["compression"], r["metrics"], r["ci"], point["fit"], steps, eval_command(settings, point),
+                         name=name, key=key, param_reduction=r["param_reduction"])
         if decode_bench != "none":
-            row.update(_decode_speed(session, point, r["key"], decode_bench))
+            row.update(_decode_speed(session, point, key, decode_bench))
         rows.append(row)
     result = {"rows": rows, "layers": base.layers, "targets": base.targets, "fit": base.fit,
               "prompts": settings.prompts, "model": settings.model, "model_params": session.model_params,
@@ -155,10 +180,11 @@ def _decode_speed(session: Session, point: dict, key: str, mode: str) -> dict:
         if record.get("key") == key and record.get("mode") == mode:
             return record["speed"]
     folder = session.student_dir(point)
-    if not (folder / "fitted.json").is_file():
-        build_student(session.model, session.tokenizer, StudentSpec(**{**vars(session.base), **point}),
-                      StudentIO(save=str(folder)), eval_prompts=session.prompts, model_id=session.settings.model,
-                      progress=False)
+    if not dist.broadcast_object((folder / "fitted.json").is_file()):  # rank 0's disk decides for every rank
+        torch.manual_seed(session.settings.seed)  # as Session.measure: the student the point measured
+        build_student(session.model, session.tokenizer, dataclasses.replace(session.base, **point),
+                      dataclasses.replace(session.io, save=str(folder)), eval_prompts=session.prompts,
+                      model_id=session.settings.model, progress=False)
     row = {"student": str(folder)}
     chosen_decode_speed(session, row, mode)
     speed = {"decode_speedup": row["decode_speedup"], **row["speed"], "student": str(folder)}
@@ -166,13 +192,18 @@ def _decode_speed(session: Session, point: dict, key: str, mode: str) -> dict:
     return speed
 
 
-def _eval_command(point: dict) -> str:
-    """The `bcllm eval` command that measures one method's point alone."""
-    flags = {"layers": point["layers"], "targets": point["targets"], "structure": point["structure"],
-             "block-size": point["block_size"], "fit": point["fit"]}
-    if point.get("spectra_bits", 32) != 32:
-        flags["spectra-bits"] = point["spectra_bits"]
-    return "bcllm eval " + " ".join(f"--{k} {v}" for k, v in flags.items())
+def eval_command(settings: EvalSettings, point: dict) -> str:
+    """The `bcllm eval` command that measures one method's point alone: the run's model, prompts and
+    evaluation settings, and every setting of the point that differs from its default."""
+    defaults = StudentSpec()
+    words = ["bcllm", "eval", "--model", settings.model, "--max-new-tokens", str(settings.max_new_tokens)]
+    words += ["--prompts", settings.prompts] if settings.prompts else []
+    words += ["--dtype", settings.dtype] if settings.dtype != "float32" else []
+    words += ["--seed", str(settings.seed)] if settings.seed else []
+    for k, v in point.items():
+        if v is not None and v != getattr(defaults, k, None) and v is not False:
+            words += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return " ".join(words)
 
 
 def markdown(result: dict) -> str:
@@ -223,7 +254,8 @@ def plot(rows: list[dict], path, title: str) -> None:
     for s in sorted({r["structure"] for r in rows}):
         sel = [r for r in rows if r["structure"] == s]
         for ax, y in zip(axes, ("token_agreement", "kl_mean")):
-            ax.scatter([r["bits_per_weight"] for r in sel], [r[y] for r in sel], marker=marks.get(s, "x"), label=s, s=40)
+            ax.scatter([r["bits_per_weight"] for r in sel], [r[y] for r in sel], marker=marks.get(s, "x"), label=s,
+                       s=40)
     front, best = [], -1.0
     for r in sorted(rows, key=lambda r: r["bits_per_weight"]):
         if r["token_agreement"] > best:
@@ -236,7 +268,7 @@ def plot(rows: list[dict], path, title: str) -> None:
         ax.set_xlabel("bits per replaced weight (float data at 16 bits)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
+    axes[1].set_yscale("symlog", linthresh=1e-3)  # a lossless method's KL of 0 stays on the plot
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
