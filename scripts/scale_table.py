@@ -65,6 +65,7 @@ def row(json_path: Path) -> dict:
     layers = block.get("layers", [])
     return {"model": d["model"], "model_params": c["model_params_before"], "structure": c["config"]["structure"],
             "block_size": d["config"]["block_size"], "fit": c["calibration"]["fit"], "layers": d["config"]["layers"],
+            "distill_steps": c["calibration"].get("distill", {}).get("steps", 0),
             "token_agreement": m["token_agreement"], "agreement_ci": d["ci"]["token_agreement"],
             "kl_mean": m["kl_mean"], "floor_token_agreement": m["floor_token_agreement"],
             "floor_kl_mean": m["floor_kl_mean"], "kl_recovered": m["kl_recovered"],
@@ -105,7 +106,8 @@ def report(rows: list[dict]) -> None:
         block_error = "–" if r.get("block_error_after") is None else \
             f"{r['block_error_before']:.3f} -> {r['block_error_after']:.3f}"
         lines.append(f"| {r['model']} | {r['model_params'] / 1e6:.0f}M | {r['layers']} | {r['structure']} | "
-                     f"{r['block_size']} | {r['fit']} | {r['token_agreement']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{r['block_size']} | {r['fit']}{' + distillation' if r.get('distill_steps') else ''} | "
+                     f"{r['token_agreement']:.3f} [{lo:.3f}, {hi:.3f}] | "
                      f"{r['kl_mean']:.3f} | "
                      f"{r['floor_token_agreement']:.3f} / {r['floor_kl_mean']:.2f} | {r['kl_recovered']:.3f} | "
                      f"{r['agreement_recovered']:.3f} | {block_error} | {r['params_removed']:.1%} | "
