@@ -144,6 +144,16 @@ def test_decode_timings_are_measured_once_and_read_back(tiny_folder, tmp_path, c
     assert all((out / "students").joinpath(r["student"].rsplit("/", 1)[-1], "fitted.json").is_file() for r in rows)
 
 
+def test_quantization_options_reach_the_quant_methods_only(tiny_folder, tmp_path, cache):
+    js = tmp_path / "compare.json"
+    assert main(argv(tiny_folder, tmp_path / "run", "--methods", "int2,circulant-b16", "--quant-grid", "int",
+                     "--decode-bench", "none", "--json", str(js))) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["int2 group 32, zero-inside grid, round to nearest",
+                                           "circulant b=16, frobenius"]
+    assert "--quant-grid int" in rows[0]["command"] and "--quant-grid" not in rows[1]["command"]
+
+
 @pytest.mark.parametrize("methods,message", [("int9", "unknown method 'int9'"),
                                              ("int8@fast", "unknown fit 'fast'"),
                                              ("int8@", "unknown fit ''"),

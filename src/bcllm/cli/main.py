@@ -458,6 +458,10 @@ def cmd_compare(args) -> None:
                          "methods")
     if args.recipe and args.fit == "sequential":  # compare's default fit gives way to the recipe's
         args.fit = StudentSpec.fit
+    # the quantization options are the quant methods' own (a circulant base spec refuses them)
+    quant = {"quant_grid": args.quant_grid, "quant_damp": args.quant_damp}
+    args.quant_grid, args.quant_damp = StudentSpec.quant_grid, StudentSpec.quant_damp
+    methods = [(n, {**m, **quant} if m["structure"] == "quant" else m) for n, m in methods]
     spec, io = spec_from_args(args)
     result = compare(settings_from_args(args), args.out, spec, methods, args.decode_bench, io)
     print("\n" + markdown(result))
