@@ -269,6 +269,7 @@ def plot(rows: list[dict], path, title: str) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[1].set_yscale("symlog", linthresh=1e-3)  # a lossless method's KL of 0 stays on the plot
+    axes[1].set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
