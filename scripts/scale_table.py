@@ -37,11 +37,12 @@ def middle_third(n_layers: int) -> str:
     return f"{round(n_layers / 3)}-{round(2 * n_layers / 3) - 1}"
 
 
-def command(model: str, structure: str, block: int, fit: str, json_path: Path) -> list[str]:
+def command(model: str, structure: str, block: int, fit: str, json_path: Path, epochs: int | None = None) -> list[str]:
     return ["bcllm", "eval", "--model", model, "--layers", middle_third(LAYERS[model]), "--structure", structure,
             "--block-size", str(block), "--fit", fit, "--calib", "pydoc-all", "--max-new-tokens", "0",
             "--prompts", PROMPTS, "--json", str(json_path)] + (["--stream"] if model in STREAM else []) + \
-        (["--distill-steps", "0"] if fit == "block" else [])  # distillation needs the whole model: no --stream
+        (["--distill-steps", "0"] if fit == "block" else []) + \
+        (["--block-epochs", str(epochs)] if epochs is not None else [])  # distillation needs the whole model
 
 
 def run_point(cmd: list[str], json_path: Path, log: Path) -> None:
@@ -66,6 +67,7 @@ def row(json_path: Path) -> dict:
     return {"model": d["model"], "model_params": c["model_params_before"], "structure": c["config"]["structure"],
             "block_size": d["config"]["block_size"], "fit": c["calibration"]["fit"], "layers": d["config"]["layers"],
             "distill_steps": c["calibration"].get("distill", {}).get("steps", 0),
+            "block_epochs": (block.get("block") or {}).get("epochs"),
             "token_agreement": m["token_agreement"], "agreement_ci": d["ci"]["token_agreement"],
             "kl_mean": m["kl_mean"], "floor_token_agreement": m["floor_token_agreement"],
             "floor_kl_mean": m["floor_kl_mean"], "kl_recovered": m["kl_recovered"],
@@ -83,7 +85,9 @@ def row(json_path: Path) -> dict:
 
 
 def key(r: dict) -> tuple:
-    return r["model"], r["structure"], r["block_size"], r["fit"], r["layers"]
+    # rows written before block_epochs was recorded ran bcllm's default of 4
+    return r["model"], r["structure"], r["block_size"], r["fit"], r["layers"], \
+        r.get("block_epochs") or (4 if r["fit"] == "block" else None)
 
 
 def merged(rows: list[dict]) -> list[dict]:
@@ -103,10 +107,11 @@ def report(rows: list[dict]) -> None:
              "|" + " --- |" * 15]
     for r in sorted(rows, key=lambda r: (r["fit"], r["model_params"], r["block_size"], r["structure"])):
         lo, hi = r["agreement_ci"]
+        epochs = "" if r.get("block_epochs") is None else f" ({r['block_epochs']} epochs)"
         block_error = "–" if r.get("block_error_after") is None else \
             f"{r['block_error_before']:.3f} -> {r['block_error_after']:.3f}"
         lines.append(f"| {r['model']} | {r['model_params'] / 1e6:.0f}M | {r['layers']} | {r['structure']} | "
-                     f"{r['block_size']} | {r['fit']}{' + distillation' if r.get('distill_steps') else ''} | "
+                     f"{r['block_size']} | {r['fit']}{' + distillation' if r.get('distill_steps') else ''}{epochs} | "
                      f"{r['token_agreement']:.3f} [{lo:.3f}, {hi:.3f}] | "
                      f"{r['kl_mean']:.3f} | "
                      f"{r['floor_token_agreement']:.3f} / {r['floor_kl_mean']:.2f} | {r['kl_recovered']:.3f} | "
@@ -152,6 +157,7 @@ def main() -> None:
     ap.add_argument("--block-sizes", default="16,4")
     ap.add_argument("--fit", default="sequential")
     ap.add_argument("--run", default="runs/scale")
+    ap.add_argument("--block-epochs", type=int, help="--fit block: epochs of block reconstruction (bcllm's default: 4)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     run = Path(args.run)
@@ -163,10 +169,12 @@ def main() -> None:
             raise SystemExit(f"unknown model {m!r}; this script knows {', '.join(LAYERS)}")
     done = []
     for i, (model, structure, block) in enumerate(points, 1):
-        path = run / f"{model}-{structure}-b{block}-{args.fit}.json"
+        epochs = "" if args.block_epochs is None else f"-e{args.block_epochs}"
+        path = run / f"{model}-{structure}-b{block}-{args.fit}{epochs}.json"
         if not path.exists() and not args.report_only:
             print(f"[{i}/{len(points)}] {model} {structure} b={block} --fit {args.fit}", flush=True)
-            run_point(command(model, structure, block, args.fit, path), path, path.with_suffix(".log"))
+            run_point(command(model, structure, block, args.fit, path, args.block_epochs), path,
+                      path.with_suffix(".log"))
         if path.exists() and path.with_suffix(".run.json").exists():
             done.append(row(path))
             report(done)  # after every point: a long run shows its table as it goes
