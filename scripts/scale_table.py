@@ -127,11 +127,14 @@ def report(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    series = sorted({(r["fit"], r["structure"], r["block_size"]) for r in rows}, reverse=True)
-    for (fit, structure, b), style in zip(series, ["o-", "s-", "o--", "s--", "^-", "v-", "^--", "v--"]):
+    def series_of(r):
+        return r["fit"], r["structure"], r["block_size"], key(r)[-1]  # block rows: their epochs too
+
+    for (fit, structure, b, epochs), style in zip(sorted({series_of(r) for r in rows}, key=str, reverse=True),
+                                                  ["o-", "s-", "o--", "s--", "^-", "v-", "^--", "v--"]):
         pts = sorted((r["model_params"], i, r) for i, r in enumerate(rows)
-                     if (r["fit"], r["structure"], r["block_size"]) == (fit, structure, b))
-        xs, name = [p / 1e6 for p, _, _ in pts], f"{structure} b={b} {fit}"
+                     if series_of(r) == (fit, structure, b, epochs))
+        xs, name = [p / 1e6 for p, _, _ in pts], f"{structure} b={b} {fit}" + (f" {epochs} ep." if epochs else "")
         axes[0].plot(xs, [r["token_agreement"] for _, _, r in pts], style, label=name)
         axes[1].plot(xs, [r["kl_recovered"] for _, _, r in pts], style, label=f"{name}: KL")
         axes[1].plot(xs, [r["agreement_recovered"] for _, _, r in pts], style, alpha=0.45, label=f"{name}: agreement")
