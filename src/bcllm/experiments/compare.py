@@ -31,7 +31,7 @@ from .. import dist
 from ..errors import InputError
 from ..fit.student import FITS, StudentIO, StudentSpec, build_student
 from ..io.results import append_jsonl, command_line, read_jsonl, versions, write_json
-from .runs import DECODE_BENCH, EvalSettings, Session, chosen_decode_speed, point_key
+from .runs import EvalSettings, Session, check_decode_bench, chosen_decode_speed, point_key
 
 # name -> the student settings that make it (the size option is the bit width for quant; for prune
 # 2 means 2:4 and any other size 50% unstructured; for low-rank the circulant block size of its budget)
@@ -145,8 +145,7 @@ def compare(settings: EvalSettings, out, base: StudentSpec, methods: list[tuple[
     """Measure every method on base's modules (layers, targets) with base's fit unless the method
     names its own, each student's decode timed against dense (`decode_bench`: compiled, eager or
     none); writes compare.{json,md,png} in `out` and returns the result."""
-    if decode_bench not in DECODE_BENCH:
-        raise InputError(f"decode_bench must be one of {', '.join(DECODE_BENCH)}, got {decode_bench!r}", "decode_bench")
+    check_decode_bench(decode_bench)
     overrides = method_points(base, methods)
     session = Session(settings, out, base, io)
     session.save_students = decode_bench != "none"  # kept, so the decode timing need not fit it again

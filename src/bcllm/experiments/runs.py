@@ -609,6 +609,11 @@ def save_chosen(session: Session, base: StudentSpec, point: dict, row: dict) -> 
 DECODE_BENCH = ("compiled", "eager", "none")
 
 
+def check_decode_bench(mode: str) -> None:
+    if mode not in DECODE_BENCH:
+        raise InputError(f"decode_bench must be one of {', '.join(DECODE_BENCH)}, got {mode!r}", "decode_bench")
+
+
 def chosen_decode_speed(session: Session, row: dict, mode: str) -> None:
     """Greedy-decode speed of the chosen student against the dense model, measured now with `bench
     model`'s lean loop (MLPs fused, `mode` compiled or eager, its default prompts and settings): row
@@ -659,8 +664,7 @@ def frontier(settings: EvalSettings, out, base: StudentSpec, floors: list[float]
     (`decode_bench`: compiled, eager or none). The scan (only an ordering) fits with `scan_fit`; the
     path's points with base.fit, each student kept. Resumable: every point is in results.jsonl."""
     check_frontier(base, floors, compare)
-    if decode_bench not in DECODE_BENCH:
-        raise InputError(f"decode_bench must be one of {', '.join(DECODE_BENCH)}, got {decode_bench!r}", "decode_bench")
+    check_decode_bench(decode_bench)
     session = Session(settings, out, base, io)
     deadline = session.start + time_budget_s
     point, n = session.base_point(), session.num_layers
